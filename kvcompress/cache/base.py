@@ -1,0 +1,169 @@
+"""The one cache interface every strategy implements, and the shared attention helper.
+
+Shapes used throughout (B batch rows, H heads, T tokens, D head_dim):
+  keys / values  (B, Hkv, T, D)   keys arrive *before* RoPE
+  queries        (B, Hq,  T, D)   already rotated
+  positions      (B, T) int64     absolute positions; PAD_POSITION marks padding
+The engine calls, for every layer and forward step: ``append`` then ``attend``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Padding tokens get a huge position: no real query (pos <= PAD_POSITION - 1) ever sees them,
+# while a padding query still sees at least itself, so no softmax row is empty.
+PAD_POSITION = 2**30
+
+
+class Rotary(Protocol):
+    """The model's rotary embedding, handed to caches so they may rotate keys when they like."""
+
+    def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
+        """Rotate ``x`` (B, H, T, D) at positions ``pos`` (B, T) or (B, H, T)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a cache may know about the model: dimensions, not weights."""
+
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position: int
+
+    def fp16_bytes_per_token(self) -> int:
+        """fp16 reference: 2 bytes x (K and V) x layers x kv_heads x head_dim."""
+        return 2 * 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+class KVCache(ABC):
+    """Attention history of every layer of one batch.
+
+    Lifecycle: ``setup(spec)`` validates settings against the model before any weights load;
+    ``calibrate(ctx)`` runs once after loading (no-op unless the strategy needs data);
+    ``reset(batch_size)`` starts a new batch; then ``append``/``attend`` per layer and step.
+    Settings and calibration survive ``reset``; token state does not.
+    """
+
+    spec: ModelSpec
+
+    def setup(self, spec: ModelSpec) -> None:
+        """Check settings against the model's dimensions; raise ValueError naming the setting."""
+        self.spec = spec
+
+    def calibrate(self, ctx: "CalibrationContext") -> None:
+        """One-off, data-dependent preparation (projections, layer groups). Default: none."""
+
+    @abstractmethod
+    def reset(self, batch_size: int) -> None:
+        """Drop all tokens and prepare for a batch of ``batch_size`` rows."""
+
+    @abstractmethod
+    def append(self, layer: int, k: Tensor, v: Tensor, pos: Tensor, rope: Rotary) -> None:
+        """Store the new tokens' pre-RoPE keys ``k``, values ``v`` at positions ``pos``."""
+
+    @abstractmethod
+    def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
+        """Attention output (B, Hq, Tq, D) of rotated queries over everything still held."""
+
+    @abstractmethod
+    def tensors(self) -> Iterable[Tensor]:
+        """Every tensor the cache keeps per batch: payload, scales, zero points, positions, residuals."""
+
+    def calibration_tensors(self) -> Iterable[Tensor]:
+        """One-off tensors (projections, codebooks) reported apart from ``kv_bytes``."""
+        return ()
+
+    def computes_kv(self, layer: int) -> bool:
+        """False lets the engine skip this layer's k/v projections (a consumer of shared layers)."""
+        return True
+
+    # -- accounting: always the real tensors, never a formula --------------------------------
+    def kv_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    def calibration_bytes(self) -> int:
+        return sum(t.nbytes for t in self.calibration_tensors())
+
+    @property
+    @abstractmethod
+    def tokens_seen(self) -> int:
+        """Real (non-padding) tokens appended since ``reset``, summed over batch rows."""
+
+    def kv_bytes_fp16(self) -> int:
+        return self.spec.fp16_bytes_per_token() * self.tokens_seen
+
+    def memory_report(self) -> dict[str, float]:
+        held, ref = self.kv_bytes(), self.kv_bytes_fp16()
+        return {
+            "kv_bytes": held,
+            "kv_bytes_fp16": ref,
+            "compression_ratio": ref / held if held else float("nan"),
+            "calibration_bytes": self.calibration_bytes(),
+        }
+
+
+class CalibrationContext(Protocol):
+    """What the experiment layer hands a cache that needs data (the cache never sees the engine)."""
+
+    key: str  # identifies model + calibration data + token count, for on-disk reuse
+    cache_dir: str
+
+    def kv_samples(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per layer: pre-RoPE keys, values (1, Hkv, N, D) and positions (1, N) on calibration text."""
+        ...
+
+    def nll(self, cache: KVCache) -> float:
+        """Mean next-token NLL of the calibration text with ``cache`` in the loop."""
+        ...
+
+
+def expand_heads(x: Tensor, groups: int) -> Tensor:
+    """Repeat KV heads (dim 1) ``groups`` times to match the query heads."""
+    return x if groups == 1 or x.shape[1] == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def visibility_mask(q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """Boolean (B, 1 or Hkv, Tq, Tk) mask: key visible iff key_position <= query_position."""
+    if k_pos.dim() == 2:
+        k_pos = k_pos[:, None]
+    return k_pos[:, :, None, :] <= q_pos[:, None, :, None]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """Causal-by-position scaled-dot-product attention with GQA.
+
+    ``k_pos`` is (B, Tk) or per head (B, Hkv, Tk). Positions decide causality, so history held in
+    any order, with gaps (eviction) or padding, stays correct.
+    """
+    groups = q.shape[1] // k.shape[1]
+    mask = visibility_mask(q_pos, k_pos)
+    if mask.shape[1] > 1:
+        mask = expand_heads(mask, groups)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
+
+
+def attention_with_weights(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Like ``attention`` but also returns the softmax weights (B, Hq, Tq, Tk), in one pass.
+
+    For policies that score tokens by attention (H2O, TOVA, SnapKV).
+    """
+    groups = q.shape[1] // k.shape[1]
+    kk, vv = expand_heads(k, groups), expand_heads(v, groups)
+    scores = (q @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    mask = visibility_mask(q_pos, k_pos)
+    if mask.shape[1] > 1:
+        mask = expand_heads(mask, groups)
+    weights = scores.masked_fill(~mask, float("-inf")).float().softmax(-1).to(q.dtype)
+    return weights @ vv, weights
