@@ -205,5 +205,8 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    tok.model_max_length = 1 << 30  # we window texts ourselves; silence the length warning
+    return tok

@@ -1,0 +1,41 @@
+"""The evaluation contract: validate settings before weights load, then run with a cache in the loop."""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvcompress.cache.base import KVCache, ModelSpec
+from kvcompress.engine.model import Transformer
+
+
+@dataclass
+class EvalContext:
+    model: Transformer
+    tokenizer: Any
+    cache: KVCache
+    data_dir: Path
+    seed: int = 0
+    progress: bool = True
+
+
+class Evaluation(ABC):
+    """One evaluation mode (``eval=<name>``). Subclasses are dataclasses of their settings."""
+
+    def check(self, spec: ModelSpec, data_dir: Path) -> None:
+        """Raise ValueError naming the setting and its range; runs before any weights load."""
+
+    @abstractmethod
+    def run(self, ctx: EvalContext) -> dict[str, float]:
+        """Metrics of this evaluation, including the cache's memory report."""
+
+    def params(self) -> dict:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+def require(ok: bool, setting: str, allowed: str, got: Any) -> None:
+    """Raise a ValueError that names the setting, its allowed range and the value given."""
+    if not ok:
+        raise ValueError(f"{setting} must be {allowed}, got {got!r}")

@@ -1,0 +1,75 @@
+"""Calibration data for strategies that need it (low-rank projections, layer similarity).
+
+Implements ``kvcompress.cache.base.CalibrationContext``: the cache sees tensors and an NLL
+oracle, never the engine.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kvcompress.cache.base import KVCache
+from kvcompress.cache.full import FullCache
+from kvcompress.engine.generate import forward_chunks
+from kvcompress.engine.model import Transformer
+from kvcompress.eval.data import load_text
+from kvcompress.eval.ppl import text_windows, window_nll
+
+
+class _Recorder(FullCache):
+    """A full cache that also keeps every layer's pre-RoPE keys and values."""
+
+    def reset(self, batch_size: int) -> None:
+        super().reset(batch_size)
+        self.samples: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(self.spec.num_layers)]
+
+    def append(self, layer, k, v, pos, rope):
+        self.samples[layer].append((k.clone(), v.clone(), pos.clone()))
+        super().append(layer, k, v, pos, rope)
+
+
+class Calibration:
+    """``tokens`` tokens of ``dataset`` in windows of ``window``, disjoint from evaluation text by choice
+    of dataset (default TinyStories while evaluation defaults to WikiText-2)."""
+
+    def __init__(self, model: Transformer, tokenizer, data_dir: Path, dataset: str = "tinystories",
+                 tokens: int = 4096, window: int = 512, cache_dir: str | Path = "~/.cache/kvcompress/calibration",
+                 chunk: int = 64):
+        self.model, self.chunk = model, chunk
+        n = max(1, math.ceil(tokens / window))
+        self.windows = text_windows(tokenizer, load_text(dataset, data_dir), window, n).to(model.device)
+        self.cache_dir = str(Path(cache_dir).expanduser())
+        digest = hashlib.sha256(self.windows.cpu().numpy().tobytes()).hexdigest()[:12]
+        self.key = f"{model.config.name}-{dataset}-{self.windows.numel()}tok-{digest}"
+        self._samples: list[tuple[Tensor, Tensor, Tensor]] | None = None
+
+    @torch.inference_mode()
+    def kv_samples(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per layer: pre-RoPE keys and values (1, Hkv, N, D) and positions (1, N), all windows joined."""
+        if self._samples is None:
+            rec = _Recorder()
+            rec.setup(self.model.config.spec())
+            per_layer = [[] for _ in range(self.model.config.num_layers)]
+            for w in self.windows.split(1):
+                rec.reset(1)
+                forward_chunks(self.model, w, rec)
+                for layer, parts in enumerate(rec.samples):
+                    per_layer[layer].extend(parts)
+            self._samples = [
+                (torch.cat([k for k, _, _ in parts], 2), torch.cat([v for _, v, _ in parts], 2),
+                 torch.cat([p for _, _, p in parts], 1))
+                for parts in per_layer
+            ]
+        return self._samples
+
+    def nll(self, cache: KVCache) -> float:
+        """Mean next-token NLL of the calibration windows with ``cache`` in the loop."""
+        total, count = 0.0, 0
+        for w in self.windows.split(4):
+            s, n, _ = window_nll(self.model, w, cache, self.chunk)
+            total, count = total + s, count + n
+        return total / count

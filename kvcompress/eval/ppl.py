@@ -1,0 +1,79 @@
+"""Perplexity with the cache in the loop: windows fed ``chunk`` tokens at a time, batched."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kvcompress.cache.base import ModelSpec
+from kvcompress.engine.generate import forward_chunks
+from kvcompress.eval.base import EvalContext, Evaluation, require
+from kvcompress.eval.data import check_dataset, load_text, tokenize, wants_bos
+
+
+def text_windows(tokenizer, text: str, window: int, n_windows: int | None, bos: str | bool = "auto") -> torch.Tensor:
+    """Consecutive non-overlapping windows (N, window) of the text's tokens, BOS first if the model wants it."""
+    bos_id = wants_bos(tokenizer, bos)
+    body = window - (bos_id is not None)
+    if n_windows is not None:  # tokenize only as much text as needed (generously)
+        text = text[: max(n_windows * body * 12, 10_000)]
+    ids = tokenize(tokenizer, text)
+    n = len(ids) // body if n_windows is None else min(n_windows, len(ids) // body)
+    if n < 1:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {body}")
+    w = torch.tensor(ids[: n * body]).view(n, body)
+    if bos_id is not None:
+        w = torch.cat([torch.full((n, 1), bos_id), w], dim=1)
+    return w
+
+
+def window_nll(model, windows: torch.Tensor, cache, chunk: int, bar=None) -> tuple[float, int, dict]:
+    """Summed NLL and scored-token count of a batch of windows; memory report at the window's end."""
+    cache.reset(windows.shape[0])
+    total = torch.zeros((), dtype=torch.float64, device=windows.device)
+
+    def score(logits, lo, hi):
+        nonlocal total
+        target = windows[:, lo + 1 : hi + 1]
+        logits = logits[:, : target.shape[1]].float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+        if bar is not None:
+            bar.update(1)
+
+    forward_chunks(model, windows, cache, chunk, on_chunk=score)
+    return float(total), windows.numel() - windows.shape[0], cache.memory_report()
+
+
+@dataclass
+class Perplexity(Evaluation):
+    dataset: str = "wikitext2"
+    window: int = 1024
+    max_windows: int | None = 8
+    chunk: int = 16
+    batch_size: int = 4
+    bos: str | bool = "auto"
+
+    def check(self, spec: ModelSpec, data_dir: Path) -> None:
+        check_dataset(self.dataset, data_dir)
+        require(2 <= self.window <= spec.max_position, "eval.window", f"in [2, {spec.max_position}]", self.window)
+        require(1 <= self.chunk <= self.window, "eval.chunk", f"in [1, window={self.window}]", self.chunk)
+        require(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
+        require(self.max_windows is None or self.max_windows >= 1, "eval.max_windows", ">= 1 or null", self.max_windows)
+        require(self.bos in ("auto", True, False), "eval.bos", "auto, true or false", self.bos)
+
+    def run(self, ctx: EvalContext) -> dict[str, float]:
+        windows = text_windows(ctx.tokenizer, load_text(self.dataset, ctx.data_dir), self.window, self.max_windows,
+                               self.bos).to(ctx.model.device)
+        batches = windows.split(self.batch_size)
+        steps = sum(math.ceil(self.window / self.chunk) for _ in batches)
+        nll, count, memory = 0.0, 0, None
+        with tqdm(total=steps, desc=f"ppl {self.dataset}", disable=not ctx.progress, leave=False) as bar:
+            for batch in batches:
+                s, n, mem = window_nll(ctx.model, batch, ctx.cache, self.chunk, bar)
+                nll, count, memory = nll + s, count + n, memory or mem
+        return {"ppl": math.exp(nll / count), "nll": nll / count, "n_tokens": count, "n_windows": len(windows),
+                **memory}

@@ -1,0 +1,144 @@
+"""``kvc``: one run = one model x one cache strategy x one evaluation -> one record.
+
+    kvc model=smollm2-135m cache=full eval=ppl eval.dataset=wikitext2
+    kvc -m cache=full,int8 eval=ppl            # a Hydra sweep
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kvcompress.eval.base import EvalContext
+from kvcompress.eval.data import default_data_dir, default_shared_dir
+from kvcompress.records import RECORDS_FILE, append_jsonl, config_hash, git_sha, versions, write_json_atomic
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+OmegaConf.register_new_resolver("kvc_shared", lambda: str(default_shared_dir()), replace=True)
+OmegaConf.register_new_resolver("kvc_data", lambda: str(default_data_dir()), replace=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; valid choices here: auto, cpu")
+    return torch.device(name)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _choice(group: str) -> str:
+    try:
+        return HydraConfig.get().runtime.choices.get(group) or "?"
+    except ValueError:  # not under Hydra (tests calling execute directly)
+        return "?"
+
+
+def new_record(cfg: DictConfig) -> dict:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    params = lambda d: {k: v for k, v in (d or {}).items() if k != "_target_"}
+    return {
+        "status": "running", "error": None,
+        "model": cfg.model.name, "cache": cfg.get("cache_name") or _choice("cache"),
+        "cache_params": params(resolved.get("cache")), "eval": _choice("eval"),
+        "eval_params": params(resolved.get("eval")), "seed": cfg.seed, "device": None, "dtype": cfg.dtype,
+        "metrics": {}, "versions": versions(), "git_sha": git_sha(), "config_hash": config_hash(resolved),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "duration_s": None,
+    }
+
+
+def evaluate(cfg: DictConfig, record: dict) -> dict:
+    """Validate everything, load the model, calibrate the cache if it wants, run the evaluation."""
+    from kvcompress.engine.loaders import DTYPES, load_tokenizer, load_weights, read_config, resolve_source
+    from kvcompress.eval.calibration import Calibration
+
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {cfg.dtype!r}; valid choices: {', '.join(DTYPES)}")
+    device = resolve_device(cfg.device)
+    record["device"] = str(device)
+    torch.manual_seed(cfg.seed)
+    cache = instantiate(cfg.cache, _convert_="all")
+    evaluation = instantiate(cfg.eval, _convert_="all")
+    data_dir = Path(cfg.paths.data).expanduser()
+    source = resolve_source(str(cfg.model.source), cfg.paths.models)
+    config = read_config(source, cfg.model.name)
+    cache.setup(config.spec())
+    evaluation.check(config.spec(), data_dir)
+    # -- everything above is validation; weights load below -----------------------------------
+    model = load_weights(source, config, device, DTYPES[cfg.dtype])
+    tokenizer = load_tokenizer(source)
+    cal = cfg.calibration
+    cache.calibrate(Calibration(model, tokenizer, data_dir, cal.dataset, cal.tokens, cal.window,
+                                Path(cfg.paths.calibration).expanduser()))
+    ctx = EvalContext(model, tokenizer, cache, data_dir, cfg.seed, cfg.progress)
+    metrics = evaluation.run(ctx)
+    metrics["peak_memory_bytes"] = peak_memory_bytes(device)
+    return metrics
+
+
+def summary_line(r: dict) -> str:
+    m = r["metrics"]
+    parts = [f"[{r['status']}] {r['model']} cache={r['cache']} eval={r['eval']}"]
+    for key, fmt in (("ppl", "ppl={:.3f}"), ("compression_ratio", "ratio={:.2f}x"),
+                     ("kv_bytes", "kv={:.2f}MB"), ("decode_tokens_per_s", "decode={:.1f}tok/s")):
+        if isinstance(m.get(key), (int, float)):
+            parts.append(fmt.format(m[key] / 1e6 if key == "kv_bytes" else m[key]))
+    parts.append(f"{r['duration_s']:.1f}s")
+    if r["error"]:
+        parts.append(f"error: {r['error']}")
+    return "  ".join(parts)
+
+
+def print_table(r: dict) -> None:
+    rows = [("model", r["model"]), ("cache", f"{r['cache']} {r['cache_params'] or ''}".strip()),
+            ("eval", r["eval"]), ("status", r["status"])]
+    rows += [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in r["metrics"].items()]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+
+
+def execute(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run one job and write its record, whatever happens. Returns the record."""
+    record = new_record(cfg)
+    t0 = time.perf_counter()
+    try:
+        record["metrics"] = evaluate(cfg, record)
+        record["status"] = "ok"
+    except Exception as e:  # a failed job is recorded, never lost
+        record["status"], record["error"] = "failed", f"{type(e).__name__}: {e}"
+        record["traceback"] = traceback.format_exc(limit=8)
+    record["duration_s"] = round(time.perf_counter() - t0, 3)
+    write_json_atomic(run_dir / "record.json", record)
+    append_jsonl(Path(cfg.results_dir) / RECORDS_FILE, record)
+    return record
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    record = execute(cfg, Path(hc.runtime.output_dir))
+    print(summary_line(record), flush=True)
+    if hc.mode == RunMode.RUN:
+        print_table(record)
+        if record["status"] != "ok":
+            print(f"kvc: error: {record['error']}", file=sys.stderr)
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
