@@ -64,7 +64,7 @@ def new_record(cfg: DictConfig) -> dict:
 
 def evaluate(cfg: DictConfig, record: dict) -> dict:
     """Validate everything, load the model, calibrate the cache if it wants, run the evaluation."""
-    from kvcompress.engine.loaders import DTYPES, load_tokenizer, load_weights, read_config, resolve_source
+    from kvcompress.engine.loaders import DTYPES, load, read_config, resolve_source
     from kvcompress.eval.calibration import Calibration
 
     if cfg.dtype not in DTYPES:
@@ -80,8 +80,7 @@ def evaluate(cfg: DictConfig, record: dict) -> dict:
     cache.setup(config.spec())
     evaluation.check(config.spec(), data_dir)
     # -- everything above is validation; weights load below -----------------------------------
-    model = load_weights(source, config, device, DTYPES[cfg.dtype])
-    tokenizer = load_tokenizer(source)
+    model, tokenizer = load(source, cfg.model.name, device, DTYPES[cfg.dtype])
     cal = cfg.calibration
     cache.calibrate(Calibration(model, tokenizer, data_dir, cal.dataset, cal.tokens, cal.window,
                                 Path(cfg.paths.calibration).expanduser()))

@@ -22,7 +22,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     tie_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v projections
+    output_bias: bool = False  # o projection (Llama's attention_bias covers it; Qwen2's doesn't)
+    mlp_bias: bool = False
     qk_norm: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -56,7 +58,9 @@ class ModelConfig:
             rope_theta=cfg.get("rope_theta") or rope_params.get("rope_theta", 10000.0),
             rope_scaling=dict(scaling) if scaling else None,
             tie_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", arch == "qwen2"),
+            attention_bias=arch == "qwen2" or cfg.get("attention_bias", False),
+            output_bias=arch in ("llama", "mistral") and cfg.get("attention_bias", False),
+            mlp_bias=cfg.get("mlp_bias", False),
             qk_norm=arch == "qwen3",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),

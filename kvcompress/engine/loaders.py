@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -112,8 +113,32 @@ def _gguf_config(path: Path, name: str) -> ModelConfig:
     )
 
 
+# A GGUF file is parsed and dequantised once; later loads read this fp32 copy beside it (~1 s, not ~13 s).
+def _converted(path: Path) -> Path:
+    return path.with_suffix(".kvc")
+
+
+def _save_converted(path: Path, model: Transformer, tokenizer) -> None:
+    from safetensors.torch import save_file
+
+    target = _converted(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".kvc-"))
+    sd = {k: v.contiguous().cpu() for k, v in model.state_dict().items() if not (k == "lm_head.weight" and
+                                                                           model.config.tie_embeddings)}
+    save_file(sd, tmp / "model.safetensors")
+    (tmp / "kvc_config.json").write_text(json.dumps(dataclasses.asdict(model.config)))
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def read_config(path: Path, name: str = "model") -> ModelConfig:
     if path.suffix == ".gguf":
+        conv = _converted(path) / "kvc_config.json"
+        if conv.exists():
+            return ModelConfig(**{**json.loads(conv.read_text()), "name": name})
         return _gguf_config(path, name)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -174,11 +199,16 @@ def _to_native(sd: dict[str, Tensor], c: ModelConfig) -> dict[str, Tensor]:
         if c.attention_bias:
             out[q + "attn.wqkv.bias"] = torch.cat([sd[f"{p}self_attn.{n}_proj.bias"] for n in "qkv"])
         out[q + "attn.wo.weight"] = sd[f"{p}self_attn.o_proj.weight"]
+        if c.output_bias:
+            out[q + "attn.wo.bias"] = sd[f"{p}self_attn.o_proj.bias"]
         if c.qk_norm:
             out[q + "attn.q_norm.weight"] = sd[f"{p}self_attn.q_norm.weight"]
             out[q + "attn.k_norm.weight"] = sd[f"{p}self_attn.k_norm.weight"]
         out[q + "mlp.w13.weight"] = torch.cat([sd[f"{p}mlp.gate_proj.weight"], sd[f"{p}mlp.up_proj.weight"]])
         out[q + "mlp.w2.weight"] = sd[f"{p}mlp.down_proj.weight"]
+        if c.mlp_bias:
+            out[q + "mlp.w13.bias"] = torch.cat([sd[f"{p}mlp.gate_proj.bias"], sd[f"{p}mlp.up_proj.bias"]])
+            out[q + "mlp.w2.bias"] = sd[f"{p}mlp.down_proj.bias"]
         out[q + "attn_norm.weight"] = sd[f"{p}input_layernorm.weight"]
         out[q + "mlp_norm.weight"] = sd[f"{p}post_attention_layernorm.weight"]
     return out
@@ -186,25 +216,42 @@ def _to_native(sd: dict[str, Tensor], c: ModelConfig) -> dict[str, Tensor]:
 
 def load_weights(path: Path, c: ModelConfig, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> Transformer:
-    if path.suffix == ".gguf":
+    conv = _converted(path)
+    if path.suffix == ".gguf" and conv.exists():
+        from safetensors.torch import load_file
+
+        native = load_file(conv / "model.safetensors")
+    elif path.suffix == ".gguf":
         sd = _gguf_state_dict(path, c)
         c.tie_embeddings = "lm_head.weight" not in sd
+        native = _to_native(sd, c)
     else:
-        sd = _hf_state_dict(path)
+        native = _to_native(_hf_state_dict(path), c)
     with torch.device("meta"):
         model = Transformer(c)
-    native = {k: v.to(device=device, dtype=dtype) for k, v in _to_native(sd, c).items()}
+    native = {k: v.to(device=device, dtype=dtype) for k, v in native.items()}
     if c.tie_embeddings:
-        native.pop("lm_head.weight")
+        native.pop("lm_head.weight", None)
     model.load_state_dict(native, strict=not c.tie_embeddings, assign=True)
     model.tie_weights()
     return model.eval()
 
 
+def load(path: Path, name: str = "model", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Model and tokenizer; the first load of a GGUF file also writes its fast fp32 copy."""
+    model = load_weights(path, read_config(path, name), device, dtype)
+    tokenizer = load_tokenizer(path)
+    if path.suffix == ".gguf" and dtype == torch.float32 and not _converted(path).exists():
+        _save_converted(path, model, tokenizer)
+    return model, tokenizer
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf" and (_converted(path) / "tokenizer").exists():
+        tok = AutoTokenizer.from_pretrained(str(_converted(path) / "tokenizer"))
+    elif path.suffix == ".gguf":
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     else:
         tok = AutoTokenizer.from_pretrained(str(path))

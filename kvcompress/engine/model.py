@@ -32,7 +32,7 @@ class Attention(nn.Module):
         self.hq, self.hkv, self.d = c.num_heads, c.num_kv_heads, c.head_dim
         self.q_dim = self.hq * self.d
         self.wqkv = nn.Linear(c.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=c.attention_bias)
-        self.wo = nn.Linear(self.q_dim, c.hidden_size, bias=False)
+        self.wo = nn.Linear(self.q_dim, c.hidden_size, bias=c.output_bias)
         self.q_norm = RMSNorm(self.d, c.rms_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(self.d, c.rms_eps) if c.qk_norm else None
 
@@ -63,8 +63,8 @@ class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.hidden = c.intermediate_size
-        self.w13 = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
-        self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.w13 = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
+        self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x).split(self.hidden, dim=-1)
