@@ -257,3 +257,7 @@ def load_tokenizer(path: Path):
         tok = AutoTokenizer.from_pretrained(str(path))
     tok.model_max_length = 1 << 30  # we window texts ourselves; silence the length warning
     return tok
+
+
+if __name__ == "__main__":  # python -m kvcompress.engine.loaders smollm2-135m  -> fetch and print its path
+    print(ensure_asset(sys.argv[1], os.environ.get("KVC_MODELS_DIR", "~/.cache/kvcompress/models")))
