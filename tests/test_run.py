@@ -96,3 +96,9 @@ def test_a_users_own_strategy_plugs_in_without_editing_the_package(tmp_path):
     rec = records(tmp_path)[0]
     assert rec["cache"] == "every_other"
     assert rec["metrics"]["compression_ratio"] > 0.9  # half the tokens of a fp32 cache
+
+
+def test_hub_id_offline_says_to_pass_a_local_path(tmp_path):
+    out = kvc(tmp_path, *FAST, "model=local", "model.source=HuggingFaceTB/SmolLM2-135M", env={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 1
+    assert "Offline, pass a local path" in out.stderr
