@@ -136,3 +136,14 @@ def test_unsupported_architecture_is_refused():
         ModelConfig.from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(ValueError, match="unsupported rope scaling 'yarn'"):
         tiny_pair(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close_to_fp32(dtype):
+    model, _ = tiny_pair()
+    tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    ref = forward_chunks(model, tokens, full_cache(model, 2))
+    half = model.to(dtype)
+    out = forward_chunks(half, tokens, full_cache(half, 2), chunk=5)
+    assert out.dtype == dtype
+    assert (out.float() - ref).abs().max() < 0.1
