@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from kvcompress.eval.base import EvalContext
 from kvcompress.eval.data import default_data_dir, default_shared_dir
+from kvcompress.loggers import log_run
 from kvcompress.records import RECORDS_FILE, append_jsonl, config_hash, git_sha, versions, write_json_atomic
+from kvcompress.report.jobs import check_metrics, objectives, resume
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 OmegaConf.register_new_resolver("kvc_shared", lambda: str(default_shared_dir()), replace=True)
@@ -114,9 +116,12 @@ def print_table(r: dict) -> None:
 def execute(cfg: DictConfig, run_dir: Path) -> dict:
     """Run one job and write its record, whatever happens. Returns the record."""
     record = new_record(cfg)
+    if (done := resume(cfg, record)) is not None:  # multirun: an ok record of this config exists (force=true)
+        return done
     t0 = time.perf_counter()
     try:
         record["metrics"] = evaluate(cfg, record)
+        check_metrics(record["metrics"])  # a NaN perplexity fails the run
         record["status"] = "ok"
     except Exception as e:  # a failed job is recorded, never lost
         record["status"], record["error"] = "failed", f"{type(e).__name__}: {e}"
@@ -124,11 +129,12 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
     record["duration_s"] = round(time.perf_counter() - t0, 3)
     write_json_atomic(run_dir / "record.json", record)
     append_jsonl(Path(cfg.results_dir) / RECORDS_FILE, record)
+    log_run(cfg, record, run_dir)  # logger=wandb: config, metrics, record; logger=none: nothing
     return record
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> tuple[float, float] | None:
     hc = HydraConfig.get()
     record = execute(cfg, Path(hc.runtime.output_dir))
     print(summary_line(record), flush=True)
@@ -137,6 +143,7 @@ def main(cfg: DictConfig) -> None:
         if record["status"] != "ok":
             print(f"kvc: error: {record['error']}", file=sys.stderr)
             sys.exit(1)
+    return objectives(record)  # (ppl, compression ratio) for sweepers that optimise (Optuna)
 
 
 if __name__ == "__main__":

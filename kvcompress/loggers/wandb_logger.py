@@ -1,0 +1,157 @@
+"""Weights & Biases logger: one W&B run per kvc run, one summary run per sweep.
+
+Offline by default; ``mode=online`` needs an API key (``WANDB_API_KEY`` or ``wandb login``) and
+falls back to offline without one or when the server cannot be reached. Offline runs are real
+run folders under ``<run dir>/wandb/``; upload them later with ``wandb sync <folder>``.
+"""
+from __future__ import annotations
+
+import netrc
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from kvcompress.report.table import settings
+
+MODES = ("offline", "online", "disabled")
+FAMILIES = {"evict": "eviction", "quant": "quantization", "lowrank": "low-rank", "latent": "low-rank",
+            "share": "sharing", "sharing": "sharing", "full": "baseline"}
+
+
+def family(target: str | None) -> str:
+    """Strategy family from the cache class path: ``kvcompress.cache.evict.h2o.H2OCache`` -> eviction."""
+    parts = (target or "").split(".")
+    if parts[:2] != ["kvcompress", "cache"] or len(parts) < 4:
+        return "custom"
+    return FAMILIES.get(parts[2], parts[2])
+
+
+def has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "api.wandb.ai")).split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def hydra_node(cfg: DictConfig):
+    """The Hydra config: inside the sweep callback it is ``cfg.hydra``; inside a job, HydraConfig."""
+    if "hydra" in cfg:
+        return cfg.hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get()
+    except ValueError:
+        return None
+
+
+def sweep_name(cfg: DictConfig) -> str | None:
+    """The experiment preset's name, else the sweep folder (``2026-01-31_12-00-00``) in a multirun."""
+    hc = hydra_node(cfg)
+    if hc is None:
+        return None
+    exp = OmegaConf.select(hc, "runtime.choices.experiment")
+    if exp:
+        return str(exp)
+    if str(OmegaConf.select(hc, "mode")) == "RunMode.MULTIRUN" or OmegaConf.select(hc, "job.num") is not None:
+        return "_".join(Path(str(hc.sweep.dir)).parts[-2:])
+    return None
+
+
+@dataclass
+class WandbLogger:
+    name: str = "wandb"
+    project: str = "kvcompress"
+    entity: str | None = None
+    mode: str = "offline"
+    dir: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    system_stats: bool = True
+    init_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"logger.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+    # -- wandb plumbing ----------------------------------------------------------------------
+    def _mode(self) -> str:
+        if self.mode == "online" and not has_api_key():
+            print("kvc: W&B: no WANDB_API_KEY (or wandb login); logging offline", file=sys.stderr)
+            return "offline"
+        return self.mode
+
+    def _init(self, run_dir: Path, **kwargs):
+        import wandb
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        mode = self._mode()
+        settings_ = dict(silent=True, console="off", init_timeout=self.init_timeout,
+                         x_disable_stats=not self.system_stats)
+        common = dict(project=self.project, entity=self.entity, dir=str(run_dir), reinit="finish_previous", **kwargs)
+        try:
+            return wandb.init(mode=mode, settings=wandb.Settings(**settings_), **common)
+        except Exception as e:
+            if mode != "online":
+                raise
+            print(f"kvc: W&B: online init failed ({type(e).__name__}: {e}); logging offline", file=sys.stderr)
+            return wandb.init(mode="offline", settings=wandb.Settings(**settings_), **common)
+
+    @staticmethod
+    def _finish(run) -> None:
+        run.finish()
+        if run.settings.mode == "offline":
+            print(f"kvc: W&B offline run in {Path(run.dir).parent} (upload: wandb sync {Path(run.dir).parent})",
+                  flush=True)
+
+    # -- the logger protocol ---------------------------------------------------------------
+    def log_run(self, cfg: DictConfig, record: dict, run_dir: Path) -> None:
+        import json
+
+        target = OmegaConf.select(cfg, "cache._target_")
+        fam = family(target)
+        tags = [record["model"], fam, str(record["eval"]), str(record["cache"]), *self.tags]
+        storage = (record.get("cache_params") or {}).get("storage")
+        if storage and storage != "dense":
+            tags.append(f"storage:{storage}")
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config["kvc"] = {k: record.get(k) for k in ("cache", "eval", "config_hash", "git_sha")} | {"family": fam}
+        name = f"{record['cache']} {settings(record.get('cache_params'))}".strip()[:100] + f" | {record['eval']}"
+        run = self._init(Path(self.dir).expanduser() if self.dir else run_dir, config=config,
+                         group=self.group or sweep_name(cfg), job_type=str(record["eval"]), name=name,
+                         tags=sorted({t[:64] for t in tags if t}))
+        try:
+            numeric = {k: v for k, v in (record.get("metrics") or {}).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if numeric:
+                run.log(numeric)
+            run.summary.update({"status": record["status"], "error": record.get("error"),
+                                "duration_s": record.get("duration_s"), "config_hash": record.get("config_hash")})
+            Path(run.dir, "record.json").write_text(json.dumps(record, indent=2, default=str))
+        finally:
+            self._finish(run)
+
+    def log_sweep(self, cfg: DictConfig, paths: dict[str, Path]) -> None:
+        import pandas as pd
+        import wandb
+
+        group = self.group or sweep_name(cfg) or "sweep"
+        where = Path(self.dir).expanduser() if self.dir else Path(str(OmegaConf.select(cfg, "hydra.sweep.dir")))
+        run = self._init(where, group=group, job_type="sweep-summary", name=f"{group} summary", tags=["summary"])
+        try:
+            table = pd.read_csv(paths["csv"]).astype(object).where(lambda d: d.notna(), None)
+            run.log({"summary": wandb.Table(dataframe=table),
+                     **{k: wandb.Image(str(paths[k])) for k in ("ratio_plot", "speed_plot")}})
+            art = wandb.Artifact(re.sub(r"[^\w.-]", "_", f"{group}-report"), type="sweep-report")
+            for p in paths.values():
+                art.add_file(str(p))
+            run.log_artifact(art)
+        finally:
+            self._finish(run)
