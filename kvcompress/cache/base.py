@@ -146,10 +146,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> 
     any order, with gaps (eviction) or padding, stays correct.
     """
     groups = q.shape[1] // k.shape[1]
+    if is_own_prefix(q_pos, k_pos):  # fresh prefill: the plain causal kernel, no mask (~1.5x faster on CPU)
+        return F.scaled_dot_product_attention(q, expand_heads(k, groups), expand_heads(v, groups), is_causal=True)
     mask = visibility_mask(q_pos, k_pos)
     if mask.shape[1] > 1:
         mask = expand_heads(mask, groups)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
+
+
+def is_own_prefix(q_pos: Tensor, k_pos: Tensor) -> bool:
+    """True when the keys are exactly the queries' own tokens in ascending order (a fresh prefill).
+
+    The position mask is then lower-triangular for every real token; padding rows (PAD_POSITION,
+    after the real tokens) may differ, and their outputs are never used.
+    """
+    return (k_pos.dim() == 2 and q_pos.shape == k_pos.shape and q_pos.shape[-1] > 1
+            and torch.equal(q_pos, k_pos) and bool((k_pos[:, 1:] >= k_pos[:, :-1]).all()))
 
 
 def attention_with_weights(
