@@ -1,0 +1,21 @@
+"""lm-evaluation-harness integration: the ``kvcompress`` model and the offline ``kvc_*`` tasks.
+
+Importing this package registers the model under the name ``kvcompress`` in lm-eval's registry
+(lm-eval 0.4.x has no plugin discovery, so something must import it: ``kvc-lm-eval`` /
+``python -m kvcompress.harness`` do, and so does ``eval=lm_eval``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lm_eval.models  # noqa: F401  (fills lm-eval's lazy model table first: get_model skips it once non-empty)
+from lm_eval.api.registry import model_registry
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+MODEL_NAME = "kvcompress"
+LOCAL_TASKS = ("kvc_wikitext2", "kvc_tinystories_cloze", "kvc_passkey")
+
+if MODEL_NAME not in model_registry:
+    model_registry.register(MODEL_NAME, target="kvcompress.harness.model:KVCompressLM")
+
+__all__ = ["LOCAL_TASKS", "MODEL_NAME", "TASKS_DIR"]
