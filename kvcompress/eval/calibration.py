@@ -40,6 +40,7 @@ class Calibration:
                  tokens: int = 4096, window: int = 512, cache_dir: str | Path = "~/.cache/kvcompress/calibration",
                  chunk: int = 64):
         self.model, self.chunk = model, chunk
+        self.rope = model.rope  # lets a cache calibrate on post-RoPE keys (lowrank keys=post_rope)
         n = max(1, math.ceil(tokens / window))
         self.windows = text_windows(tokenizer, load_text(dataset, data_dir), window, n).to(model.device)
         self.cache_dir = str(Path(cache_dir).expanduser())
