@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from kvcompress.cache import FullCache
 from kvcompress.eval.base import EvalContext
@@ -72,3 +71,24 @@ def test_bad_ppl_settings_name_the_setting(stories, kwargs, setting):
 def test_missing_dataset_says_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         load_text("hamlet", tmp_path)
+
+
+def test_fidelity_of_the_full_cache_is_perfect(stories):
+    from kvcompress.eval.fidelity import Fidelity
+
+    m = Fidelity("tinystories", window=64, max_windows=2, chunk=16).run(ctx(stories))
+    assert m["kl"] == pytest.approx(0, abs=1e-6) and m["top1_agreement"] == 1.0
+    assert m["ppl"] == pytest.approx(m["ppl_full"], rel=1e-6) and m["n_tokens"] == 2 * 63
+
+
+def test_fidelity_measures_a_lossy_cache_against_full(stories):
+    from kvcompress.cache.evict.streaming import StreamingCache
+    from kvcompress.eval.fidelity import Fidelity
+
+    settings = dict(dataset="tinystories", window=96, max_windows=2, chunk=8)
+    lossy = Fidelity(**settings).run(ctx(stories, StreamingCache(budget=16, sinks=2)))
+    assert lossy["kl"] > 1e-3 and lossy["top1_agreement"] < 1.0
+    plain = Perplexity(**settings).run(ctx(stories, StreamingCache(budget=16, sinks=2)))
+    full = Perplexity(**settings).run(ctx(stories))
+    assert lossy["ppl"] == pytest.approx(plain["ppl"], rel=1e-5)
+    assert lossy["ppl_full"] == pytest.approx(full["ppl"], rel=1e-5)
