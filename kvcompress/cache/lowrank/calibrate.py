@@ -7,7 +7,7 @@ are chosen later from the eigenvalues, so one file serves a whole rank sweep.
 
 The file is keyed by the calibration context's ``key`` (model + calibration data + tokens) and by
 the settings that change the PCA; a file made for anything else is refused, never silently used.
-Eigendecompositions run in float64 on the CPU with a sign convention, so a file is deterministic.
+Eigendecompositions run in float64 on the CPU (numpy) with a sign convention, so a file is deterministic.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -79,7 +80,8 @@ def pca(x: Tensor, center: bool) -> dict[str, Tensor]:
     mean = x.mean(1) if center else torch.zeros(x.shape[0], x.shape[2], dtype=x.dtype)
     xc = x - mean[:, None]
     cov = xc.transpose(1, 2) @ xc / x.shape[1]
-    evals, evecs = torch.linalg.eigh(cov)
+    # numpy's LAPACK: torch's threaded eigh can spin for seconds on a busy CPU
+    evals, evecs = (torch.from_numpy(np.stack(a)) for a in zip(*map(np.linalg.eigh, cov.numpy()), strict=True))
     evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)
     # sign convention: each direction's largest-magnitude entry is positive
     pick = evecs.abs().argmax(1, keepdim=True)
