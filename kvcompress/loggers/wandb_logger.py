@@ -18,8 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from kvcompress.report.table import settings
 
 MODES = ("offline", "online", "disabled")
-FAMILIES = {"evict": "eviction", "quant": "quantization", "lowrank": "low-rank", "latent": "low-rank",
-            "share": "sharing", "sharing": "sharing", "full": "baseline"}
+_UNREACHABLE: list[str] = []  # set once an online init failed: later runs of this process go offline at once
+# cache module (kvcompress.cache.<module>...) prefix -> family tag
+FAMILIES = (("evict", "eviction"), ("quant", "quantization"), ("bnb", "quantization"), ("kivi", "quantization"),
+            ("lowrank", "low-rank"), ("latent", "low-rank"), ("shar", "sharing"), ("cla", "sharing"),
+            ("minicache", "sharing"), ("full", "baseline"))
 
 
 def family(target: str | None) -> str:
@@ -27,7 +30,7 @@ def family(target: str | None) -> str:
     parts = (target or "").split(".")
     if parts[:2] != ["kvcompress", "cache"] or len(parts) < 4:
         return "custom"
-    return FAMILIES.get(parts[2], parts[2])
+    return next((fam for prefix, fam in FAMILIES if parts[2].startswith(prefix)), parts[2])
 
 
 def has_api_key() -> bool:
@@ -86,6 +89,8 @@ class WandbLogger:
         if self.mode == "online" and not has_api_key():
             print("kvc: W&B: no WANDB_API_KEY (or wandb login); logging offline", file=sys.stderr)
             return "offline"
+        if self.mode == "online" and _UNREACHABLE:
+            return "offline"
         return self.mode
 
     def _init(self, run_dir: Path, **kwargs):
@@ -102,6 +107,7 @@ class WandbLogger:
             if mode != "online":
                 raise
             print(f"kvc: W&B: online init failed ({type(e).__name__}: {e}); logging offline", file=sys.stderr)
+            _UNREACHABLE.append(str(e))
             return wandb.init(mode="offline", settings=wandb.Settings(**settings_), **common)
 
     @staticmethod

@@ -115,7 +115,8 @@ def mark_pareto(table: list[dict]) -> None:
 
 def sort_key(row: dict):
     q = quality(row)
-    return (row["group"], q is None, q if q is not None else 0.0, -(row.get("compression_ratio") or 0.0))
+    return (row["group"], q is None, q if q is not None else 0.0, row["cache"] != BASELINE,
+            -(row.get("compression_ratio") or 0.0))
 
 
 def write_csv(table: list[dict], path: Path) -> None:

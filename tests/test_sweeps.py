@@ -1,0 +1,192 @@
+"""Sweeps on stories260K: records, summary + plots, failure isolation, resume, W&B offline files, submitit."""
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvcompress.report import build_report, pareto_front, rows
+from kvcompress.report.cli import main as kvc_report
+from kvcompress.report.jobs import check_metrics, objectives
+
+FAST = ["model=stories260k", "eval.dataset=tinystories", "eval.window=64", "eval.max_windows=2", "progress=false"]
+CACHES = {  # test-only cache presets, added to Hydra's search path
+    "stream16": "_target_: kvcompress.cache.evict.streaming.StreamingCache\nbudget: 16\nsinks: 4\n",
+    "bad": "_target_: kvcompress.cache.evict.streaming.StreamingCache\nbudget: 16\nsinks: 32\n",  # sinks >= budget
+}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def kvc_m(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    conf = tmp / "conf" / "cache"
+    conf.mkdir(parents=True, exist_ok=True)
+    for name, text in CACHES.items():
+        (conf / f"{name}.yaml").write_text(text)
+    cmd = [sys.executable, "-m", "kvcompress.run", "-m", *FAST, f"hydra.searchpath=[file://{tmp / 'conf'}]",
+           f"results_dir={tmp}/results", f"hydra.sweep.dir={tmp}/sweep", *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env | {"WANDB_SILENT": "true"})
+
+
+def records(tmp: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp / "results" / "records.jsonl").read_text().splitlines()]
+
+
+def wandb_records(run_file: Path) -> list:
+    """Protobuf records of an offline W&B run file (LevelDB-style log: 32 KiB blocks, 7-byte headers)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = run_file.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    pos, buf, out = 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # FULL or LAST fragment
+            out.append(pb.Record.FromString(buf))
+            buf = b""
+    return out
+
+
+def items(recs: list, kind: str) -> dict:
+    """key -> decoded value of every config / history / summary item of that kind."""
+    out = {}
+    for r in recs:
+        if r.WhichOneof("record_type") == kind:
+            for it in getattr(r, kind).update if kind != "history" else r.history.item:
+                key = it.key or "/".join(it.nested_key)
+                out[key] = json.loads(it.value_json)
+    return out
+
+
+def offline_runs(folder: Path) -> list[Path]:
+    return sorted(folder.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_sweep_summary_failures_wandb_resume_force(tmp_path):
+    out = kvc_m(tmp_path, "cache=full,stream16,bad", "logger=wandb")
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = records(tmp_path)
+    assert [(r["cache"], r["status"]) for r in recs] == [("full", "ok"), ("stream16", "ok"), ("bad", "failed")]
+    assert "sinks must be < budget" in recs[2]["error"]
+    assert len({r["config_hash"] for r in recs}) == 3
+    # one concise line per finished run
+    assert out.stdout.count("[ok] stories260k") == 2 and out.stdout.count("[failed] stories260k cache=bad") == 1
+
+    res = tmp_path / "results"
+    table = {r["cache"]: r for r in csv.DictReader((res / "summary.csv").open())}
+    assert set(table) == {"full", "stream16", "bad"}
+    assert float(table["full"]["delta_ppl"]) == 0
+    ok = {r["cache"]: r for r in recs if r["status"] == "ok"}
+    assert float(table["stream16"]["delta_ppl"]) == pytest.approx(ok["stream16"]["metrics"]["ppl"]
+                                                                  - ok["full"]["metrics"]["ppl"])
+    assert ok["stream16"]["metrics"]["compression_ratio"] > ok["full"]["metrics"]["compression_ratio"]
+    assert table["bad"]["status"] == "failed" and "sinks must be < budget" in table["bad"]["error"]
+    md = (res / "summary.md").read_text()
+    failed_part = md.split("## Failed runs")[1]
+    assert "| bad |" in failed_part and "sinks must be < budget" in failed_part
+    assert md.index("| full |") < md.index("| stream16 |") < md.index("## Failed runs")
+    for png in ("ratio_vs_dppl.png", "speed_vs_dppl.png"):
+        assert (res / png).read_bytes()[:8] == PNG
+
+    # W&B offline: one run per job (config, metrics, record), group = sweep, tags; one summary run
+    runs = offline_runs(tmp_path / "sweep" / "0")
+    assert len(runs) == 1
+    wr = wandb_records(runs[0])
+    run = next(r.run for r in wr if r.WhichOneof("record_type") == "run")
+    assert run.run_group == f"{tmp_path.name}_sweep"  # the multirun folder when no experiment preset
+    assert {"stories260k", "baseline", "ppl", "full"} <= set(run.tags)
+    config = {it.key: json.loads(it.value_json) for it in run.config.update}
+    assert config["model"]["name"] == "stories260k" and config["kvc"]["config_hash"] == recs[0]["config_hash"]
+    assert items(wr, "history")["ppl"] == pytest.approx(recs[0]["metrics"]["ppl"])
+    assert items(wr, "summary")["status"] == "ok"
+    assert json.loads((runs[0].parent / "files" / "record.json").read_text()) == recs[0]
+    failed_run = wandb_records(offline_runs(tmp_path / "sweep" / "2")[0])
+    assert "sinks must be < budget" in items(failed_run, "summary")["error"]
+    summary_run = wandb_records(offline_runs(tmp_path / "sweep")[0])
+    logged = items(summary_run, "history")
+    assert (logged["summary/_type"], logged["summary/nrows"]) == ("table-file", 3)
+    assert logged["ratio_plot/_type"] == logged["speed_plot/_type"] == "image-file"
+    assert any(r.WhichOneof("record_type") == "artifact" for r in summary_run)
+
+    # re-run: ok jobs are skipped, the failed one runs again; logger=none logs nothing
+    out = kvc_m(tmp_path, "cache=full,stream16,bad", "logger=none")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("kvc: skip") == 2
+    assert [(r["cache"], r["status"]) for r in records(tmp_path)[3:]] == [("bad", "failed")]
+    assert len(list((tmp_path / "sweep").rglob("offline-run-*"))) == 4
+    # force=true runs a finished job again
+    out = kvc_m(tmp_path, "cache=stream16", "force=true")
+    assert out.returncode == 0 and "kvc: skip" not in out.stdout
+    assert [(r["cache"], r["status"]) for r in records(tmp_path)[4:]] == [("stream16", "ok")]
+
+
+def test_submitit_local_two_job_sweep(tmp_path):
+    out = kvc_m(tmp_path, "hydra/launcher=submitit_local", "cache=full,stream16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted((r["cache"], r["status"]) for r in records(tmp_path)) == [("full", "ok"), ("stream16", "ok")]
+    assert len(list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))) == 2
+    assert (tmp_path / "results" / "summary.md").is_file()
+
+
+def test_pareto_front_on_hand_made_points():
+    # (compression ratio: max, dppl: min)
+    pts = [(1.0, 0.0), (2.0, 0.1), (2.0, 0.3), (4.0, 0.5), (3.0, 0.6), (4.0, 0.5), (8.0, 5.0), (0.5, 0.0),
+           (float("nan"), -1.0), (9.0, float("inf"))]
+    assert pareto_front(pts, maximize=(True, False)) == [0, 1, 3, 5, 6]
+    assert pareto_front([(1, 1), (2, 2), (0, 3)], maximize=(False, False)) == [0, 2]
+    assert pareto_front([(1, 1, 1), (1, 1, 2), (2, 0, 0)], maximize=(True, True, True)) == [1, 2]
+    assert pareto_front([], maximize=(True, False)) == []
+    with pytest.raises(ValueError, match="coordinates"):
+        pareto_front([(1, 2, 3)], maximize=(True, False))
+
+
+def record(cache: str, ppl: float | None, ratio: float, status: str = "ok", window: int = 64, **extra) -> dict:
+    metrics = {} if ppl is None else {"ppl": ppl, "compression_ratio": ratio, "kv_bytes": 1000 / ratio}
+    return {"status": status, "error": None if status == "ok" else "ValueError: budget must be >= 1",
+            "model": "m", "cache": cache, "cache_params": {"budget": ratio}, "eval": "ppl",
+            "eval_params": {"window": window}, "dtype": "float32", "metrics": metrics,
+            "config_hash": f"{cache}-{ratio}-{window}", **extra}
+
+
+def test_report_from_records(tmp_path, capsys):
+    recs = [record("full", 10.0, 1.0), record("h2o", 10.5, 2.0), record("snapkv", 12.0, 1.5),
+            record("h2o", None, 0.0, status="failed"), record("full", 20.0, 1.0, window=32),
+            record("streaming", 22.0, 4.0, window=32), record("h2o", 11.0, 4.0, status="failed")]
+    recs.append(record("h2o", 10.8, 4.0))  # same config as the failed one before: the ok record wins
+    lines = [json.dumps(r) for r in recs]
+    (tmp_path / "records.jsonl").write_text("\n".join(lines) + '\n{"status": "ok", "mod')  # a torn last line
+    assert kvc_report([str(tmp_path)]) == 0
+    assert "7 run(s) (1 failed)" in capsys.readouterr().out
+    table = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert len(table) == 7
+    by = {(r["cache"], r["eval_params"], r["compression_ratio"]): r for r in table}
+    h2o = by[("h2o", '{"window": 64}', "2.0")]
+    assert float(h2o["delta_ppl"]) == pytest.approx(0.5) and h2o["pareto"] == "★"
+    assert by[("snapkv", '{"window": 64}', "1.5")]["pareto"] == ""  # dominated by h2o 2x
+    assert float(by[("streaming", '{"window": 32}', "4.0")]["delta_ppl"]) == pytest.approx(2.0)
+    md = (tmp_path / "summary.md").read_text()
+    assert md.count("## m float32 eval=ppl") == 2
+    assert "budget must be >= 1" in md.split("## Failed runs")[1]
+    group64 = md.split("window=64")[1].split("##")[0]
+    assert group64.index("| full |") < group64.index("| h2o |") < group64.index("| snapkv |")
+    assert all((tmp_path / p).read_bytes()[:8] == PNG for p in ("ratio_vs_dppl.png", "speed_vs_dppl.png"))
+    assert kvc_report([str(tmp_path / "nothing")]) == 1
+    # rows() is what the plots and the callback use
+    assert len(rows(recs)) == 7
+    assert build_report(tmp_path / "records.jsonl", tmp_path / "again")["md"].is_file()
+
+
+def test_nan_ppl_fails_and_objectives():
+    with pytest.raises(FloatingPointError, match="ppl is nan"):
+        check_metrics({"ppl": float("nan")})
+    check_metrics({"ppl": 3.0, "decode_tokens_per_s": float("nan")})
+    assert objectives(record("h2o", 10.5, 2.0)) == (10.5, 2.0)
+    assert objectives(record("h2o", None, 2.0, status="failed")) is None
