@@ -6,6 +6,7 @@ check of the Hydra configs applies; nothing is parsed twice.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,8 @@ class Built:
     cache_name: str
 
 
-def build(cfg: DictConfig, cache_name: str) -> Built:
-    """Validate (cache.setup before weights load), load, calibrate: the same steps as ``kvc``."""
+def build(cfg: DictConfig, cache_name: str, check: Callable[[int], None] | None = None) -> Built:
+    """Validate (cache.setup, then ``check(max_position)``, before weights load), load, calibrate: as ``kvc``."""
     from hydra.utils import instantiate
 
     from kvcompress.engine.loaders import DTYPES, load, read_config, resolve_source
@@ -66,10 +67,16 @@ def build(cfg: DictConfig, cache_name: str) -> Built:
         raise ValueError(f"unknown dtype {cfg.dtype!r}; valid choices: {', '.join(DTYPES)}")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    cache = instantiate(cfg.cache, _convert_="all")
+    try:
+        cache = instantiate(cfg.cache, _convert_="all")
+    except Exception as e:  # Hydra wraps the strategy's own ValueError (it names the setting and its range)
+        cause = e.__cause__ or e
+        raise ValueError(f"kvcompress model_args: cache={cache_name}: {cause}") from e
     source = resolve_source(str(cfg.model.source), cfg.paths.models)
     config = read_config(source, cfg.model.name)
     cache.setup(config.spec())
+    if check is not None:
+        check(config.max_position)
     model, tokenizer = load(source, cfg.model.name, device, DTYPES[cfg.dtype])
     data_dir = Path(cfg.paths.data).expanduser()
     cal = cfg.calibration

@@ -46,38 +46,47 @@ def _device(value: str | None) -> str | None:
     return value
 
 
+def _check(checks: list[tuple[bool, str, str, Any]]) -> None:
+    for ok, name, allowed, got in checks:
+        if not ok:
+            raise ValueError(f"kvcompress model_args: {name} must be {allowed}, got {got!r}")
+
+
 class KVCompressLM(TemplateLM):
     """lm-eval ``LM`` over kvcompress: loglikelihood, loglikelihood_rolling, generate_until."""
 
     def __init__(self, batch_size: int | str = 8, max_batch_size: int | None = None, chunk: int = 16,
-                 prefill_chunk: int | None = None, window: int = 1024, bos: str | bool = "auto",
+                 prefill_chunk: int | None = None, window: int | None = None, bos: str | bool = "auto",
                  rolling: str = "ppl", max_length: int | None = None, max_gen_toks: int = 256,
                  _built: Any = None, **overrides: Any) -> None:
         super().__init__()
+        self.batch = _batch_size(batch_size)
+        self.chunk, self.prefill_chunk = int(chunk), int(prefill_chunk or chunk)
+        self.bos, self.rolling, self.max_gen_toks = bos, rolling, int(max_gen_toks)
+        _check([(rolling in ROLLING, "rolling", " | ".join(ROLLING), rolling),
+                (bos in ("auto", True, False), "bos", "auto, true or false", bos),
+                (self.chunk >= 1 and self.prefill_chunk >= 1, "chunk / prefill_chunk", ">= 1", chunk),
+                (self.max_gen_toks >= 1, "max_gen_toks", ">= 1", max_gen_toks)])
+
+        def lengths(limit: int) -> None:  # needs the model's max_position; runs before weights load
+            self._max_length = int(max_length or limit)
+            self.window = int(window) if window is not None else min(1024, self._max_length)
+            _check([(2 <= self._max_length <= limit, "max_length", f"in [2, {limit}]", max_length),
+                    (2 <= self.window <= self._max_length, "window", f"in [2, max_length={self._max_length}]",
+                     window)])
+
         if _built is None:
             from kvcompress.harness.config import build, compose
 
             if device := _device(overrides.pop("device", None)):
                 overrides["device"] = device
-            _built = build(compose(overrides), str(overrides.get("cache", "full")))
+            _built = build(compose(overrides), str(overrides.get("cache", "full")), lengths)
+        elif overrides:
+            raise ValueError(f"kvcompress: unknown options {sorted(overrides)} for a pre-loaded model")
+        else:
+            lengths(_built.model.config.max_position)
         self.built = _built
         self.model, self.tokenizer, self.cache = _built.model, _built.tokenizer, _built.cache
-        self.batch = _batch_size(batch_size)
-        limit = self.model.config.max_position
-        self._max_length = int(max_length or limit)
-        self.window = min(int(window), self._max_length)
-        self.chunk = int(chunk)
-        self.prefill_chunk = int(prefill_chunk or chunk)
-        self.bos, self.rolling, self.max_gen_toks = bos, rolling, int(max_gen_toks)
-        checks = [(rolling in ROLLING, "rolling", " | ".join(ROLLING), rolling),
-                  (bos in ("auto", True, False), "bos", "auto, true or false", bos),
-                  (2 <= self._max_length <= limit, "max_length", f"in [2, {limit}]", max_length),
-                  (2 <= self.window, "window", f"in [2, max_length={self._max_length}]", window),
-                  (self.chunk >= 1 and self.prefill_chunk >= 1, "chunk / prefill_chunk", ">= 1", chunk),
-                  (self.max_gen_toks >= 1, "max_gen_toks", ">= 1", max_gen_toks)]
-        for ok, name, allowed, got in checks:
-            if not ok:
-                raise ValueError(f"kvcompress model_args: {name} must be {allowed}, got {got!r}")
         self._device = self.model.device
         self.memory: dict[str, float] = {}
 
