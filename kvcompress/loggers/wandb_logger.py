@@ -129,7 +129,8 @@ class WandbLogger:
             tags.append(f"storage:{storage}")
         config = OmegaConf.to_container(cfg, resolve=True)
         config["kvc"] = {k: record.get(k) for k in ("cache", "eval", "config_hash", "git_sha")} | {"family": fam}
-        name = f"{record['cache']} {settings(record.get('cache_params'))}".strip()[:100] + f" | {record['eval']}"
+        short = settings(record.get("cache_params"), record["cache"])
+        name = f"{record['cache']} {short}".strip()[:100] + f" | {record['eval']}"
         run = self._init(Path(self.dir).expanduser() if self.dir else run_dir, config=config,
                          group=self.group or sweep_name(cfg), job_type=str(record["eval"]), name=name,
                          tags=sorted({t[:64] for t in tags if t}))

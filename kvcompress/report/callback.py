@@ -1,6 +1,7 @@
 """Hydra callback: at the end of every multirun, aggregate ``results_dir`` and log the sweep's summary."""
 from __future__ import annotations
 
+import shutil
 import sys
 import traceback
 from datetime import datetime, timezone
@@ -37,6 +38,9 @@ class SweepReport(Callback):
             write_json_atomic(results / SWEEP_FILE, {
                 "command": command, "sweep_dir": str(OmegaConf.select(config, "hydra.sweep.dir")),
                 "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            optuna = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))) / "optimization_results.yaml"
+            if optuna.is_file():  # Optuna's own Pareto front (multi-objective) or best trial, beside the summary
+                shutil.copyfile(optuna, results / "optuna_results.yaml")
             paths = build_report(results, command=command)
             print(f"kvc: sweep summary -> {paths['md']} ({paths['ratio_plot'].name}, {paths['speed_plot'].name})",
                   flush=True)

@@ -90,20 +90,9 @@ def ratio_plot(table: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def speed_quality(row: dict, table: list[dict]) -> float | None:
-    """Quality of a speed run's cache settings: Δppl of the same settings under eval=ppl (else any other
-    quality eval), falling back to the speed run's own Δppl over its decoded tokens."""
-    same = [r for r in table if r["status"] == "ok" and r is not row and "delta_ppl" in r
-            and (r["model"], r.get("dtype"), r["cache"], r["cache_params"])
-            == (row["model"], row.get("dtype"), row["cache"], row["cache_params"])
-            and not finite(r.get("decode_tokens_per_s"))]
-    same.sort(key=lambda r: (r["eval"] != "ppl", r["group"]))
-    return same[0]["delta_ppl"] if same else quality(row)
-
-
 def speed_plot(table: list[dict], path: Path) -> None:
     rows = [r for r in table if r["status"] == "ok" and finite(r.get("decode_tokens_per_s"))]
-    xs = [speed_quality(r, table) for r in rows]
+    xs = [quality(r) for r in rows]
     rows, xs = [r for r, x in zip(rows, xs, strict=True) if x is not None], [x for x in xs if x is not None]
     if not rows:
         return _empty(path, "no ok runs with decode tokens/s (run eval=speed)")
@@ -111,7 +100,8 @@ def speed_plot(table: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     _scatter(ax, rows, xs, [r["decode_tokens_per_s"] for r in rows])
     devices = sorted({str(r.get("device")) for r in rows})
-    ax.set(xlabel="Δppl vs full cache (eval=ppl of the same settings where run)", ylabel="decode tokens/s",
+    ax.set(xlabel="Δppl vs full cache (eval=ppl of the same settings where run, else the speed run's own)",
+           ylabel="decode tokens/s",
            title=f"decode speed vs quality ({', '.join(sorted({r['model'] for r in rows}))}; {', '.join(devices)})")
     ax.title.set_fontsize(8)
     ax.legend(fontsize=7, loc="best")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -11,14 +12,16 @@ from kvcompress.records import read_records
 from kvcompress.report.pareto import pareto_front
 
 BASELINE = "full"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # settings are shown relative to conf/cache/*.yaml
 # summary.md columns: (header, row key, format)
 MD_COLUMNS = [("cache", "cache", "{}"), ("settings", "settings", "{}"), ("ppl", "ppl", "{:.3f}"),
               ("Δppl", "delta_ppl", "{:+.3f}"), ("Δppl %", "delta_ppl_pct", "{:+.2f}"),
+              ("Δppl (ppl eval)", "quality_dppl", "{:+.3f}"),
               ("ratio", "compression_ratio", "{:.2f}x"), ("KV MB", "kv_mb", "{:.2f}"),
               ("decode tok/s", "decode_tokens_per_s", "{:.1f}"), ("prefill tok/s", "prefill_tokens_per_s", "{:.0f}"),
               ("Pareto", "pareto", "{}"), ("time s", "duration_s", "{:.1f}")]
 FIRST_CSV = ["status", "model", "eval", "cache", "settings", "ppl", "delta_ppl", "delta_ppl_pct", "compression_ratio",
-             "kv_bytes", "decode_tokens_per_s", "pareto", "baseline_ppl", "group", "error"]
+             "kv_bytes", "decode_tokens_per_s", "quality_dppl", "pareto", "baseline_ppl", "group", "error"]
 LAST_CSV = ["cache_params", "eval_params", "dtype", "device", "seed", "config_hash", "git_sha", "started_at",
             "duration_s"]
 
@@ -48,14 +51,33 @@ def latest(records: list[dict]) -> list[dict]:
     return list(chosen.values())
 
 
-def settings(params: dict | None) -> str:
-    """``budget=0.25 storage=quant`` (nested dicts flattened with dots)."""
-    def flat(d: dict, prefix: str = "") -> list[str]:
+def settings(params: dict | None, cache: str | None = None) -> str:
+    """``budget=0.25 storage=int4`` (nested dicts flattened with dots).
+
+    With ``cache`` (a ``conf/cache/<cache>.yaml`` name) only the settings that differ from that file.
+    """
+    def flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
         out = []
         for k, v in d.items():
-            out += flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}={v}"]
+            out += flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [(f"{prefix}{k}", v)]
         return out
-    return " ".join(flat(params or {}))
+    defaults = dict(flat(cache_defaults(cache))) if cache else {}
+    return " ".join(f"{k}={v}" for k, v in flat(params or {}) if k not in defaults or defaults[k] != v)
+
+
+@functools.cache
+def cache_defaults(cache: str) -> dict:
+    """The settings of ``conf/cache/<cache>.yaml`` ({} when there is no such file)."""
+    path = CONF_DIR / "cache" / f"{cache}.yaml"
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    try:
+        conf = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception:  # an unreadable preset only costs the short form
+        return {}
+    return {k: v for k, v in conf.items() if k != "_target_"} if isinstance(conf, dict) else {}
 
 
 def group_key(r: dict) -> str:
@@ -80,7 +102,8 @@ def rows(records: list[dict]) -> list[dict]:
     for r in recs:
         m = r.get("metrics") or {}
         row = {"status": r.get("status"), "model": r.get("model"), "eval": r.get("eval"), "cache": r.get("cache"),
-               "settings": settings(r.get("cache_params")), "group": group_key(r), "error": r.get("error"), **m}
+               "settings": settings(r.get("cache_params"), r.get("cache")), "group": group_key(r),
+               "error": r.get("error"), **m}
         row.update({k: r.get(k) for k in LAST_CSV})
         row["cache_params"] = json.dumps(r.get("cache_params") or {}, sort_keys=True)
         row["eval_params"] = json.dumps(r.get("eval_params") or {}, sort_keys=True)
@@ -92,13 +115,28 @@ def rows(records: list[dict]) -> list[dict]:
         if finite(m.get("kv_bytes")):
             row["kv_mb"] = m["kv_bytes"] / 1e6
         out.append(row)
+    for row in out:  # a speed run's quality: Δppl of the same settings under a quality eval (not its few tokens)
+        if row["status"] == "ok" and finite(row.get("decode_tokens_per_s")):
+            row["quality_dppl"] = quality_eval_delta(row, out)
     mark_pareto(out)
     return out
 
 
+def quality_eval_delta(row: dict, table: list[dict]) -> float | None:
+    """Δppl of the same model, dtype and cache settings in a group without decode speed (``eval=ppl`` first)."""
+    same = [r for r in table if r is not row and r["status"] == "ok" and finite(r.get("delta_ppl"))
+            and not finite(r.get("decode_tokens_per_s"))
+            and (r["model"], r.get("dtype"), r["cache"], r["cache_params"])
+            == (row["model"], row.get("dtype"), row["cache"], row["cache_params"])]
+    same.sort(key=lambda r: (r["eval"] != "ppl", r["group"]))
+    return same[0]["delta_ppl"] if same else None
+
+
 def quality(row: dict) -> float | None:
-    """Δppl when the group has a full-cache baseline, else ppl (same order within a group)."""
-    v = row.get("delta_ppl", row.get("ppl"))
+    """Δppl of the quality eval of the same settings (speed runs), else Δppl when the group has a full-cache
+    baseline, else ppl (same order within a group)."""
+    v = row.get("quality_dppl")
+    v = v if finite(v) else row.get("delta_ppl", row.get("ppl"))
     return v if finite(v) else None
 
 
@@ -155,9 +193,16 @@ def markdown(table: list[dict], source: str = "", command: str | None = None, pl
     for g in sorted({r["group"] for r in ok}):
         members = sorted((r for r in ok if r["group"] == g), key=sort_key)
         cols = [c for c in MD_COLUMNS if any(r.get(c[1]) not in (None, "") for r in members) or c[1] == "delta_ppl"]
+        if any(finite(r.get("quality_dppl")) for r in members):  # speed runs: ppl of a few decoded tokens is noise
+            cols = [c for c in cols if c[1] not in ("ppl", "delta_ppl", "delta_ppl_pct")]
         lines += [f"## {g}", "", "| " + " | ".join(h for h, _, _ in cols) + " |",
                   "|" + "|".join("---" for _ in cols) + "|"]
         lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in cols) + " |" for r in members]
+        front = sorted((r for r in members if r.get("pareto")), key=lambda r: r.get("compression_ratio") or 0.0)
+        if front:
+            lines += ["", "Pareto front (ratio up, Δppl down): " + " → ".join(
+                f"{r['cache']} {r['settings']}".strip() + f" ({cell(r, 'compression_ratio', '{:.2f}x')}, "
+                f"{quality(r):+.3f})" for r in front)]
         if not any(r["cache"] == BASELINE for r in members):
             lines += ["", f"_No `{BASELINE}` run in this group, so no Δppl (rows sorted by ppl)._"]
         lines.append("")
