@@ -190,3 +190,39 @@ def test_nan_ppl_fails_and_objectives():
     check_metrics({"ppl": 3.0, "decode_tokens_per_s": float("nan")})
     assert objectives(record("h2o", 10.5, 2.0)) == (10.5, 2.0)
     assert objectives(record("h2o", None, 2.0, status="failed")) is None
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from kvcompress.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_presets_compose():
+    """compare_all's every point x bench, pareto_search (Optuna) and the submitit presets compose."""
+    from omegaconf import OmegaConf
+
+    from kvcompress.run import CONF_DIR
+
+    cfg = compose("experiment=compare_all")
+    assert cfg.results_dir == "results/compare_all"
+    params = cfg.hydra.sweeper.params
+    points, benches = params["+experiment/point"].split(","), params["+experiment/bench"].split(",")
+    assert "full" in points and len(points) >= 8 and benches == ["ppl", "speed"]
+    for point in points:
+        for bench in benches:
+            job = compose("experiment=compare_all", f"+experiment/point={point}", f"+experiment/bench={bench}")
+            cache = job.hydra.runtime.choices.cache
+            default = OmegaConf.load(Path(CONF_DIR) / "cache" / f"{cache}.yaml")
+            assert job.cache._target_ == default._target_ and job.hydra.runtime.choices.eval == bench
+    ps = compose("experiment=pareto_search")
+    assert ps.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert list(ps.hydra.sweeper.direction) == ["minimize", "maximize"] and ps.hydra.sweeper.max_failure_rate == 1
+    for launcher, target in (("slurm", "SlurmLauncher"), ("local", "LocalLauncher"),
+                             ("submitit_slurm", "SlurmLauncher"), ("submitit_local", "LocalLauncher")):
+        assert compose(f"hydra/launcher={launcher}").hydra.launcher._target_.endswith(target)
+    assert compose("hydra/launcher=slurm").hydra.launcher.gpus_per_node == 1
