@@ -35,6 +35,15 @@ def layer_positions(cache, layer):
     return cache.store_for(layer).positions()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and a shared CPU thrashes with more); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()

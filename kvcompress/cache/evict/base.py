@@ -272,4 +272,5 @@ class EvictingCache(LayeredCache):
             report["tokens_held_mean"] = sum(held) / len(held)
             report["tokens_held_max"] = max(held)
         report["policy_bytes"] = sum(t.nbytes for t in self.policy_tensors())
+        report["evictions"] = self.evictions  # since reset: 0 means this run measured the full cache
         return report

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The eviction tables on SmolLM2-135M (CPU). Records go to results/eviction/records.jsonl, then
+#   .venv/bin/python results/eviction/table.py > results/eviction/README.md
+# Usage: results/eviction/sweep.sh [ppl] [prefill_decode] [passkey] [speed]   (default: all four)
+# One thread per process: the shared CPU was oversubscribed and multi-threaded BLAS only thrashed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+kvc() { .venv/bin/kvc "$@" progress=false; }
+stages=("${@:-ppl prefill_decode passkey speed}")
+for stage in ${stages[@]}; do
+  case $stage in
+    ppl)
+      kvc experiment=eviction_ppl cache=full
+      kvc -m experiment=eviction_ppl cache=streaming cache.sinks=0
+      kvc -m experiment=eviction_ppl ;;
+    prefill_decode)
+      kvc experiment=eviction_prefill_decode cache=full
+      kvc -m experiment=eviction_prefill_decode cache=streaming cache.sinks=0
+      kvc -m experiment=eviction_prefill_decode ;;
+    passkey)
+      kvc experiment=eviction_passkey cache=full
+      kvc -m experiment=eviction_passkey ;;
+    speed)
+      kvc -m experiment=eviction_speed ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
