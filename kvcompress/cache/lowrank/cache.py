@@ -176,11 +176,13 @@ class LowRankCache(KVCache):
         self.pos = [GrowingBuffer() for _ in self.layers]
         self._seen = torch.zeros((), dtype=torch.long)
         self.rope: Rotary | None = None
+        self._tables: tuple[Tensor, Tensor] | None = None  # cos, sin of the held positions, this step
 
     def append(self, layer: int, k: Tensor, v: Tensor, pos: Tensor, rope: Rotary) -> None:
         self.rope = rope
         self._prepare(k.device, k.dtype)
         if layer == 0:
+            self._tables = None
             self._seen = self._seen.to(pos.device) + (pos < PAD_POSITION).sum()
         rotated = rope.rotate(k, pos) if self.pca.keys == "post_rope" or self.pca.rope_dims else None
         if self.pca.rope_dims:  # uncompressed rotary dims, stored as they are used (rotated once, as MLA's k_pe)
@@ -215,10 +217,25 @@ class LowRankCache(KVCache):
             k = kc.new_zeros(B, H, T, self.spec.head_dim)
             k[..., self.comp_idx] = kc
         if self.pca.keys == "pre_rope" and not self.nope:
-            k = self.rope.rotate(k, pos)  # rope dims are 0 here; rotation keeps pairs, so they stay 0
+            k = self._rotate(k, pos)  # rope dims are 0 here; rotation keeps pairs, so they stay 0
         if self.pca.rope_dims:
             k[..., self.keep_idx] = self.rope_part[layer].view().to(dtype)
         return k, v
+
+    def _rotate(self, k: Tensor, pos: Tensor) -> Tensor:
+        """``rope.rotate(k, pos)`` with cos / sin of the held positions computed once per step, not per layer.
+
+        Every layer holds the same positions, so the tables are taken from one ``rope.rotate`` of a unit
+        tensor (first half ones: the result's halves are cos and sin) and dropped at the next append."""
+        B, _, T, D = k.shape
+        if self._tables is None or self._tables[0].shape[2] != T or self._tables[0].dtype != k.dtype:
+            unit = k.new_zeros(B, 1, T, D)
+            unit[..., : D // 2] = 1
+            r = self.rope.rotate(unit, pos)
+            cos, sin = r[..., : D // 2], r[..., D // 2 :]
+            self._tables = (torch.cat([cos, cos], -1), torch.cat([sin, sin], -1))
+        cos, sin = self._tables
+        return k * cos + torch.cat([-k[..., D // 2 :], k[..., : D // 2]], -1) * sin
 
     def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
         pos = self.pos[layer].view()[:, 0]
