@@ -104,8 +104,9 @@ def test_local_tasks_end_to_end_through_simple_evaluate():
 
 
 def test_kvc_eval_lm_eval_records_task_metrics(tmp_path):
-    cmd = [sys.executable, "-m", "kvcompress.run", "model=stories260k", "eval=lm_eval", "eval.limit=1",
-           "eval.chunk=64", "eval.tasks=[kvc_tinystories_cloze]", "cache=kivi", "cache.group_size=8", "progress=false",
+    cmd = [sys.executable, "-m", "kvcompress.run", "model=stories260k", "eval=lm_eval",
+           "eval.limit={kvc_tinystories_cloze:1}", "eval.chunk=64", "eval.tasks=[kvc_tinystories_cloze]",
+           "cache=kivi", "cache.group_size=8", "progress=false",
            f"results_dir={tmp_path}/results", f"hydra.run.dir={tmp_path}/run"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -124,6 +125,8 @@ def test_unknown_task_is_a_clear_error(tmp_path):
         LmEval(tasks=["kvc_nope"]).check(spec, tmp_path)
     with pytest.raises(ValueError, match="eval.window"):
         LmEval(window=4096).check(spec, tmp_path)
+    with pytest.raises(ValueError, match="eval.limit must be keys among eval.tasks"):
+        LmEval(tasks=["kvc_wikitext2"], limit={"kvc_passkey": 2}).check(spec, tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -21,7 +21,7 @@ def _local_tasks() -> tuple[str, ...]:
 @dataclass
 class LmEval(Evaluation):
     tasks: list[str] = field(default_factory=lambda: list(_local_tasks()))
-    limit: float | None = None     # examples per task (int) or a fraction (< 1); null = all
+    limit: float | dict[str, float] | None = None  # examples per task (int) or fraction (< 1), or {task: limit}
     num_fewshot: int | None = None
     batch_size: int = 8
     chunk: int = 16                # tokens per forward step when scoring (1 = exact decode semantics)
@@ -46,7 +46,12 @@ class LmEval(Evaluation):
         from kvcompress.harness.model import ROLLING
 
         require(isinstance(self.tasks, list) and len(self.tasks) >= 1, "eval.tasks", "a non-empty list", self.tasks)
-        require(self.limit is None or self.limit > 0, "eval.limit", "> 0 or null", self.limit)
+        limits = list(self.limit.values()) if isinstance(self.limit, dict) else [self.limit]
+        require(all(v is None or v > 0 for v in limits), "eval.limit", "> 0 or null (or a {task: limit} map)",
+                self.limit)
+        if isinstance(self.limit, dict):
+            require(set(self.limit) <= set(self.tasks), "eval.limit", f"keys among eval.tasks {self.tasks}",
+                    sorted(self.limit))
         require(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
         require(self.chunk >= 1, "eval.chunk", ">= 1", self.chunk)
         require(self.prefill_chunk is None or self.prefill_chunk >= 1, "eval.prefill_chunk", ">= 1 or null",
@@ -70,13 +75,20 @@ class LmEval(Evaluation):
         lm = KVCompressLM.from_context(ctx, batch_size=self.batch_size, chunk=self.chunk,
                                        prefill_chunk=self.prefill_chunk, window=self.window, bos=self.bos,
                                        rolling=self.rolling, max_gen_toks=self.max_gen_toks)
-        out = simple_evaluate(model=lm, tasks=list(self.tasks), task_manager=self._task_manager(ctx.data_dir),
-                              limit=self.limit, num_fewshot=self.num_fewshot, bootstrap_iters=self.bootstrap_iters,
-                              random_seed=ctx.seed, numpy_random_seed=ctx.seed, torch_random_seed=ctx.seed,
-                              fewshot_random_seed=ctx.seed)
-        metrics = flatten(out["results"])
-        for task, n in out.get("n-samples", {}).items():
-            metrics[f"{task}/n_samples"] = n.get("effective", n.get("original"))
+        manager = self._task_manager(ctx.data_dir)
+        per_task = self.limit if isinstance(self.limit, dict) else {}
+        groups: dict[float | None, list[str]] = {}  # one simple_evaluate per distinct limit
+        for task in self.tasks:
+            groups.setdefault(per_task.get(task) if per_task else self.limit, []).append(task)
+        metrics: dict[str, float] = {}
+        for limit, tasks in groups.items():
+            out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                  num_fewshot=self.num_fewshot, bootstrap_iters=self.bootstrap_iters,
+                                  random_seed=ctx.seed, numpy_random_seed=ctx.seed, torch_random_seed=ctx.seed,
+                                  fewshot_random_seed=ctx.seed)
+            metrics.update(flatten(out["results"]))
+            for task, n in out.get("n-samples", {}).items():
+                metrics[f"{task}/n_samples"] = n.get("effective", n.get("original"))
         return {**metrics, **lm.memory}
 
 

@@ -130,48 +130,61 @@ class KVCompressLM(TemplateLM):
             self.memory = report
 
     @torch.inference_mode()
-    def _score(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed token rows ``chunk`` tokens at a time through the cache (right-padded; pads and each row's last
-        token sit at PAD_POSITION, never attended). Returns (B, T-1) log-probs of each next token and whether
-        it was the argmax."""
+    def _score(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Feed input rows ``chunk`` tokens at a time through the cache (right-padded; pads sit at PAD_POSITION,
+        never attended). Returns (B, T-1) log-probs of each row's own next tokens, whether each was the argmax,
+        and (B, V) log-probs after each row's last token."""
         dev = self.model.device
-        inputs = torch.tensor([len(r) - 1 for r in rows], device=dev)  # tokens that predict a next one
-        T = int(inputs.max()) + 1
+        lengths = torch.tensor([len(r) for r in rows], device=dev)
+        T = int(lengths.max())
         tokens = torch.zeros(len(rows), T, dtype=torch.long, device=dev)
         for i, r in enumerate(rows):
             tokens[i, : len(r)] = torch.as_tensor(r, device=dev)
-        pos = torch.arange(T - 1, device=dev)[None].expand(len(rows), -1)
-        pos = torch.where(pos < inputs[:, None], pos, torch.full_like(pos, PAD_POSITION))
+        pos = torch.arange(T, device=dev)[None].expand(len(rows), -1)
+        pos = torch.where(pos < lengths[:, None], pos, torch.full_like(pos, PAD_POSITION))
         logp = torch.zeros(len(rows), T - 1, dtype=torch.float64, device=dev)
         greedy = torch.zeros(len(rows), T - 1, dtype=torch.bool, device=dev)
+        last = torch.zeros(len(rows), self.model.config.vocab_size, dtype=torch.float64, device=dev)
         self.cache.reset(len(rows))
-        for lo in range(0, T - 1, self.chunk):
-            hi = min(lo + self.chunk, T - 1)
-            logits = self.model(tokens[:, lo:hi], pos[:, lo:hi], self.cache)
-            lp = F.log_softmax(logits.float(), dim=-1)
-            target = tokens[:, lo + 1 : hi + 1]
-            logp[:, lo:hi] = lp.gather(-1, target[..., None])[..., 0].double()
-            greedy[:, lo:hi] = lp.argmax(-1) == target
+        for lo in range(0, T, self.chunk):
+            hi = min(lo + self.chunk, T)
+            lp = F.log_softmax(self.model(tokens[:, lo:hi], pos[:, lo:hi], self.cache).float(), dim=-1)
+            n = min(hi, T - 1) - lo  # positions here whose next token is inside the row
+            if n > 0:
+                target = tokens[:, lo + 1 : lo + 1 + n]
+                logp[:, lo : lo + n] = lp[:, :n].gather(-1, target[..., None])[..., 0].double()
+                greedy[:, lo : lo + n] = lp[:, :n].argmax(-1) == target
+            ends = (lengths - 1 >= lo) & (lengths - 1 < hi)
+            at = (lengths - 1 - lo).clamp(0, hi - lo - 1)
+            last = torch.where(ends[:, None], lp[torch.arange(len(rows), device=dev), at].double(), last)
         self._note_memory()
-        return logp, greedy
+        return logp, greedy, last
 
     def _loglikelihood_tokens(self, requests: list[Pair], disable_tqdm: bool = False,
                               **kwargs) -> list[tuple[float, bool]]:
-        """Sum of continuation log-probs (left-truncated to max_length like lm-eval's hf), batched longest first."""
-        order = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
-        out: list[tuple[float, bool]] = []
+        """Sum of continuation log-probs (left-truncated to max_length like lm-eval's hf). Requests with the same
+        model input (context + continuation without its last token, e.g. one-token choices of one question) share
+        one row; rows are batched longest first."""
+        fulls = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
+        members: dict[tuple[int, ...], list[int]] = {}
+        for i, full in enumerate(fulls):
+            members.setdefault(tuple(full[:-1]), []).append(i)
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        order = Collator(list(members), sort_fn=lambda x: (-len(x), x))
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="kvcompress loglikelihood", leave=False)
         for batch in order.get_batched(n=self.batch):
-            rows = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in batch]
-            logp, greedy = self._score(rows)
-            for i, ((request, _, cont), row) in enumerate(zip(batch, rows, strict=True)):
-                lo, hi = len(row) - 1 - len(cont), len(row) - 1  # logp[j] scores row[j + 1]
-                answer = (float(logp[i, lo:hi].sum()), bool(greedy[i, lo:hi].all()))
-                out.append(answer)
-                self.cache_hook.add_partial("loglikelihood", request, answer)
-            bar.update(len(batch))
+            logp, greedy, last = self._score([list(x) for x in batch])
+            for row, inp in enumerate(batch):
+                n = len(inp)  # logp[row, j] scores inp[j + 1]; last[row] scores the token after inp
+                for i in members[inp]:
+                    k, tok = len(requests[i][2]), fulls[i][-1]
+                    ll = float(logp[row, n - k : n - 1].sum() + last[row, tok])
+                    answer = (ll, bool(greedy[row, n - k : n - 1].all()) and int(last[row].argmax()) == tok)
+                    out[i] = answer
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                bar.update(len(members[inp]))
         bar.close()
-        return order.get_original(out)
+        return out
 
     def _ppl_windows(self, text: str) -> list[list[int]]:
         """``eval=ppl`` windows of one text: BOS (when the model uses one) + window-1 tokens, disjoint; the last
@@ -192,14 +205,14 @@ class KVCompressLM(TemplateLM):
                     self.tok_encode(text), self.prefix_token_id, self.max_length, 1)]
                 results.append(sum(ll for ll, _ in self._loglikelihood_tokens(pairs, disable_tqdm=True)))
             return results
-        windows = [(i, w) for i, r in enumerate(requests) for w in self._ppl_windows(r.args[0])]
+        windows = [(i, w) for i, r in enumerate(requests) for w in self._ppl_windows(r.args[0]) if len(w) > 1]
         totals = [0.0] * len(requests)
         order = Collator(windows, sort_fn=lambda x: -len(x[1]))
         for batch in tqdm(list(order.get_batched(n=self.batch)), disable=disable_tqdm, desc="kvcompress rolling",
                           leave=False):
-            logp, _ = self._score([w for _, w in batch])
+            logp, _, last = self._score([w[:-1] for _, w in batch])
             for row, (i, w) in enumerate(batch):
-                totals[i] += float(logp[row, : len(w) - 1].sum())
+                totals[i] += float(logp[row, : len(w) - 2].sum() + last[row, w[-1]])
         for r, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", r.args, total)
         return totals

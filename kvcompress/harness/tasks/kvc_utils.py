@@ -97,7 +97,8 @@ def passkey_doc(haystack: str, chars: int, depth: float, trial: int) -> dict:
 
 def passkey(**kwargs) -> DatasetDict:
     haystack = " ".join(_local("tinystories_train", kwargs).split())
-    cells = [(c, d, t) for t in range(PASSKEY_TRIALS) for c in PASSKEY_CHARS for d in PASSKEY_DEPTHS]
+    cells = [(c, d, t) for c in PASSKEY_CHARS for t in range(PASSKEY_TRIALS) for d in PASSKEY_DEPTHS]  # --limit 5:
+    # the shorter haystack at every depth
     docs = [passkey_doc(haystack, c, d, t) for c, d, t in cells]
     return DatasetDict({"test": Dataset.from_list(docs)})
 
