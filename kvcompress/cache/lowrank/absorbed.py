@@ -68,7 +68,7 @@ def latent_attention(q: Tensor, q_pos: Tensor, k_pos: Tensor, value: Tensor, v_p
     scores = key_scores.view(B, H, Hq // H, Tq, -1) * D**-0.5
     mask = visibility_mask(q_pos, k_pos)  # (B, 1, Tq, T)
     p = scores.masked_fill(~mask[:, :, None], float("-inf")).float().softmax(-1).to(q.dtype)
-    mixed = p.view(B, H, Hq // H * Tq, -1) @ value  # (B, Hkv, g*Tq, r), value latents broadcast over G
+    mixed = shared_matmul(p.view(B, H, Hq // H * Tq, -1), value)  # (B, Hkv, g*Tq, r)
     out = torch.einsum("bhtr,hdr->bhtd", mixed, v_proj.head_basis()) + v_proj.head_mean()[None, :, None]
     return out.reshape(B, Hq, Tq, -1)
 
@@ -79,4 +79,13 @@ def absorbed_key_scores(qc: Tensor, key: Tensor, k_proj: Projection) -> Tensor:
     qc (B, Hq, Tq, d) are the query dims matching the compressed (unrotated) key dims."""
     q = gqa_view(qc, k_proj.heads)
     qa = torch.einsum("bhtd,hdr->bhtr", q, k_proj.head_basis())  # U_k folded into the query
-    return qa @ key.transpose(-1, -2)
+    return shared_matmul(qa, key.transpose(-1, -2))
+
+
+def shared_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a (B, Hkv, M, K) @ b (B, G, K, N) with G = 1 or Hkv; one latent shared by all heads is used in one
+    matmul over all heads' rows instead of being broadcast (copied) per head."""
+    if b.shape[1] == 1 and a.shape[1] > 1:
+        B, H, M, _ = a.shape
+        return (a.reshape(B, 1, H * M, -1) @ b).view(B, H, M, -1)
+    return a @ b
