@@ -80,7 +80,7 @@ def tinystories_cloze(**kwargs) -> DatasetDict:
 
 # -- kvc_passkey: a 5-digit key hidden in TinyStories text at several depths -------------------------
 PASSKEY_CHARS = (2000, 4000)  # haystack sizes (characters: ~500 and ~1000 SmolLM2 tokens)
-PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+PASSKEY_DEPTHS = (0.0, 0.5, 1.0, 0.25, 0.75)  # in this order, so that --limit 3 spans the prompt
 PASSKEY_TRIALS = 3
 
 
