@@ -13,13 +13,14 @@ from kvcompress.report.table import latest, load
 HEADER = """# Latent low-rank KV cache (MLA-style) on SmolLM2-135M
 
 All figures come from `bash scripts/lowrank_sweep.sh` (the runs: `kvc -m experiment=lowrank_sweep` plus
-variant overrides, `kvc -m experiment=lowrank_speed`), records in `records.jsonl`, this file from
-`.venv/bin/python scripts/lowrank_table.py`. Perplexity: WikiText-2, cache in the loop (chunk 16), 4 windows of
-1024 tokens (4,092 scored tokens; sized for a shared 2-core CPU), fp32 model. Calibration: 4,096 TinyStories
-tokens (disjoint from the evaluation text). Latents and rope dims are stored in fp16; ratio = fp16 full KV /
-bytes held (latents + uncompressed rope dims + int32 positions). The projections (`calib MB`, fp32) are a
-one-off cost, not counted in the ratio. `rank` is the mean rank per layer of the key/value (or joint) latent,
-whose input is the layer's 3 KV heads joined (keys 3x(64 - rope dims), values 3x64) unless `per head`.
+variant overrides, `kvc -m experiment=lowrank_speed`), records in `records.jsonl`; this file and its tables
+from `.venv/bin/python scripts/lowrank_table.py`, the plot and the last table from `scripts/lowrank_energy.py`.
+Perplexity: WikiText-2, cache in the loop (chunk 16), 4 windows of 1024 tokens (4,092 scored tokens; sized
+for a shared 2-core CPU), fp32 model. Calibration: 4,096 TinyStories tokens (disjoint from the evaluation
+text). Latents and rope dims are stored in fp16; ratio = fp16 full KV / bytes held (latents + uncompressed
+rope dims + int32 positions). The projections (`calib MB`, fp32) are a one-off cost, not in the ratio.
+`rank` is the mean rank per layer of the key / value (or joint) latent, whose input is the layer's 3 KV heads
+joined (keys 3 x (64 - rope dims), values 3 x 64) unless `per head`.
 """
 
 
@@ -99,8 +100,8 @@ def main(folder: str = "results/lowrank") -> None:
              "to the model, which is what lets keys be absorbed). `post-RoPE`: keys projected after rotation.", "",
              "## Decode speed, absorbed vs reconstructed attention", "",
              "2,048-token WikiText-2 context (prefill in chunks of 512), 64 teacher-forced decode steps, batch 1, "
-             "rank fraction 0.5, fp32, on a shared CPU (noisy: compare ratios; runs of a pair are adjacent, the sweep "
-             "ran twice).", "", *speed_table(records), "",
+             "rank fraction 0.5, fp32, on a shared, heavily loaded 2-core CPU (noisy: one run each; compare "
+             "ratios within a pair, whose runs were adjacent).", "", *speed_table(records), "",
              "## Where the KV is compressible", "", "![explained variance vs rank](energy.png)", ""]
     energy = path / "energy.md"
     if energy.exists():
