@@ -266,3 +266,25 @@ def test_streaming_rerotate_is_explicit(model):
     a, b = (run(model, toks, c, 4) for c in small)
     assert not torch.allclose(a, b)  # positions really shift with rerotate ...
     assert torch.equal(layer_positions(small[0], 1), layer_positions(small[1], 1))  # ... stored ones don't
+
+
+@pytest.mark.parametrize("name,needed", [("h2o", 4), ("snapkv", 2), ("tova", 1), ("knorm", 0)])
+def test_weights_come_from_the_one_attention_pass(model, monkeypatch, name, needed):
+    """Every query row goes through attention exactly once; only the rows a policy needs give weights."""
+    from kvcompress.cache.evict import base
+
+    rows = {"plain": 0, "weights": 0}
+
+    def counted(fn, kind):
+        def wrapper(q, *args):
+            rows[kind] += q.shape[2]
+            return fn(q, *args)
+        return wrapper
+
+    monkeypatch.setattr(base, "attention", counted(base.attention, "plain"))
+    monkeypatch.setattr(base, "attention_with_weights", counted(base.attention_with_weights, "weights"))
+    kw = {"window": 2} if name == "snapkv" else {}
+    cache = make(POLICIES[name], model, 2, budget=8, **kw)
+    run(model, tokens(n=32), cache, 4)
+    steps = 3 * 32 // 4  # layers x chunks
+    assert rows["weights"] == steps * needed and rows["plain"] + rows["weights"] == steps * 4

@@ -44,6 +44,8 @@ def fmt(x, spec: str = ".2f") -> str:
 def grid(records: list[dict], metric: str) -> tuple[dict, list]:
     cells: dict = {}
     for r in records:
+        if budget(r) is not None and not r["metrics"].get("evictions"):
+            raise SystemExit(f"{policy(r)} budget {budget(r)}: no eviction happened; the run measured nothing")
         cells[(policy(r), budget(r))] = r["metrics"][metric]
     budgets = sorted({b for (_, b) in cells if b is not None})
     return cells, budgets
