@@ -171,3 +171,13 @@ def test_kvc_bad_budget_fails_before_weights_load(tmp_path):
     assert out.returncode == 1 and "budget must be a token count >= 1" in out.stderr
     rec = json.loads(Path(tmp_path / "results" / "records.jsonl").read_text().splitlines()[0])
     assert rec["status"] == "failed" and "weights" not in rec["error"]
+
+
+def test_prefill_decode_never_ends_prefill_with_one_token(stories, story_tokens):
+    """context = 2 x chunk + 1: the last prompt token joins the previous chunk, so when=prefill compresses
+    at the first continuation token, as with any other chunking."""
+    model = stories[0]
+    toks = story_tokens[:, :73]
+    held = [continuation_nll(model, toks, ready(H2OCache(budget=16, when="prefill"), model), 65, c)[2]
+            for c in (32, None)]
+    assert held[0]["tokens_held_max"] == held[1]["tokens_held_max"] == 16 + 8 - 2

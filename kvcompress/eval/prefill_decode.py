@@ -32,8 +32,10 @@ def continuation_nll(model: Transformer, tokens: torch.Tensor, cache: KVCache, c
     dev = tokens.device
     cache.reset(B)
     chunk = prefill_chunk or context
-    for lo in range(0, context, chunk):
-        hi = min(lo + chunk, context)
+    bounds = list(range(0, context, chunk)) + [context]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:  # a 1-token last chunk would look like decode
+        bounds.pop(-2)
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         logits = model(tokens[:, lo:hi], positions_like(tokens[:, lo:hi], lo), cache,
                        select=torch.full((B,), hi - lo - 1, device=dev))
     first = F.cross_entropy(logits[:, -1].float(), tokens[:, context], reduction="sum")
