@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
 # Every run behind results/lowrank/README.md (SmolLM2-135M, WikiText-2, cache in the loop), then the table.
-#   bash scripts/lowrank_sweep.sh [all|grid|variants]   (grid and variants may run side by side; ~50 min each on a
-#   busy 2-core CPU; a rerun skips runs whose ok record is already in results/lowrank)
+#   bash scripts/lowrank_sweep.sh [all|grid|variants]   (a rerun skips runs whose ok record is in $RESULTS)
+# Environment: KVC (default .venv/bin/kvc), PY (.venv/bin/python), RESULTS (results/lowrank), KVC_ARGS (extra
+# overrides for every run, e.g. "device=cuda model.source=/path/to.gguf"); scripts/lowrank_gpu.sh uses them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KVC=.venv/bin/kvc
+KVC=${KVC:-.venv/bin/kvc}
+PY=${PY:-.venv/bin/python}
+RESULTS=${RESULTS:-results/lowrank}
+read -r -a X <<< "${KVC_ARGS:-} results_dir=$RESULTS"
 part=${1:-all}
 # projections for every PCA setting used here, from one pass over the calibration text, + the energy plot
-.venv/bin/python scripts/lowrank_energy.py
+$PY scripts/lowrank_energy.py out="$RESULTS" $(printf '%s\n' "${X[@]}" | grep '^model\.' || true)
 if [[ $part == all || $part == grid ]]; then
   # perplexity: the full-cache baseline, then rank fraction 0.75/0.5/0.25 x separate/joint latents
-  $KVC experiment=lowrank_sweep cache=full || true
-  $KVC -m experiment=lowrank_sweep
+  $KVC experiment=lowrank_sweep cache=full "${X[@]}" || true
+  $KVC -m experiment=lowrank_sweep "${X[@]}"
 fi
 if [[ $part == all || $part == variants ]]; then
   # decode speed at 2k context: full, then reconstructed vs absorbed (adjacent runs) for the joint latent with
   # 16 rope dims, compressed keys rotated (values absorbed) or not (nope: keys absorbed too)
-  $KVC experiment=lowrank_speed cache=full || true
-  $KVC -m experiment=lowrank_speed seed=0
+  $KVC experiment=lowrank_speed cache=full "${X[@]}" || true
+  $KVC -m experiment=lowrank_speed seed=0 "${X[@]}"
   # perplexity variants at rank fraction 0.5: decoupled rope dims, post-RoPE keys, int8 latents
-  $KVC -m experiment=lowrank_sweep cache.rank_fraction=0.5 cache.joint_kv=false cache.rope_dims=16
-  $KVC -m experiment=lowrank_sweep cache.rank_fraction=0.5 cache.joint_kv=true cache.rope_dims=16 cache.nope=true
-  $KVC -m experiment=lowrank_sweep cache.rank_fraction=0.5 cache.joint_kv=false cache.keys=post_rope
-  $KVC -m experiment=lowrank_sweep cache.rank_fraction=0.5 cache.joint_kv=false cache.latent_bits=8
+  $KVC -m experiment=lowrank_sweep cache.rank_fraction=0.5 cache.joint_kv=false cache.rope_dims=16 "${X[@]}"
+  $KVC -m experiment=lowrank_sweep cache.rank_fraction=0.5 cache.joint_kv=true cache.rope_dims=16 cache.nope=true \
+      "${X[@]}"
+  $KVC -m experiment=lowrank_sweep cache.rank_fraction=0.5 cache.joint_kv=false cache.keys=post_rope "${X[@]}"
+  $KVC -m experiment=lowrank_sweep cache.rank_fraction=0.5 cache.joint_kv=false cache.latent_bits=8 "${X[@]}"
+  # int8 joint latents (the best trade-off above; run last, on the CPU, in the recorded table)
+  $KVC -m experiment=lowrank_sweep cache.rank_fraction=0.75,0.5 cache.joint_kv=true cache.latent_bits=8 "${X[@]}"
 fi
-.venv/bin/python scripts/lowrank_table.py
+$PY scripts/lowrank_table.py "$RESULTS"

@@ -13,14 +13,17 @@ from kvcompress.report.table import latest, load
 HEADER = """# Latent low-rank KV cache (MLA-style) on SmolLM2-135M
 
 All figures come from `bash scripts/lowrank_sweep.sh` (the runs: `kvc -m experiment=lowrank_sweep` plus
-variant overrides, `kvc -m experiment=lowrank_speed`), records in `records.jsonl`; this file and its tables
-from `.venv/bin/python scripts/lowrank_table.py`, the plot and the last table from `scripts/lowrank_energy.py`.
-Perplexity: WikiText-2, cache in the loop (chunk 16), 4 windows of 1024 tokens (4,092 scored tokens; sized
-for a shared 2-core CPU), fp32 model. Calibration: 4,096 TinyStories tokens (disjoint from the evaluation
-text). Latents and rope dims are stored in fp16; ratio = fp16 full KV / bytes held (latents + uncompressed
-rope dims + int32 positions). The projections (`calib MB`, fp32) are a one-off cost, not in the ratio.
-`rank` is the mean rank per layer of the key / value (or joint) latent, whose input is the layer's 3 KV heads
-joined (keys 3 x (64 - rope dims), values 3 x 64) unless `per head`.
+variant overrides, `kvc -m experiment=lowrank_speed`), here run on an NVIDIA H100 with `device=cuda` by
+`scripts/lowrank_gpu.sh` (the shared 2-core CPU was too loaded; two of the runs repeated there gave the same
+perplexities: full 23.092, K+V 0.75 29.533). Records: `records.jsonl`; this file from
+`python scripts/lowrank_table.py`; the plot and last table from `scripts/lowrank_energy.py`; the attention
+micro-benchmarks from `scripts/lowrank_bench_attend.py`.
+Perplexity: WikiText-2, cache in the loop (chunk 16), 4 windows of 1024 tokens (4,092 scored tokens), fp32
+model. Calibration: 4,096 TinyStories tokens (disjoint from the evaluation text). Latents and rope dims are
+stored in fp16; ratio = fp16 full KV / bytes held (latents + uncompressed rope dims + int32 positions). The
+projections (`calib MB`, fp32) are a one-off cost, not in the ratio. `rank` is the mean rank per layer of the
+key / value (or joint) latent, whose input is the layer's 3 KV heads joined (keys 3 x (64 - rope dims),
+values 3 x 64) unless `per head`.
 """
 
 
@@ -58,14 +61,14 @@ def ppl_table(records: list[dict]) -> list[str]:
                    "latent bits": 16, "rank": ""}
         else:
             row = {**label(p), "rank": fmt_rank(m)}
-        row.update(ppl=f"{m['ppl']:.3f}", **{"Δppl": f"{m['ppl'] - ref:+.3f}",
+        row.update(device=r.get("device"), ppl=f"{m['ppl']:.3f}", **{"Δppl": f"{m['ppl'] - ref:+.3f}",
                    "ratio": f"{m['compression_ratio']:.2f}x", "calib MB": f"{m.get('calibration_bytes', 0) / 1e6:.2f}"})
         rows.append(row)
-    order = lambda row: (row["latent"] != "full cache", row["keys"], row["latent bits"], row["per head"],
-                         row["rope dims"], row["latent"], -float(row["ratio"][:-1]))
+    order = lambda row: (row["latent"] != "full cache", row["keys"] != "pre-RoPE", row["rope dims"] != "0",
+                         row["per head"], row["latent"], row["latent bits"] != 16, -float(row["ratio"][:-1]))
     rows.sort(key=order)
     cols = ["latent", "keys", "rope dims", "per head", "latent bits", "rank spec", "rank", "ppl", "Δppl", "ratio",
-            "calib MB"]
+            "calib MB", "device"]
     return table(rows, cols)
 
 
@@ -92,6 +95,10 @@ def speed_table(records: list[dict]) -> list[str]:
                         "ratio"])
 
 
+def devices(records: list[dict], kind: str) -> str:
+    return ", ".join(sorted({str(r.get("device")) for r in records if r["eval"] == kind})) or "?"
+
+
 def main(folder: str = "results/lowrank") -> None:
     path = Path(folder)
     records = latest(load(path / "records.jsonl"))
@@ -100,12 +107,16 @@ def main(folder: str = "results/lowrank") -> None:
              "to the model, which is what lets keys be absorbed). `post-RoPE`: keys projected after rotation.", "",
              "## Decode speed, absorbed vs reconstructed attention", "",
              "2,048-token WikiText-2 context (prefill in chunks of 512), 64 teacher-forced decode steps, batch 1, "
-             "rank fraction 0.5, fp32, on a shared, heavily loaded 2-core CPU (noisy: one run each; compare "
-             "ratios within a pair, whose runs were adjacent).", "", *speed_table(records), "",
+             "rank fraction 0.5, fp32, device: " + devices(records, "speed") + " (one run each; the runs of a pair "
+             "were adjacent).", "", *speed_table(records), "",
              "## Where the KV is compressible", "", "![explained variance vs rank](energy.png)", ""]
+    benches = (("attend_bench_cuda.md", "Attention alone, GPU"), ("attend_bench_cpu.md", "Attention alone, CPU"))
+    for name, title in benches:
+        if (path / name).exists():
+            lines += [f"### {title}", "", (path / name).read_text()]
     energy = path / "energy.md"
     if energy.exists():
-        lines += [energy.read_text()]
+        lines += ["## Explained variance per layer", "", energy.read_text()]
     (path / "README.md").write_text("\n".join(lines))
     print(f"wrote {path / 'README.md'}")
 
