@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 from kvcompress.report.pareto import pareto_front
@@ -49,7 +50,7 @@ def _scatter(ax, rows: list[dict], xs: list[float], ys: list[float], maximize_y:
 def _xscale(ax, xs: list[float]) -> None:
     """Symlog x when a few bad runs would squash the rest against zero."""
     nz = sorted(abs(x) for x in xs if x)
-    if len(nz) >= 3 and nz[-1] > 30 * nz[len(nz) // 2]:
+    if len(nz) >= 3 and nz[-1] > 10 * nz[len(nz) // 2]:
         ax.set_xscale("symlog", linthresh=max(nz[len(nz) // 4], 1e-3))
 
 
@@ -78,13 +79,17 @@ def ratio_plot(table: list[dict], path: Path) -> None:
     for r in table:
         if r["status"] == "ok" and finite(r.get("compression_ratio")) and quality(r) is not None:
             groups.setdefault(r["group"], []).append(r)
+    # speed groups ranked by their ppl eval's Δppl repeat the ppl panel: keep them only when alone
+    own = {g: rs for g, rs in groups.items() if not any(finite(r.get("quality_dppl")) for r in rs)}
+    groups = own or groups
     if not groups:
         return _empty(path, "no ok runs with a compression ratio and a perplexity")
     plt = _plt()
     fig, axes = plt.subplots(1, len(groups), figsize=(7.5 * len(groups), 5.5), squeeze=False)
     for ax, (g, rows) in zip(axes[0], sorted(groups.items()), strict=True):
         _scatter(ax, rows, [quality(r) for r in rows], [r["compression_ratio"] for r in rows])
-        ax.set(xlabel=_xlabel(rows), ylabel="compression ratio (fp16 bytes / bytes held)", title=g)
+        ax.set(xlabel=_xlabel(rows), ylabel="compression ratio (fp16 bytes / bytes held)",
+               title=textwrap.fill(g, 70))
         ax.title.set_fontsize(8)
         ax.legend(fontsize=7, loc="best")
     _save(fig, path)
