@@ -118,6 +118,30 @@ def test_codes_do_not_depend_on_chunking():
         assert all(torch.equal(a, b) for a, b in zip(reads[0], r, strict=True))
 
 
+@pytest.mark.parametrize("params", [dict(bits=4, group_size=8), dict(bits=2, group_size=8, residual=12),
+                                    dict(bits=8, group_size=8, key_axis="channel", residual=5, residual_dtype="model"),
+                                    dict(bits=4, group_size=8, key_axis="channel", value_axis="channel",
+                                         symmetric=True)])
+def test_dequant_cache_reads_exactly_the_same(params):
+    """The grown dequantized copy equals dequantizing everything, after any chunking and after keep()."""
+    x_k, x_v = kv(T=60), kv(T=60, seed=1)
+    pos = torch.arange(60).expand(2, -1)
+    plain, cached = QuantizedStore(**params), QuantizedStore(**params, dequant_cache=True)
+    n = 0
+    for c in (1, 13, 1, 1, 30, 4):
+        for s in (plain, cached):
+            s.append(x_k[:, :, n : n + c], x_v[:, :, n : n + c], pos[:, n : n + c])
+        n += c
+        assert all(torch.equal(a, b) for a, b in zip(plain.read(), cached.read(), strict=True))
+    assert cached.k.mirror is not None and plain.k.mirror is None
+    per_head = torch.stack([torch.arange(h, 27, 2)[:13] for h in range(3)])[None]
+    for idx in (torch.arange(3, 50, 2).expand(2, -1), per_head):
+        for s in (plain, cached):
+            s.keep(idx.expand(2, *idx.shape[1:]))
+            s.append(x_k[:, :, :3], x_v[:, :, :3], torch.arange(100, 103).expand(2, -1))
+        assert all(torch.equal(a, b) for a, b in zip(plain.read(), cached.read(), strict=True))
+
+
 # -- bytes ----------------------------------------------------------------------------------------
 def held_tensors(obj, seen=None):
     """Every tensor reachable from the store's attributes (buffer views count what is held)."""
@@ -136,14 +160,17 @@ def held_tensors(obj, seen=None):
 @pytest.mark.parametrize("name, params", [("int8", {}), ("int4", dict(group_size=16)), ("int2", dict(group_size=8)),
                                           ("int4", dict(key_axis="channel", group_size=16, symmetric=True)),
                                           ("kivi", dict(residual=20, group_size=16)), ("bnb_int8", {}),
-                                          ("bnb_nf4", dict(blocksize=32)), ("bnb_fp4", {})])
+                                          ("bnb_nf4", dict(blocksize=32)), ("bnb_fp4", {}),
+                                          ("kivi", dict(residual=20, group_size=16, dequant_cache=True))])
 def test_bytes_are_the_real_tensors(name, params):
     store = storage_factory(name, **params)()
     x = kv(T=100, D=64)
     store.append(x, x, torch.arange(100).expand(2, -1))
     reported = sum(t.nbytes for t in store.tensors())
     assert reported == sum(t.nbytes for t in held_tensors(store))
-    assert all(t.dtype in (torch.uint8, torch.float16, torch.int32) for t in store.tensors())
+    mirror = 2 * x.nbytes if params.get("dequant_cache") else 0  # the dequantized copies of K and V
+    assert sum(t.nbytes for t in store.tensors() if t.dtype == torch.float32) == mirror
+    assert all(t.dtype in (torch.uint8, torch.float16, torch.int32, torch.float32) for t in store.tensors())
     store.read()  # reading never adds held state
     assert sum(t.nbytes for t in store.tensors()) == reported
 
@@ -240,3 +267,34 @@ def test_bnb_bad_settings():
 
     with pytest.raises(ValueError, match="blocksize=64 must divide head_dim=32"):
         storage_factory("bnb_int8")().check(ModelSpec("m", 1, 1, 1, 32, 8))
+
+
+# -- CUDA (skipped without a GPU) ---------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("name, params", [("int4", dict(group_size=16)), ("kivi", dict(group_size=8, residual=12)),
+                                          ("int2", dict(group_size=8, key_axis="channel", symmetric=True))])
+def test_cuda_store_matches_cpu(name, params):
+    x_k, x_v, pos = kv(T=70), kv(T=70, seed=1), torch.arange(70).expand(2, -1)
+    cpu, gpu = storage_factory(name, **params)(), storage_factory(name, **params)()
+    for lo, hi in ((0, 33), (33, 34), (34, 70)):
+        cpu.append(x_k[:, :, lo:hi], x_v[:, :, lo:hi], pos[:, lo:hi])
+        gpu.append(x_k[:, :, lo:hi].cuda(), x_v[:, :, lo:hi].cuda(), pos[:, lo:hi].cuda())
+    for a, b in zip(cpu.tensors(), gpu.tensors(), strict=True):  # codes, scales, zeros, residuals, positions
+        assert b.is_cuda and a.dtype == b.dtype and a.shape == b.shape
+    bound = max(p.scale.view().float().max().item() for p in (cpu.k, cpu.v))  # rounding may differ by a code
+    assert all((a - b.cpu()).abs().max() <= bound for a, b in zip(cpu.read(), gpu.read(), strict=True))
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["int8", "nf4", "fp4"])
+def test_bnb_round_trip_on_cuda(kind):
+    codec = BnbCodec(kind, 64)
+    x = kv(T=20, D=64)
+    q, absmax = codec.encode(x.cuda())
+    assert q.is_cuda and q.dtype == torch.uint8 and absmax.dtype == torch.float16
+    y = codec.decode(q, absmax, torch.float32).cpu()
+    q_cpu, absmax_cpu = codec.encode(x)
+    assert (y - codec.decode(q_cpu, absmax_cpu, torch.float32)).abs().max() < 0.05 * x.abs().max()

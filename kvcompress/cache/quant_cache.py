@@ -20,8 +20,9 @@ class QuantCache(LayeredCache):
     def __init__(self, bits: int = 4, group_size: int = 64, key_axis: str = "token", value_axis: str = "token",
                  symmetric: bool = False, residual: int = 0, residual_dtype: str = "float16",
                  key_group_size: int | None = None, value_group_size: int | None = None,
-                 keys: KeyMode = "post_rope"):
+                 keys: KeyMode = "post_rope", dequant_cache: bool = False):
         params = dict(bits=bits, group_size=group_size, key_axis=key_axis, value_axis=value_axis,
                       symmetric=symmetric, residual=residual, residual_dtype=residual_dtype,
-                      key_group_size=key_group_size, value_group_size=value_group_size)
+                      key_group_size=key_group_size, value_group_size=value_group_size,
+                      dequant_cache=dequant_cache)
         super().__init__(storage=self.storage_name, storage_params=params, keys=keys)

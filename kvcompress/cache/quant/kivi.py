@@ -30,7 +30,8 @@ class KiviCache(QuantCache):
 
     def __init__(self, bits: int = 2, group_size: int = 32, residual: int = 128, symmetric: bool = False,
                  residual_dtype: str = "float16", key_group_size: int | None = None,
-                 value_group_size: int | None = None, keys: KeyMode = "post_rope"):
+                 value_group_size: int | None = None, keys: KeyMode = "post_rope", dequant_cache: bool = False):
         super().__init__(bits=bits, group_size=group_size, key_axis="channel", value_axis="token",
                          symmetric=symmetric, residual=residual, residual_dtype=residual_dtype,
-                         key_group_size=key_group_size, value_group_size=value_group_size, keys=keys)
+                         key_group_size=key_group_size, value_group_size=value_group_size, keys=keys,
+                         dequant_cache=dequant_cache)

@@ -18,13 +18,22 @@ RESIDUAL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float3
 
 
 class QuantPart:
-    def __init__(self, cfg: QuantConfig, residual: int, residual_dtype: str = "float16"):
+    """Packed codes + fp16 scale (and zero) of the prefix, ``res`` the full-precision recent tokens.
+
+    ``dequant_cache=True`` also keeps ``mirror``: every held token dequantized in the input's dtype,
+    written once when a token arrives and overwritten once when it is quantized, so ``read`` is a
+    view instead of dequantizing the whole history at every step. Its bytes are held state and are
+    reported (in fp32 it is twice the fp16 reference, so it trades all the memory saving for speed).
+    """
+
+    def __init__(self, cfg: QuantConfig, residual: int, residual_dtype: str = "float16", dequant_cache: bool = False):
         self.cfg, self.residual = cfg, residual
         self.residual_dtype = RESIDUAL_DTYPES[residual_dtype]
         self.codes, self.scale, self.zero = GrowingBuffer(), GrowingBuffer(), GrowingBuffer()
         self.res: Tensor | None = None  # (B, H, r, D) full-precision recent tokens
         self.n_q = 0  # tokens in the quantized prefix
         self.dtype: torch.dtype | None = None  # residual storage dtype, fixed by the first append
+        self.mirror = GrowingBuffer() if dequant_cache else None
 
     def split(self, n: int) -> int:
         """How many of ``n`` tokens belong to the quantized prefix."""
@@ -46,11 +55,16 @@ class QuantPart:
     def append(self, x: Tensor) -> None:
         """Add tokens; they are first cast to the residual dtype, so chunking never changes any code."""
         self.dtype = self.dtype or self.residual_dtype or x.dtype
-        x = x.to(self.dtype)
+        out_dtype, x = x.dtype, x.to(self.dtype)
+        if self.mirror is not None:
+            self.mirror.append(x.to(out_dtype))
         full = x if not self.n_res else torch.cat([self.res, x], 2)
         n = self.split(self.n_q + full.shape[2]) - self.n_q
         if n > 0:
-            self._push(quantize(full[:, :, :n], self.cfg))
+            q = quantize(full[:, :, :n], self.cfg)
+            if self.mirror is not None:
+                dequantize(q, self.cfg, out=self.mirror.view()[:, :, self.n_q : self.n_q + n])
+            self._push(q)
         self.res = self._own(full[:, :, n:])
 
     def _push(self, q: QTensor) -> None:
@@ -65,6 +79,11 @@ class QuantPart:
 
     def read(self, dtype: torch.dtype) -> Tensor:
         """Everything held, (B, H, T, D) in ``dtype``: dequantized prefix then residual."""
+        if self.mirror is not None and self.mirror.data is not None and self.mirror.data.dtype == dtype:
+            return self.mirror.view()
+        return self._dequantize_all(dtype)
+
+    def _dequantize_all(self, dtype: torch.dtype) -> Tensor:
         if not self.n_q:
             return self.res.to(dtype)
         B, H, _, D = self.res.shape
@@ -73,13 +92,14 @@ class QuantPart:
         out[:, :, self.n_q :] = self.res
         return out
 
+    def _buffers(self) -> list[GrowingBuffer]:
+        return [b for b in (self.codes, self.scale, self.zero, self.mirror) if b is not None and b.data is not None]
+
     def tensors(self) -> list[Tensor]:
-        held = [b.view() for b in (self.codes, self.scale, self.zero) if b.data is not None]
-        return held + ([self.res] if self.res is not None else [])
+        return [b.view() for b in self._buffers()] + ([self.res] if self.res is not None else [])
 
     def reserved_tensors(self) -> list[Tensor]:
-        held = [b.data for b in (self.codes, self.scale, self.zero) if b.data is not None]
-        return held + ([self.res] if self.res is not None else [])
+        return [b.data for b in self._buffers()] + ([self.res] if self.res is not None else [])
 
     # -- eviction ---------------------------------------------------------------------------
     def keep(self, idx: Tensor) -> None:
@@ -95,6 +115,8 @@ class QuantPart:
         if n_new:
             self._push(prefix)
         self.res = self._own(tail)
+        if self.mirror is not None and self.mirror.data is not None:
+            self.mirror.replace(self._dequantize_all(self.mirror.data.dtype))
 
     def _all_codes(self) -> QTensor:
         """Per-token codes of every held token (residual tokens quantized as they would be later)."""
@@ -123,7 +145,7 @@ class QuantPart:
     def _keep_channel(self, idx: Tensor, n_new: int) -> tuple[QTensor, Tensor]:
         """Per-channel groups span tokens: a new group that is exactly an old complete group keeps its
         codes and scales; any other group is re-quantized from the current (dequantized) values."""
-        vals = gather_tokens(self.read(torch.float32), idx)
+        vals = gather_tokens(self._dequantize_all(torch.float32), idx)
         tail = vals[:, :, n_new:]
         if not n_new:
             return None, tail

@@ -21,23 +21,27 @@ class QuantizedStore(TokenStore):
 
     ``group_size`` counts channels for per-token groups and tokens for per-channel groups;
     ``key_group_size`` / ``value_group_size`` override it for one side. ``residual`` recent
-    tokens stay in ``residual_dtype`` ("model" keeps the model's dtype).
+    tokens stay in ``residual_dtype`` ("model" keeps the model's dtype). ``dequant_cache`` keeps a
+    dequantized copy that grows with each append, so ``read`` never dequantizes the whole history
+    (faster decode; its bytes are reported and cancel the memory saving, see ``QuantPart``).
     """
 
     def __init__(self, bits: int = 4, group_size: int = 64, key_axis: str = "token", value_axis: str = "token",
                  symmetric: bool = False, residual: int = 0, residual_dtype: str = "float16",
-                 key_group_size: int | None = None, value_group_size: int | None = None):
+                 key_group_size: int | None = None, value_group_size: int | None = None,
+                 dequant_cache: bool = False):
         if not isinstance(residual, int) or residual < 0:
             raise ValueError(f"residual must be an integer >= 0, got {residual!r}")
         if residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"residual_dtype must be one of {list(RESIDUAL_DTYPES)}, got {residual_dtype!r}")
         self.params = dict(bits=bits, group_size=group_size, key_axis=key_axis, value_axis=value_axis,
                            symmetric=symmetric, residual=residual, residual_dtype=residual_dtype,
-                           key_group_size=key_group_size, value_group_size=value_group_size)
+                           key_group_size=key_group_size, value_group_size=value_group_size,
+                           dequant_cache=dequant_cache)
         self.key_cfg = QuantConfig(bits, key_group_size or group_size, key_axis, symmetric)
         self.value_cfg = QuantConfig(bits, value_group_size or group_size, value_axis, symmetric)
-        self.k = QuantPart(self.key_cfg, residual, residual_dtype)
-        self.v = QuantPart(self.value_cfg, residual, residual_dtype)
+        self.k = QuantPart(self.key_cfg, residual, residual_dtype, bool(dequant_cache))
+        self.v = QuantPart(self.value_cfg, residual, residual_dtype, bool(dequant_cache))
         self.pos = GrowingBuffer()
         self.dtype: torch.dtype | None = None
 

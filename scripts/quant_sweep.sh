@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The quantization table (results/quant/README.md): perplexity sweeps, then decode speed at 2k context.
+#   scripts/quant_sweep.sh [ppl|speed] [kvc overrides...]      (no part: both)
+#   python scripts/quant_table.py                                (the table, from results/quant/records.jsonl)
+# Overrides go to every kvc call, e.g. `scripts/quant_sweep.sh speed device=cpu`.
+set -euo pipefail
+KVC=${KVC:-kvc}
+part=all
+if [[ ${1:-} == ppl || ${1:-} == speed ]]; then part=$1; shift; fi
+if [[ $part != speed ]]; then
+  for e in quant_sweep quant_int4 quant_int2 quant_kivi; do
+    $KVC -m experiment=$e progress=false "$@"
+  done
+fi
+if [[ $part != ppl ]]; then
+  $KVC -m experiment=quant_speed progress=false "$@"
+  # the same with a dequantized copy kept beside the codes (decode without dequantizing the history)
+  $KVC -m experiment=quant_speed cache=int4,kivi "cache.dequant_cache=choice(true)" progress=false "$@"
+fi
