@@ -21,8 +21,12 @@ for stage in ${stages[@]}; do
     passkey)
       kvc experiment=eviction_passkey cache=full
       kvc -m experiment=eviction_passkey ;;
-    speed)
-      kvc -m experiment=eviction_speed ;;
+    speed)  # rounds interleaved: every cache of round (seed) 0, then of round 1; force=true re-measures
+      for seed in 0 1; do
+        kvc -m experiment=eviction_speed seed=$seed force=true
+        kvc -m experiment=eviction_speed seed=$seed force=true cache=streaming cache.slack=64
+        kvc -m experiment=eviction_speed seed=$seed force=true cache=h2o cache.slack=64
+      done ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
