@@ -1,7 +1,10 @@
 """``eval=lm_eval``: lm-evaluation-harness tasks with the chosen cache in the loop.
 
 Each task's metrics land in the run record as ``<task>/<metric>`` (``kvc_wikitext2/word_perplexity``,
-``kvc_tinystories_cloze/acc``, ...), plus the cache's memory report at its largest batch.
+``kvc_tinystories_cloze/acc``, ...), plus the cache's memory report at its largest batch. Rows of a batch are
+right-padded to the longest, and ``kv_bytes`` counts the padding slots the cache holds while ``kv_bytes_fp16``
+counts real tokens only: ``kv_bytes`` is exact, but ``compression_ratio`` mixes in the padding share and is not
+comparable with ``eval=ppl``'s.
 """
 from __future__ import annotations
 

@@ -21,4 +21,7 @@ wait
   --intro "SmolLM2-135M (fp32 weights, CPU), eval=lm_eval with chunk=32 (tokens per forward step, so compressed \
 caches see 32-token appends), batch 8, rolling window 1024. Tiny example counts (first wikitext article = 1438 \
 tokens; 10 cloze questions; 3 passkey prompts of ~500 tokens at depths 0, 0.5, 1) to fit a shared 2-core CPU: \
-a smoke-level comparison, not a benchmark."
+a smoke-level comparison, not a benchmark. CLA was not in the repo when this ran, so it is left out. No KV-ratio \
+column: rows of a batch are right-padded, and the records' compression_ratio counts the padding slots the cache \
+holds against an fp16 reference of real tokens only (the full fp32 cache showed 0.33x), so it is not the cache's \
+compression; see results/quant, results/eviction, results/lowrank and results/compare_all for ratios from eval=ppl."
