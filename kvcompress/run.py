@@ -85,7 +85,7 @@ def evaluate(cfg: DictConfig, record: dict) -> dict:
     model, tokenizer = load(source, cfg.model.name, device, DTYPES[cfg.dtype])
     cal = cfg.calibration
     cache.calibrate(Calibration(model, tokenizer, data_dir, cal.dataset, cal.tokens, cal.window,
-                                Path(cfg.paths.calibration).expanduser()))
+                                Path(cfg.paths.calibration).expanduser(), progress=cfg.progress))
     ctx = EvalContext(model, tokenizer, cache, data_dir, cfg.seed, cfg.progress)
     metrics = evaluation.run(ctx)
     metrics["peak_memory_bytes"] = peak_memory_bytes(device)

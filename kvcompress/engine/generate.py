@@ -1,11 +1,12 @@
 """Driving the model with a cache: chunked prefill, decode, greedy and sampled generation."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from kvcompress.cache.base import PAD_POSITION, KVCache
 from kvcompress.engine.model import Transformer
@@ -90,10 +91,10 @@ def prefill(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache
 @torch.inference_mode()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache, max_new_tokens: int,
              sampling: Sampling | None = None, stop_ids: Sequence[int] = (), chunk: int | None = None,
-             seed: int | None = None, on_token=None) -> list[list[int]]:
+             seed: int | None = None, on_token=None, progress: bool = False) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt; a row stops at any of ``stop_ids``.
 
-    ``on_token(step)`` is called after every decode step (timing, progress bars).
+    ``on_token(step)`` is called after every decode step (timing); ``progress`` shows a bar of decode steps.
     """
     sampling = sampling or Sampling()
     generator = torch.Generator(model.device).manual_seed(seed) if seed is not None else None
@@ -102,9 +103,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCach
     stop = torch.tensor(list(stop_ids), device=model.device, dtype=torch.long)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
     out: list[Tensor] = []
+    bar = tqdm(total=max_new_tokens, desc="generate", disable=not progress, leave=False)
     for step in range(max_new_tokens):
         nxt = sampling.pick(logits, generator)
         out.append(nxt)
+        bar.update(1)
         done |= torch.isin(nxt, stop)
         if step + 1 == max_new_tokens or bool(done.all()):
             break
@@ -112,6 +115,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCach
         pos = pos + 1
         if on_token is not None:
             on_token(step)
+    bar.close()
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
     stop_set = set(stop_ids)
     return [row[: next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))] for row in rows]

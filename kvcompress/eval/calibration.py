@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from kvcompress.cache.base import KVCache
 from kvcompress.cache.full import FullCache
@@ -38,8 +39,8 @@ class Calibration:
 
     def __init__(self, model: Transformer, tokenizer, data_dir: Path, dataset: str = "tinystories",
                  tokens: int = 4096, window: int = 512, cache_dir: str | Path = "~/.cache/kvcompress/calibration",
-                 chunk: int = 64):
-        self.model, self.chunk = model, chunk
+                 chunk: int = 64, progress: bool = True):
+        self.model, self.chunk, self.progress = model, chunk, progress
         self.rope = model.rope  # lets a cache calibrate on post-RoPE keys (lowrank keys=post_rope)
         n = max(1, math.ceil(tokens / window))
         self.windows = text_windows(tokenizer, load_text(dataset, data_dir), window, n).to(model.device)
@@ -55,7 +56,8 @@ class Calibration:
             rec = _Recorder()
             rec.setup(self.model.config.spec())
             per_layer = [[] for _ in range(self.model.config.num_layers)]
-            for w in self.windows.split(1):
+            for w in tqdm(self.windows.split(1), desc="calibration kv samples", disable=not self.progress,
+                          leave=False):
                 rec.reset(1)
                 forward_chunks(self.model, w, rec)
                 for layer, parts in enumerate(rec.samples):
@@ -70,7 +72,7 @@ class Calibration:
     def nll(self, cache: KVCache) -> float:
         """Mean next-token NLL of the calibration windows with ``cache`` in the loop."""
         total, count = 0.0, 0
-        for w in self.windows.split(4):
+        for w in tqdm(self.windows.split(4), desc="calibration nll", disable=not self.progress, leave=False):
             s, n, _ = window_nll(self.model, w, cache, self.chunk)
             total, count = total + s, count + n
         return total / count

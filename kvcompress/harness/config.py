@@ -81,5 +81,5 @@ def build(cfg: DictConfig, cache_name: str, check: Callable[[int], None] | None 
     data_dir = Path(cfg.paths.data).expanduser()
     cal = cfg.calibration
     cache.calibrate(Calibration(model, tokenizer, data_dir, cal.dataset, cal.tokens, cal.window,
-                                Path(cfg.paths.calibration).expanduser()))
+                                Path(cfg.paths.calibration).expanduser(), progress=bool(cfg.progress)))
     return Built(model, tokenizer, cache, data_dir, int(cfg.seed), str(cfg.model.name), cache_name)
