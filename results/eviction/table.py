@@ -118,7 +118,10 @@ def main() -> None:
            "`records.jsonl`, which `results/eviction/sweep.sh` writes (presets `conf/experiment/eviction_*.yaml`).",
            "fp32 on a shared, oversubscribed 2-core CPU, one thread per run; sizes were cut to fit ~40 min of CPU",
            "(one 4k window, one prefill_decode sample, one key per passkey depth): single-document numbers, noisy.",
-           "Budgets are tokens kept per layer and row; every policy keeps original positions (no re-rotation).", ""]
+           "Budgets are tokens kept per layer and row; every policy keeps original positions (no re-rotation).",
+           "`summary.md`, `summary.csv`, `ratio_vs_dppl.png` and `speed_vs_dppl.png` are the generic sweep report",
+           "of the same records (the latest record of each config; the sweeps' end-of-multirun report writes them,",
+           "rebuilt by `kvc-report results/eviction --command \"bash results/eviction/sweep.sh\"`).", ""]
     rel: list[str] = []
     if by_eval["ppl"]:
         cells, budgets = grid(by_eval["ppl"], "ppl")
