@@ -100,7 +100,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{device.type}-{args.dtype}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = ["| phase | batch | context | engine tok/s | transformers tok/s | engine / transformers |", "|---|---|---|---|---|---|"]
+    lines = ["| phase | batch | context | engine tok/s | transformers tok/s | engine / transformers |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['phase']} | {r['batch']} | {r['context']} | {r['engine_tok_s']} | {r['transformers_tok_s']} | "
               f"{r['ratio']:.2f}x |" for r in rows]
     (out / f"{stem}.md").write_text(f"`python scripts/bench_engine.py --device {args.device} --dtype {args.dtype}` "

@@ -22,7 +22,7 @@ TINY = dict(
 )
 
 
-def tiny_pair(seed: int = 0, **overrides) -> tuple[Transformer, "torch.nn.Module"]:
+def tiny_pair(seed: int = 0, **overrides) -> tuple[Transformer, torch.nn.Module]:
     """A random tiny model in the engine and the same weights in transformers (fp32, eval mode)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -39,9 +39,8 @@ def test_logits_match_transformers(variant):
 
 
 def test_stories260k_matches_transformers(stories, story_tokens):
-    from transformers import LlamaForCausalLM
-
     from conftest import STORIES
+    from transformers import LlamaForCausalLM
 
     model, _ = stories
     hf = LlamaForCausalLM.from_pretrained(STORIES).eval()
@@ -102,7 +101,8 @@ def test_batched_generation_equals_one_at_a_time_and_stops():
     single = [generate(model, [p], full_cache(model), max_new_tokens=8)[0] for p in prompts]
     assert batched == single
     stop = batched[0][2]
-    assert generate(model, prompts[:1], full_cache(model), 8, stop_ids=[stop])[0] == batched[0][: batched[0].index(stop) + 1]
+    alone = generate(model, prompts[:1], full_cache(model), 8, stop_ids=[stop])[0]
+    assert alone == batched[0][: batched[0].index(stop) + 1]
 
 
 def test_sampling_is_seeded_and_respects_top_k():

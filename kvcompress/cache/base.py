@@ -9,8 +9,9 @@ The engine calls, for every layer and forward step: ``append`` then ``attend``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ class KVCache(ABC):
         """Check settings against the model's dimensions; raise ValueError naming the setting."""
         self.spec = spec
 
-    def calibrate(self, ctx: "CalibrationContext") -> None:
+    def calibrate(self, ctx: CalibrationContext) -> None:
         """One-off, data-dependent preparation (projections, layer groups). Default: none."""
 
     @abstractmethod

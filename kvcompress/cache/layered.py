@@ -6,7 +6,8 @@ tokens* or *which layers* subclass this and override a hook (``after_append``, `
 """
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from torch import Tensor

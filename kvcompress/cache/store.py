@@ -8,7 +8,7 @@ so a decode step never copies the whole history.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from kvcompress.cache.base import ModelSpec
 class TokenStore(ABC):
     """One layer's tokens for B rows. Positions are (B, T), or (B, Hkv, T) once heads diverge."""
 
-    def check(self, spec: "ModelSpec") -> None:
+    def check(self, spec: ModelSpec) -> None:
         """Validate settings against the model's dimensions (before weights load)."""
 
     @abstractmethod

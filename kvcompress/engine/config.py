@@ -33,7 +33,7 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_hf(cls, cfg: dict, name: str = "model") -> "ModelConfig":
+    def from_hf(cls, cfg: dict, name: str = "model") -> ModelConfig:
         arch = cfg.get("model_type", "?")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -44,7 +44,8 @@ class ModelConfig:
             raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only 'silu' (SwiGLU)")
         heads = cfg["num_attention_heads"]
         rope_params = cfg.get("rope_parameters") or {}
-        scaling = cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default" else None)
+        scaled = rope_params.get("rope_type", "default") != "default"
+        scaling = cfg.get("rope_scaling") or (rope_params if scaled else None)
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
