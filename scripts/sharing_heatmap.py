@@ -9,7 +9,6 @@ adjacent-pair table (markdown) that results/sharing/README.md quotes.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import matplotlib
@@ -17,15 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kvcompress.cache.sharing.similarity import LayerSimilarity  # noqa: E402
-
-
-def newest() -> Path:
-    folder = Path(os.environ.get("KVC_CALIBRATION_DIR", "~/.cache/kvcompress/calibration")).expanduser()
-    files = sorted(folder.glob("similarity-*.pt"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise SystemExit(f"no similarity-*.pt in {folder}; run `kvc cache=cla cache.groups=auto` first")
-    return files[-1]
+from kvcompress.cache.sharing.similarity import LayerSimilarity, newest_saved  # noqa: E402
 
 
 def plot(sim: LayerSimilarity, out: Path) -> None:
@@ -57,7 +48,9 @@ def main() -> None:
     ap.add_argument("file", nargs="?", type=Path)
     ap.add_argument("--out", type=Path, default=Path("results/sharing/similarity.png"))
     args = ap.parse_args()
-    path = args.file or newest()
+    path = args.file or newest_saved()
+    if path is None:
+        raise SystemExit("no similarity-*.pt in the calibration folder; run `kvc cache=cla cache.groups=auto` first")
     sim = LayerSimilarity.load(path)
     plot(sim, args.out)
     print(f"<!-- {path.name} -> {args.out} -->")

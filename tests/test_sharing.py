@@ -46,6 +46,7 @@ class Identity:
 # -- groups ----------------------------------------------------------------------------------------
 def test_group_helpers():
     assert uniform_groups(5, 2) == [[0, 1], [2, 3], [4]]
+    assert uniform_groups(6, 2, start=3) == [[3, 4], [5]]
     assert producers([[0, 1, 2], [4, 5]], 6) == [0, 0, 0, 3, 4, 4]
     # cheapest pairs first: (3,4), (4,5), (1,2) -> consumers 4, 5, 2; 4 and 5 chain onto producer 3
     assert auto_groups([0.9, 0.1, 0.5, 0.0, 0.05], 6, 0.5) == [[1, 2], [3, 4, 5]]
@@ -78,6 +79,7 @@ def test_bad_cla_settings(kw, msg):
 def test_settings_checked_against_the_model(model):
     for cache, msg in ((CLACache(group_size=7), "group_size must be in \\[1, num_layers=6\\]"),
                        (CLACache(groups=[[4, 9]]), "outside \\[0, 5\\]"),
+                       (CLACache(start_layer=6), "start_layer must be in \\[0, num_layers - 1 = 5\\]"),
                        (MiniCache(start_layer=5), "start_layer must be in \\[0, num_layers - 2 = 4\\]")):
         with pytest.raises(ValueError, match=msg):
             cache.setup(spec_of(model))

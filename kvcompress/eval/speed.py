@@ -68,6 +68,7 @@ class Speed(Evaluation):
     decode_tokens: int = 32
     prefill_chunk: int | None = None
     warmup: bool = True
+    repeats: int = 3
     dataset: str = "wikitext2"
 
     def check(self, spec: ModelSpec, data_dir: Path) -> None:
@@ -77,6 +78,7 @@ class Speed(Evaluation):
                 self.context)
         require(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
         require(self.decode_tokens >= 2, "eval.decode_tokens", ">= 2", self.decode_tokens)
+        require(self.repeats >= 1, "eval.repeats", ">= 1", self.repeats)
         require(self.prefill_chunk is None or self.prefill_chunk >= 1, "eval.prefill_chunk", ">= 1 or null",
                 self.prefill_chunk)
 
@@ -88,16 +90,19 @@ class Speed(Evaluation):
             tokens = tokens.repeat(-(-self.batch_size // tokens.shape[0]), 1)[: self.batch_size]
         if self.warmup:
             time_prefill_decode(ctx.model, tokens[:, : min(64, self.context) + 4], ctx.cache, 4, self.prefill_chunk)
-        with tqdm(total=self.decode_tokens - 1, desc="decode", disable=not ctx.progress, leave=False) as bar:
-            prefill_s, steps, nll = time_prefill_decode(ctx.model, tokens, ctx.cache, self.decode_tokens,
-                                                        self.prefill_chunk, bar)
-        B, n = self.batch_size, self.batch_size * self.decode_tokens
+        total = self.repeats * (self.decode_tokens - 1)
+        with tqdm(total=total, desc="decode", disable=not ctx.progress, leave=False) as bar:
+            passes = [time_prefill_decode(ctx.model, tokens, ctx.cache, self.decode_tokens, self.prefill_chunk, bar)
+                      for _ in range(self.repeats)]
+        prefill_s = statistics.median(p for p, _, _ in passes)
+        steps = [s for _, pass_steps, _ in passes for s in pass_steps]
+        B, n, nll = self.batch_size, self.batch_size * self.decode_tokens, passes[0][2]
         return {
             "ppl": math.exp(nll / n),
             "nll": nll / n,
             "n_tokens": n,
-            "prefill_tokens_per_s": B * self.context / prefill_s,
-            "decode_tokens_per_s": B * len(steps) / sum(steps),
+            "prefill_tokens_per_s": B * self.context / prefill_s,  # medians over the timed passes
+            "decode_tokens_per_s": statistics.median(B * len(s) / sum(s) for _, s, _ in passes),
             "decode_latency_ms_p50": 1000 * percentile(steps, 50),
             "decode_latency_ms_p90": 1000 * percentile(steps, 90),
             "prefill_s": prefill_s,

@@ -5,7 +5,7 @@ to the producer's history (``store_for`` maps them to the producer's store). Wit
 ``skip_projections`` the engine does not even compute a consumer's k/v projections; without it
 they are computed and discarded, which gives the same logits and isolates the compute saving.
 
-Groups: ``group_size`` consecutive layers (``groups: null``), an explicit list of lists
+Groups: ``group_size`` consecutive layers from ``start_layer`` on (``groups: null``), an explicit list of lists
 (``[[0, 1], [5, 6, 7]]``, producer first), or ``auto``: the adjacent pairs cheapest by the layer
 similarity calibration until ``share_fraction`` of the layers are consumers. The producers' storage
 is any storage (``storage=int8`` composes sharing with quantization).
@@ -27,19 +27,22 @@ AUTO_METRICS = ("ppl", "cosine")
 
 
 class CLACache(LayeredCache):
-    def __init__(self, group_size: int = 2, groups: str | Sequence[Sequence[int]] | None = None,
+    def __init__(self, group_size: int = 2, start_layer: int = 0, groups: str | Sequence[Sequence[int]] | None = None,
                  share_fraction: float = 0.5, auto_metric: str = "ppl", skip_projections: bool = True,
                  storage: str = "dense", storage_params: dict | None = None, keys: KeyMode = "post_rope"):
         super().__init__(storage, storage_params, keys)
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        if isinstance(start_layer, bool) or not isinstance(start_layer, int) or start_layer < 0:
+            raise ValueError(f"start_layer must be an int >= 0, got {start_layer!r}")
         if isinstance(groups, str) and groups != "auto":
             raise ValueError(f"groups must be null (uniform by group_size), 'auto' or a list of lists, got {groups!r}")
         if not isinstance(share_fraction, (int, float)) or not 0 <= share_fraction < 1:
             raise ValueError(f"share_fraction must be in [0, 1), got {share_fraction!r}")
         if auto_metric not in AUTO_METRICS:
             raise ValueError(f"unknown auto_metric {auto_metric!r}; valid choices: {', '.join(AUTO_METRICS)}")
-        self.group_size, self.groups_setting, self.share_fraction = group_size, groups, share_fraction
+        self.group_size, self.start_layer = group_size, start_layer
+        self.groups_setting, self.share_fraction = groups, share_fraction
         self.auto_metric, self.skip_projections = auto_metric, skip_projections
         self.similarity: LayerSimilarity | None = None
 
@@ -49,7 +52,9 @@ class CLACache(LayeredCache):
         if self.groups_setting is None:
             if self.group_size > n:
                 raise ValueError(f"group_size must be in [1, num_layers={n}], got {self.group_size}")
-            self.set_groups(uniform_groups(n, self.group_size))
+            if self.start_layer > n - 1:
+                raise ValueError(f"start_layer must be in [0, num_layers - 1 = {n - 1}], got {self.start_layer}")
+            self.set_groups(uniform_groups(n, self.group_size, self.start_layer))
         elif self.groups_setting == "auto":
             if round(self.share_fraction * n) > n - 1:
                 raise ValueError(f"share_fraction must leave layer 0 a producer: at most {(n - 1) / n:.3f} "

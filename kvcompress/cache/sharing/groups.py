@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def uniform_groups(num_layers: int, size: int) -> list[list[int]]:
-    """Consecutive groups of ``size`` layers (the last one may be shorter)."""
-    return [list(range(i, min(i + size, num_layers))) for i in range(0, num_layers, size)]
+def uniform_groups(num_layers: int, size: int, start: int = 0) -> list[list[int]]:
+    """Consecutive groups of ``size`` layers from layer ``start`` on (the last one may be shorter)."""
+    return [list(range(i, min(i + size, num_layers))) for i in range(start, num_layers, size)]
 
 
 def check_groups(groups: Sequence[Sequence[int]], num_layers: int) -> list[list[int]]:

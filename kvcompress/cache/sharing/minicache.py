@@ -137,7 +137,7 @@ class PairSide(TokenStore):
 
 
 class MiniCache(LayeredCache):
-    def __init__(self, start_layer: int = 15, threshold: float = 1.0, t: float = 0.5, magnitude_dtype: str = "float16",
+    def __init__(self, start_layer: int = 15, threshold: float = 1.8, t: float = 0.5, magnitude_dtype: str = "float16",
                  storage: str = "dense", storage_params: dict | None = None, keys: KeyMode = "post_rope"):
         super().__init__(storage, storage_params, keys)
         if isinstance(start_layer, bool) or not isinstance(start_layer, int) or start_layer < 0:

@@ -11,6 +11,7 @@ the same model and calibration data; ``scripts/sharing_heatmap.py`` plots it.
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -79,3 +80,10 @@ def load_or_measure(ctx: CalibrationContext, share_pair: Callable[[int], KVCache
     sim.save(path)
     log(f"[sharing] layer similarity saved to {path}")
     return sim
+
+
+def newest_saved(folder: str | Path | None = None) -> Path | None:
+    """The most recent saved similarity file in ``folder`` (default: $KVC_CALIBRATION_DIR or the kvc default)."""
+    folder = Path(folder or os.environ.get("KVC_CALIBRATION_DIR", "~/.cache/kvcompress/calibration")).expanduser()
+    files = sorted(folder.glob("similarity-*.pt"), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
