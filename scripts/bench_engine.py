@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -104,7 +106,7 @@ def main():
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['phase']} | {r['batch']} | {r['context']} | {r['engine_tok_s']} | {r['transformers_tok_s']} | "
               f"{r['ratio']:.2f}x |" for r in rows]
-    (out / f"{stem}.md").write_text(f"`python scripts/bench_engine.py --device {args.device} --dtype {args.dtype}` "
+    (out / f"{stem}.md").write_text(f"`python scripts/bench_engine.py {shlex.join(sys.argv[1:])}` "
                                     f"({meta})\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
