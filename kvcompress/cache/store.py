@@ -87,6 +87,14 @@ class GrowingBuffer:
         self.length = x.shape[2]
 
 
+def append_positions(buffer: GrowingBuffer, pos: Tensor) -> None:
+    """Append positions (B, T) as int32 to a (B, 1 or Hkv, T) buffer (per head once eviction split the heads)."""
+    p = pos.to(torch.int32)[:, None]
+    if buffer.data is not None and buffer.data.shape[1] > 1:
+        p = p.expand(-1, buffer.data.shape[1], -1)
+    buffer.append(p)
+
+
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     """Select tokens along dim 2 of x (B, H, T, ...) with idx (B, T') or (B, H', T')."""
     if idx.dim() == 2:
@@ -108,10 +116,7 @@ class DenseStore(TokenStore):
     def append(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
         self.k.append(k)
         self.v.append(v)
-        p = pos.to(torch.int32)[:, None]
-        if self.pos.data is not None and self.pos.data.shape[1] > 1:
-            p = p.expand(-1, self.pos.data.shape[1], -1)
-        self.pos.append(p)
+        append_positions(self.pos, pos)
 
     def read(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.k.view(), self.v.view(), self.positions()

@@ -12,7 +12,7 @@ from torch import Tensor
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.quant.part import RESIDUAL_DTYPES, QuantPart
 from kvcompress.cache.quant.quantizer import QuantConfig
-from kvcompress.cache.store import GrowingBuffer, TokenStore, gather_tokens, register_storage
+from kvcompress.cache.store import GrowingBuffer, TokenStore, append_positions, gather_tokens, register_storage
 
 
 @register_storage("quant")
@@ -53,10 +53,7 @@ class QuantizedStore(TokenStore):
         self.dtype = k.dtype
         self.k.append(k)
         self.v.append(v)
-        p = pos.to(torch.int32)[:, None]
-        if self.pos.data is not None and self.pos.data.shape[1] > 1:
-            p = p.expand(-1, self.pos.data.shape[1], -1)
-        self.pos.append(p)
+        append_positions(self.pos, pos)
 
     def read(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.k.read(self.dtype), self.v.read(self.dtype), self.positions()
