@@ -148,7 +148,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> 
     """
     groups = q.shape[1] // k.shape[1]
     if is_own_prefix(q_pos, k_pos):  # fresh prefill: the plain causal kernel, no mask (~1.5x faster on CPU)
-        return F.scaled_dot_product_attention(q, expand_heads(k, groups), expand_heads(v, groups), is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
     mask = visibility_mask(q_pos, k_pos)
     if mask.shape[1] > 1:
         mask = expand_heads(mask, groups)

@@ -1,7 +1,9 @@
 """A native Llama-family decoder. Every attention call goes through the cache interface.
 
 GQA, RoPE (with scaling), RMSNorm, SwiGLU, tied or untied embeddings, optional q/k/v bias and
-Qwen3-style q/k norm. q/k/v and gate/up are fused into one matmul each, the way gpt-fast does.
+Qwen3-style q/k norm. q/k/v and gate/up are stored fused, the way gpt-fast does, but multiplied by row slices
+of the fused weight: each output is then contiguous (the elementwise ops after them run ~5% faster in a CPU
+prefill, decode is unchanged), and a layer that does not need k/v skips those rows.
 """
 from __future__ import annotations
 
@@ -26,6 +28,12 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def linear_rows(x: Tensor, layer: nn.Linear, lo: int, hi: int) -> Tensor:
+    """``layer(x)[..., lo:hi]`` computed from rows lo:hi of the weight only (contiguous views, no copy)."""
+    bias = layer.bias[lo:hi] if layer.bias is not None else None
+    return F.linear(x, layer.weight[lo:hi], bias)
+
+
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -36,22 +44,20 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.d, c.rms_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(self.d, c.rms_eps) if c.qk_norm else None
 
+    def project(self, x: Tensor, first_head: int, heads: int) -> Tensor:
+        """(B, heads, T, d) from the rows of ``wqkv`` for heads first_head.. (q heads, then k, then v)."""
+        B, T, _ = x.shape
+        lo = first_head * self.d
+        return linear_rows(x, self.wqkv, lo, lo + heads * self.d).view(B, T, heads, self.d).transpose(1, 2)
+
     def forward(self, x: Tensor, pos: Tensor, cache: KVCache, layer: int, rope: RotaryEmbedding) -> Tensor:
         B, T, _ = x.shape
-        computes_kv = cache.computes_kv(layer)
-        if computes_kv:
-            qkv = self.wqkv(x)
-            q, k, v = qkv.split([self.q_dim, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        else:  # a consumer of another layer's cache: skip the k/v projections entirely
-            bias = self.wqkv.bias[: self.q_dim] if self.wqkv.bias is not None else None
-            q = F.linear(x, self.wqkv.weight[: self.q_dim], bias)
-        q = q.view(B, T, self.hq, self.d).transpose(1, 2)
+        q = self.project(x, 0, self.hq)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = rope.rotate(q, pos)
-        if computes_kv:
-            k = k.view(B, T, self.hkv, self.d).transpose(1, 2)
-            v = v.view(B, T, self.hkv, self.d).transpose(1, 2)
+        if cache.computes_kv(layer):  # False: a consumer of another layer's cache skips the k/v projections
+            k, v = self.project(x, self.hq, self.hkv), self.project(x, self.hq + self.hkv, self.hkv)
             if self.k_norm is not None:
                 k = self.k_norm(k)
             cache.append(layer, k, v, pos, rope)
@@ -67,7 +73,7 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).split(self.hidden, dim=-1)
+        gate, up = linear_rows(x, self.w13, 0, self.hidden), linear_rows(x, self.w13, self.hidden, 2 * self.hidden)
         return self.w2(F.silu(gate) * up)
 
 
