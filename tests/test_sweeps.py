@@ -226,3 +226,26 @@ def test_presets_compose():
                              ("submitit_slurm", "SlurmLauncher"), ("submitit_local", "LocalLauncher")):
         assert compose(f"hydra/launcher={launcher}").hydra.launcher._target_.endswith(target)
     assert compose("hydra/launcher=slurm").hydra.launcher.gpus_per_node == 1
+
+
+def test_optuna_pareto_search_end_to_end(tmp_path):
+    """A few trials of the multi-objective search on stories260K: records, Optuna's Pareto front, the summary.
+
+    int8 storage is impossible on this model (head_dim 8 < group 64): those trials fail, are recorded, and the
+    search goes on (the sampler is seeded, so the trials are the same every run)."""
+    import yaml
+
+    out = kvc_m(tmp_path, "experiment=pareto_search", *FAST, "hydra.sweeper.n_trials=4",
+                "hydra.sweeper.sampler.n_startup_trials=4", "cache=choice(streaming,h2o)",
+                "cache.budget=choice(0.25,0.5)",
+                "cache.storage=choice(dense,int8)")
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = records(tmp_path)
+    ok = [r for r in recs if r["status"] == "ok"]
+    failed = [r for r in recs if r["status"] != "ok"]
+    assert len(recs) == 4 and ok and failed and {r["cache"] for r in recs} <= {"streaming", "h2o"}
+    assert all(r["cache_params"]["storage"] == "int8" and "must divide head_dim" in r["error"] for r in failed)
+    front = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())["solutions"]
+    observed = {(round(r["metrics"]["ppl"], 6), round(r["metrics"]["compression_ratio"], 6)) for r in ok}
+    assert front and all((round(s["values"][0], 6), round(s["values"][1], 6)) in observed for s in front)
+    assert (tmp_path / "results" / "summary.md").exists()
