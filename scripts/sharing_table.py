@@ -13,16 +13,22 @@ from pathlib import Path
 
 from kvcompress.cache.sharing.groups import auto_groups, describe, uniform_groups
 from kvcompress.cache.sharing.similarity import LayerSimilarity, newest_saved
+from kvcompress.engine.config import ModelConfig
+from kvcompress.engine.loaders import read_config, resolve_source
 from kvcompress.report.table import latest, load
 
-# SmolLM2-135M's dimensions (its config.json): for the share of matmul work the consumers' k/v projections are
-LAYERS, HIDDEN, Q_DIM, KV_DIM, FFN, VOCAB = 30, 576, 576, 192, 1536, 49152
+MODEL = "smollm2-135m"
 
 
-def kv_projection_share(consumers: int) -> float:
-    """Fraction of the per-token matmul multiply-adds that skipping ``consumers`` layers' k/v projections saves."""
-    per_layer = HIDDEN * (Q_DIM + 2 * KV_DIM) + Q_DIM * HIDDEN + HIDDEN * 2 * FFN + FFN * HIDDEN
-    return consumers * HIDDEN * 2 * KV_DIM / (LAYERS * per_layer + HIDDEN * VOCAB)
+def consumers(c: ModelConfig, group_size: int) -> int:
+    return sum(len(g) - 1 for g in uniform_groups(c.num_layers, group_size))
+
+
+def kv_projection_share(c: ModelConfig, group_size: int) -> float:
+    """Fraction of the per-token matmul multiply-adds that uniform groups of ``group_size`` skip (consumers' k/v)."""
+    h, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * c.intermediate_size
+    return consumers(c, group_size) * h * 2 * kv / (c.num_layers * per_layer + h * c.vocab_size)
 
 HEADER = """# Cross-layer KV sharing on SmolLM2-135M
 
@@ -62,8 +68,8 @@ SPEED_NOTES = """1,024-token WikiText-2 context prefilled in one forward, then 3
 fp32. Each run is the median of 3 timed passes (`eval.repeats`); 2 runs per setting (the seed does not change the
 work); the two runs of a skipped / computed pair were adjacent, and the full cache ran first and last. Consumers
 never append; with projections `computed` the engine computes and discards their k/v (same logits,
-tests/test_sharing.py), which isolates what the skip saves: {g2:.1%} (group size 2, 15 consumers) or {g3:.1%}
-(group size 3, 20 consumers) of the per-token matmul multiply-adds, attention excluded (from the model's
+tests/test_sharing.py), which isolates what the skip saves: {g2:.1%} (group size 2, {n2} consumers) or {g3:.1%}
+(group size 3, {n3} consumers) of the per-token matmul multiply-adds, attention excluded (from the model's
 dimensions). Decode shows a gain of that size; prefill differs by more than that between two runs of the same
 setting on this CPU, so its small differences are noise. MiniCache decodes slower: each step of a merged layer
 concatenates its retained, reconstructed-merged and new tokens, and merges the step's tokens after attending.
@@ -75,19 +81,19 @@ def table(rows: list[dict], cols: list[str]) -> list[str]:
     return out + ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
 
 
-def groups_of(p: dict, sim: LayerSimilarity | None) -> str:
+def groups_of(p: dict, sim: LayerSimilarity | None, layers: int) -> str:
     if p.get("groups") == "auto":
         if sim is None:
             return "auto (no calibration file)"
         diag = (sim.key_cos.diagonal(1) + sim.value_cos.diagonal(1)) / 2
         cost = sim.pair_dnll.tolist() if p.get("auto_metric", "ppl") == "ppl" else (1 - diag).tolist()
-        return describe(auto_groups(cost, LAYERS, p["share_fraction"]))
+        return describe(auto_groups(cost, layers, p["share_fraction"]))
     if isinstance(p.get("groups"), list):
         return describe(p["groups"])
-    return describe([g for g in uniform_groups(LAYERS, p["group_size"], p.get("start_layer", 0)) if len(g) > 1])
+    return describe([g for g in uniform_groups(layers, p["group_size"], p.get("start_layer", 0)) if len(g) > 1])
 
 
-def label(r: dict, sim: LayerSimilarity | None) -> dict:
+def label(r: dict, sim: LayerSimilarity | None, layers: int) -> dict:
     p, m = r["cache_params"], r["metrics"]
     storage = p.get("storage", "dense")
     if r["cache"] == "full":
@@ -96,13 +102,13 @@ def label(r: dict, sim: LayerSimilarity | None) -> dict:
         start = f" from layer {p['start_layer']}" if p.get("start_layer") else ""
         how = (f"auto {p['share_fraction']} ({p.get('auto_metric', 'ppl')})" if p.get("groups") == "auto"
                else f"group size {p['group_size']}{start}")
-        return {"cache": "CLA", "setting": how, "storage": storage, "groups": groups_of(p, sim),
+        return {"cache": "CLA", "setting": how, "storage": storage, "groups": groups_of(p, sim, layers),
                 "layers shared / merged": f"{int(m['shared_layers'])} shared"}
     return {"cache": "MiniCache", "setting": f"from layer {p['start_layer']}, threshold {p['threshold']:.2f}",
             "storage": storage, "layers shared / merged": f"{m['merged_fraction']:.0%} of pair tokens merged"}
 
 
-def ppl_table(records: list[dict], sim: LayerSimilarity | None) -> list[str]:
+def ppl_table(records: list[dict], sim: LayerSimilarity | None, layers: int) -> list[str]:
     ppl = [r for r in records if r["eval"] == "ppl" and r["status"] == "ok"]
     base = [r for r in ppl if r["cache"] == "full"]
     if not base:
@@ -111,7 +117,7 @@ def ppl_table(records: list[dict], sim: LayerSimilarity | None) -> list[str]:
     rows = []
     for r in ppl:
         m = r["metrics"]
-        rows.append({**label(r, sim), "ppl": f"{m['ppl']:.3f}", "Δppl": f"{m['ppl'] - ref:+.3f}",
+        rows.append({**label(r, sim, layers), "ppl": f"{m['ppl']:.3f}", "Δppl": f"{m['ppl'] - ref:+.3f}",
                      "ratio": f"{m['compression_ratio']:.2f}x", "vs full": f"{ref_bytes / m['kv_bytes']:.2f}x",
                      "KV MB": f"{m['kv_bytes'] / 1e6:.1f}"})
     order = {"full": 0, "CLA": 1, "MiniCache": 2}
@@ -150,9 +156,12 @@ def main(folder: str = "results/sharing") -> None:
     path = Path(folder)
     records = latest(load(path / "records.jsonl"))
     sim = newest_similarity()
-    lines = [HEADER.format(devices=devices(records)), "## Perplexity", "", *ppl_table(records, sim), "", NOTES,
-             "## Speed: skipping the consumers' k/v projections", "",
-             SPEED_NOTES.format(g2=kv_projection_share(15), g3=kv_projection_share(20)), "", *speed_table(records), "",
+    config = read_config(resolve_source(MODEL), MODEL)
+    speed_notes = SPEED_NOTES.format(g2=kv_projection_share(config, 2), n2=consumers(config, 2),
+                                     g3=kv_projection_share(config, 3), n3=consumers(config, 3))
+    lines = [HEADER.format(devices=devices(records)), "## Perplexity", "", *ppl_table(records, sim, config.num_layers),
+             "", NOTES, "## Speed: skipping the consumers' k/v projections", "", speed_notes, "",
+             *speed_table(records), "",
              "## Layer similarity (calibration)", "", "![layer similarity](similarity.png)", ""]
     if (path / "similarity.md").exists():
         lines += [(path / "similarity.md").read_text()]

@@ -207,6 +207,8 @@ def test_minicache_bytes_are_the_merged_tensors(model):
     assert full.kv_bytes() == LAYERS * per_layer
     assert merged.kv_bytes() == 2 * per_layer + 2 * pair
     assert merged.kv_bytes() == sum(t.nbytes for t in merged.tensors())
+    side = merged.stores[2]  # a pair's held positions: every token once (all merged here)
+    assert torch.equal(side.positions(), torch.arange(30, dtype=torch.int32).expand(2, -1))
 
 
 def test_minicache_composes_with_quantized_storage(model):

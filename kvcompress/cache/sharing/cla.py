@@ -1,7 +1,7 @@
 """CLA-style cross-layer sharing: groups of layers attend to their first layer's cache.
 
 Only a group's producer stores K/V; its consumers append nothing and attend with their own queries
-to the producer's history (``store_for`` maps them to the producer's store). With
+to the producer's history (their entries in ``stores`` are the producer's store). With
 ``skip_projections`` the engine does not even compute a consumer's k/v projections; without it
 they are computed and discarded, which gives the same logits and isolates the compute saving.
 
@@ -21,7 +21,6 @@ from kvcompress.cache.base import ModelSpec, Rotary
 from kvcompress.cache.layered import KeyMode, LayeredCache
 from kvcompress.cache.sharing.groups import auto_groups, check_groups, describe, producers, uniform_groups
 from kvcompress.cache.sharing.similarity import LayerSimilarity, load_or_measure
-from kvcompress.cache.store import TokenStore
 
 AUTO_METRICS = ("ppl", "cosine")
 
@@ -95,14 +94,8 @@ class CLACache(LayeredCache):
         return self.producer[layer] != layer
 
     def reset(self, batch_size: int) -> None:
-        self.batch_size = batch_size
-        self.stores = []
-        for layer, owner in enumerate(self.producer):
-            self.stores.append(self.new_store() if owner == layer else self.stores[owner])
-        self._seen = self._seen.new_zeros(())
-
-    def store_for(self, layer: int) -> TokenStore:
-        return self.stores[self.producer[layer]]
+        super().reset(batch_size)
+        self.stores = [self.stores[owner] for owner in self.producer]  # consumers alias their producer's store
 
     def computes_kv(self, layer: int) -> bool:
         return not (self.skip_projections and self.is_consumer(layer))

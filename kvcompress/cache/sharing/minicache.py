@@ -133,7 +133,8 @@ class PairSide(TokenStore):
         return self.pair.merged.length + self.pair.own[self.side].length
 
     def positions(self) -> Tensor:
-        return self.read()[2]
+        held = [s.positions() for s in (self.pair.own[self.side], self.pair.merged) if s.length]
+        return torch.cat(held, 1) if held else torch.empty(0, 0, dtype=torch.int32)
 
 
 class MiniCache(LayeredCache):
