@@ -1,0 +1,118 @@
+"""PyTorch references of the kernels, with the kernels' exact semantics (and the CPU path).
+
+Attention over a side is computed in chunks of tokens with an online softmax, so even the reference
+never holds full-precision K/V for more than ``chunk`` tokens at once:
+``m = max_t s_t``, ``l = sum_t exp(s_t - m)``, ``acc = sum_t exp(s_t - m) v_t``, ``out = acc / l``,
+merged across chunks by rescaling with ``exp(m_old - m_new)``. Scores are ``q . k * scale`` in fp32 with
+K/V first rounded to the query's dtype (as a dequantize-then-attend path does).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvcompress.kernels.layout import Packed
+
+FLOOR = -1e30  # finite running-max floor: a chunk where a row sees nothing adds exp(-inf) = 0, never NaN
+TINY = 2.0**-24  # smallest positive fp16, the scale floor of the quantizer
+
+
+def unpack(packed: Tensor, bits: int) -> Tensor:
+    """(..., D * bits / 8) uint8 -> codes (..., D), low bits first."""
+    if bits == 8:
+        return packed
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+    return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """codes (..., D) < 2**bits -> (..., D * bits / 8) uint8, low bits first."""
+    if bits == 8:
+        return codes
+    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
+    return (codes.unflatten(-1, (-1, 8 // bits)) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def dequant_prefix(side: Packed, lo: int, hi: int) -> Tensor:
+    """Prefix tokens [lo, hi) in fp32: ``zero + code * scale`` or ``(code - 2**(bits-1)) * scale``."""
+    g = side.group_size
+    codes = unpack(side.codes[:, :, lo:hi], side.bits).float()
+    if side.axis == "token":
+        def expand(t: Tensor) -> Tensor:
+            return t[:, :, lo:hi].float().repeat_interleave(g, dim=-1)
+    else:
+        def expand(t: Tensor) -> Tensor:
+            return t[:, :, lo // g: -(-hi // g)].float().repeat_interleave(g, dim=2)[:, :, lo % g: lo % g + hi - lo]
+    scale = expand(side.scale)
+    if side.symmetric:
+        return (codes - 2 ** (side.bits - 1)) * scale
+    return torch.addcmul(expand(side.zero), codes, scale)
+
+
+def side_tokens(side: Packed, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+    """Tokens [lo, hi) of a side, (B, H, hi - lo, D), rounded to ``dtype`` then fp32."""
+    parts, n_q = [], side.n_q
+    if lo < n_q:
+        parts.append(dequant_prefix(side, lo, min(hi, n_q)).to(dtype))
+    if hi > n_q:
+        parts.append(side.res[:, :, max(lo - n_q, 0): hi - n_q].to(dtype))
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, 2)).float()
+
+
+def row_positions(q_pos: Tensor, rows: int) -> Tensor:
+    """Query rows are (head-in-group, token) flattened token-fastest: row m is query token m % Tq."""
+    Tq = q_pos.shape[1]
+    return q_pos[:, torch.arange(rows, device=q_pos.device) % Tq]
+
+
+def attend_rows(rows: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed, scale: float,
+                chunk: int = 4096) -> Tensor:
+    """rows (B, G, M, Dk) over sides with G heads; k_pos (B, T) or (B, G, T). Returns (B, G, M, Dv)."""
+    B, G, M, _ = rows.shape
+    T, dtype = k.length, rows.dtype
+    qp = row_positions(q_pos, M)[:, None, :, None]  # (B, 1, M, 1)
+    kp = (k_pos if k_pos.dim() == 3 else k_pos[:, None])[:, :, None]  # (B, 1|G, 1, T)
+    q = rows.float()
+    m = torch.full((B, G, M, 1), FLOOR, device=rows.device)
+    norm = torch.zeros_like(m)
+    acc = torch.zeros((B, G, M, v.dim), device=rows.device)
+    for lo in range(0, T, chunk):
+        hi = min(lo + chunk, T)
+        s = (q @ side_tokens(k, lo, hi, dtype).transpose(-1, -2)) * scale
+        s = s.masked_fill(kp[..., lo:hi] > qp, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        p = torch.exp(s - m_new)
+        alpha = torch.exp(m - m_new)
+        norm = norm * alpha + p.sum(-1, keepdim=True)
+        acc = acc * alpha + p @ side_tokens(v, lo, hi, dtype)
+        m = m_new
+    return (acc / norm).to(dtype)
+
+
+def round_fp16(x: Tensor, up: bool) -> Tensor:
+    """fp32 -> fp16 rounded towards +inf (``up``) or -inf, as the quantizer does."""
+    h = x.clamp(-65504.0, 65504.0).half()
+    off = (h.float() < x) if up else (h.float() > x)
+    return torch.where(off, torch.nextafter(h, torch.full_like(h, float("inf") if up else float("-inf"))), h)
+
+
+def quantize_tokens(x: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-token groups of ``group_size`` channels of x (..., D): packed codes, fp16 scale and zero (..., D / g).
+
+    Asymmetric: ``zero = down(min)``, ``scale = max(up((max - zero) / (2**bits - 1)), 2**-24)``,
+    ``code = clamp(rint((x - zero) / scale), 0, 2**bits - 1)``. Symmetric: ``scale = max(up(absmax / qmax),
+    2**-24)``, ``code = clamp(rint(x / scale), -qmax, qmax) + 2**(bits-1)`` with ``qmax = 2**(bits-1) - 1``.
+    """
+    g = x.float().unflatten(-1, (-1, group_size))
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = round_fp16(g.abs().amax(-1, keepdim=True) / qmax, True).clamp_min(TINY)
+        q = (g / scale.float()).round().clamp(-qmax, qmax) + 2 ** (bits - 1)
+        zero = None
+    else:
+        levels = 2**bits - 1
+        zero = round_fp16(g.amin(-1, keepdim=True), False)
+        scale = round_fp16((g.amax(-1, keepdim=True) - zero.float()) / levels, True).clamp_min(TINY)
+        q = ((g - zero.float()) / scale.float()).round().clamp(0, levels)
+        zero = zero.squeeze(-1)
+    return pack(q.to(torch.uint8).flatten(-2), bits), scale.squeeze(-1), zero
