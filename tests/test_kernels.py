@@ -1,0 +1,194 @@
+"""Fused kernels: PyTorch reference vs the storage's dequantize-then-attention path (exact to fp tolerance),
+and the Triton kernels vs the reference under the Triton interpreter (tiny shapes: the interpreter is slow).
+
+``TRITON_INTERPRET=1`` only takes effect if set before triton is first imported; when some other import
+(bitsandbytes) got there first, the interpreter tests run in one subprocess of this file instead.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+if "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kvcompress import kernels  # noqa: E402
+from kvcompress.cache.base import PAD_POSITION, attention  # noqa: E402
+from kvcompress.cache.storage.latent.absorbed import Projection, absorbed_key_scores, latent_attention  # noqa: E402
+from kvcompress.cache.storage.quant.quantizer import QuantConfig, dequantize, quantize  # noqa: E402
+from kvcompress.kernels import Packed, reference  # noqa: E402
+
+
+def _interpreted() -> bool | None:
+    """None: no triton; else whether its kernels run in the interpreter in this process."""
+    try:
+        import triton.language as tl
+    except ImportError:
+        return None
+    return type(tl.sum).__name__ == "InterpretedFunction"
+
+
+INTERP = _interpreted()
+interpreter = pytest.mark.skipif(not INTERP, reason="needs triton under TRITON_INTERPRET=1 (see the subprocess test)")
+
+
+def sides(k, v, n_qk, n_qv, kcfg, vcfg):
+    """Packed K/V sides (quantized prefixes of n_qk / n_qv tokens) and their dequantize-then-concat K/V."""
+    out = []
+    for x, n, cfg in ((k, n_qk, kcfg), (v, n_qv, vcfg)):
+        res = x[:, :, n:] if n < x.shape[2] else None
+        if not n:
+            out.append((Packed(res=res), x))
+            continue
+        q = quantize(x[:, :, :n], cfg)
+        full = dequantize(q, cfg) if res is None else torch.cat([dequantize(q, cfg), res], 2)
+        out.append((Packed(q.codes, q.scale, q.zero, res, cfg.bits, cfg.group_size, cfg.axis), full))
+    return out
+
+
+def case(seed=0, B=2, Hkv=2, groups=2, Tq=1, D=16, T=37, per_head=False):
+    """Random q, K, V; positions with padding in row 1 and, ``per_head``, a different token order per head."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hkv * groups, Tq, D, generator=g)
+    k, v = torch.randn(B, Hkv, T, D, generator=g) * 2, torch.randn(B, Hkv, T, D, generator=g)
+    k_pos = torch.arange(T).expand(B, T).clone()
+    k_pos[1, -2:] = PAD_POSITION
+    if per_head:
+        k_pos = k_pos[:, None].repeat(1, Hkv, 1)
+        k_pos[:, 1] = k_pos[:, 1].flip(-1)
+    q_pos = torch.arange(T - Tq - 3, T - 3).expand(B, Tq).clone()
+    return q, q_pos, k, v, k_pos
+
+
+LAYOUTS = [  # (key config, value config, prefix tokens of K, of V) out of T = 37
+    (QuantConfig(2, 8, "channel"), QuantConfig(2, 8, "token"), 24, 29),  # KIVI-2: keys per channel, residual
+    (QuantConfig(4, 8, "token"), QuantConfig(4, 16, "token"), 37, 37),  # int4 per token, no residual
+    (QuantConfig(8, 16, "token", True), QuantConfig(4, 8, "channel", True), 30, 16),  # symmetric int8 / int4
+]
+
+
+@pytest.mark.parametrize("layout", range(len(LAYOUTS)))
+@pytest.mark.parametrize("Tq,per_head", [(1, False), (3, True)])
+def test_reference_equals_dequantize_then_attention(layout, Tq, per_head):
+    kcfg, vcfg, n_qk, n_qv = LAYOUTS[layout]
+    q, q_pos, k, v, k_pos = case(Tq=Tq, per_head=per_head)
+    (ks, kd), (vs, vd) = sides(k, v, n_qk, n_qv, kcfg, vcfg)
+    want = attention(q, kd, vd, q_pos, k_pos)
+    got = kernels.quant_attention(q, q_pos, k_pos, ks, vs, backend="torch")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    rows = q.reshape(2, 2, -1, 16)
+    chunked = reference.attend_rows(rows, q_pos, k_pos, ks, vs, 16**-0.5, chunk=5)  # online softmax across chunks
+    torch.testing.assert_close(chunked.reshape(got.shape), got, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_in_half_precision_rounds_like_the_storage():
+    kcfg, vcfg, n_qk, n_qv = LAYOUTS[0]
+    q, q_pos, k, v, k_pos = case()
+    (ks, kd), (vs, vd) = sides(k, v, n_qk, n_qv, kcfg, vcfg)
+    want = attention(q.bfloat16(), kd.bfloat16(), vd.bfloat16(), q_pos, k_pos).float()
+    got = kernels.quant_attention(q.bfloat16(), q_pos, k_pos, ks, vs, backend="torch")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def latent_case(G, H=2, d=16, rk=6, rv=5, T=37, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    n = H // G * d
+    kp = Projection(torch.linalg.qr(torch.randn(G, n, rk, generator=g))[0], torch.randn(G, n, generator=g), H)
+    vp = Projection(torch.linalg.qr(torch.randn(G, n, rv, generator=g))[0], torch.randn(G, n, generator=g), H)
+    ck, cv = torch.randn(2, G, T, rk, generator=g), torch.randn(2, G, T, rv, generator=g)
+    return kp, vp, ck, cv
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_latent_reference_equals_absorbed(G):
+    q, q_pos, _, _, k_pos = case(Tq=2)
+    kp, vp, ck, cv = latent_case(G)
+    want = latent_attention(q, q_pos, k_pos, cv, vp, absorbed_key_scores(q, ck, kp))
+    want = want[0] if isinstance(want, tuple) else want  # (out, weights) where the store also returns weights
+    got = kernels.latent_attention(q, q_pos, k_pos, ck, cv, kp.head_basis(), vp.head_basis(), vp.head_mean(),
+                                   backend="torch")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def quant_inputs(seed=0):
+    """Values that stress the rounding: ties, constant groups, near the fp16 limit, subnormals, negative zero."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2, 5, 16, generator=g) * 3
+    x[0, 0, 0] = torch.arange(16.0)  # integer steps: exact .5 ties in the codes
+    x[0, 0, 1] = 1.5  # constant group: scale floor
+    x[0, 1, 0, :8] = torch.tensor([6e4, -6e4, 1e-9, -1e-9, 0.0, -0.0, 6e-8, 3e-5])
+    x[1, 1, 2] = -1e-9
+    return x
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantize_reference_is_bit_exact(bits, symmetric):
+    x = quant_inputs()
+    for g in (4, 16):
+        want = quantize(x, QuantConfig(bits, g, "token", symmetric))
+        codes, scale, zero = kernels.quantize_tokens(x, bits, g, symmetric, backend="torch")
+        assert torch.equal(codes, want.codes) and torch.equal(scale, want.scale)
+        assert (zero is None and want.zero is None) or torch.equal(zero, want.zero)
+
+
+def test_dispatch(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("KVC_KERNELS", "auto")
+    assert kernels.resolve(cpu) == "torch"  # auto: the reference off CUDA
+    assert kernels.resolve(cpu, "torch") == "torch"
+    with pytest.raises(ValueError, match="KVC_KERNELS"):
+        kernels.resolve(cpu, "cuda")
+    monkeypatch.setenv("KVC_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        kernels.resolve(cpu)
+    monkeypatch.setenv("KVC_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="triton"):
+        kernels.resolve(cpu)
+
+
+# -- Triton kernels under the interpreter ---------------------------------------------------------
+@interpreter
+@pytest.mark.parametrize("layout,Tq,per_head", [(0, 1, False), (2, 3, True)])
+def test_triton_quant_attention_equals_reference(layout, Tq, per_head):
+    kcfg, vcfg, n_qk, n_qv = LAYOUTS[layout]
+    q, q_pos, k, v, k_pos = case(Tq=Tq, per_head=per_head)
+    (ks, _), (vs, _) = sides(k, v, n_qk, n_qv, kcfg, vcfg)
+    want = kernels.quant_attention(q, q_pos, k_pos, ks, vs, backend="torch")
+    got = kernels.quant_attention(q, q_pos, k_pos, ks, vs, backend="triton")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@interpreter
+@pytest.mark.parametrize("G", [1, 2])
+def test_triton_latent_attention_equals_reference(G):
+    q, q_pos, _, _, k_pos = case(Tq=1)
+    kp, vp, ck, cv = latent_case(G)
+    args = (q, q_pos, k_pos, ck, cv, kp.head_basis(), vp.head_basis(), vp.head_mean())
+    torch.testing.assert_close(kernels.latent_attention(*args, backend="triton"),
+                               kernels.latent_attention(*args, backend="torch"), atol=1e-5, rtol=1e-5)
+
+
+@interpreter
+@pytest.mark.parametrize("bits,symmetric", [(2, False), (4, True), (8, False)])
+def test_triton_quantize_is_bit_exact(bits, symmetric):
+    x = quant_inputs()
+    want = quantize(x, QuantConfig(bits, 4, "token", symmetric))
+    codes, scale, zero = kernels.quantize_tokens(x, bits, 4, symmetric, backend="triton")
+    assert torch.equal(codes, want.codes) and torch.equal(scale, want.scale)
+    assert (zero is None and want.zero is None) or torch.equal(zero, want.zero)
+
+
+@pytest.mark.skipif(INTERP is not False, reason="triton missing, or already interpreted in this process")
+def test_kernels_in_an_interpreter_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton_"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " skipped" not in run.stdout.splitlines()[-1], run.stdout[-1000:]
