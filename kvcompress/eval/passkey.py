@@ -1,7 +1,8 @@
 """Passkey retrieval (Mohtashami & Jaggi, 2023): a random number hidden in repetitive filler at a
 given depth of a prompt of exactly ``length`` tokens; the model must generate it (greedy).
 
-Accuracy per (length, depth) cell, per depth, per length and overall. Run it with ``cache=full``
+Accuracy per (length, depth) cell, per depth, per length and overall, each with a 95% bootstrap interval over
+its prompts (``<metric>/ci_low``, ``<metric>/ci_high``; ``stats.mean_ci``). Run it with ``cache=full``
 for the ceiling: a small model may miss keys even with every token kept.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kvcompress.cache.base import ModelSpec
 from kvcompress.engine.generate import generate
 from kvcompress.eval.base import EvalContext, Evaluation, require
 from kvcompress.eval.data import tokenize, wants_bos
+from kvcompress.eval.stats import interval_metrics, mean_ci
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about the important information there.\n")
@@ -55,8 +57,10 @@ class Passkey(Evaluation):
     digits: int = 5
     prefill_chunk: int | None = 512  # null = the whole prompt in one forward
     bos: str | bool = "auto"
+    bootstrap: int = 1000            # resamples of prompts for the 95% intervals (0 = none)
 
     def check(self, spec: ModelSpec, data_dir: Path) -> None:
+        require(self.bootstrap >= 0, "eval.bootstrap", ">= 0", self.bootstrap)
         limit = spec.max_position - self.digits - 4
         require(len(self.lengths) >= 1 and all(128 <= n <= limit for n in self.lengths), "eval.lengths",
                 f"a non-empty list of ints in [128, max_position - digits - 4 = {limit}]", self.lengths)
@@ -83,19 +87,23 @@ class Passkey(Evaluation):
                 hits.setdefault((n, d), []).append(first_number(ctx.tokenizer.decode(o)) == k)
             if n == max(self.lengths):
                 metrics.update(ctx.cache.memory_report())
-        return {**metrics, **accuracy_table(hits, self.lengths, self.depths)}
+        return {**metrics, **accuracy_table(hits, self.lengths, self.depths, self.bootstrap, ctx.seed)}
 
 
-def accuracy_table(hits: dict[tuple[int, float], list[bool]], lengths: list[int], depths: list[float]) -> dict:
-    """Accuracy per (length, depth) cell, per depth, per length and overall."""
-    mean = lambda xs: sum(xs) / len(xs)
+def accuracy_table(hits: dict[tuple[int, float], list[bool]], lengths: list[int], depths: list[float],
+                   resamples: int = 1000, seed: int = 0) -> dict:
+    """Accuracy per (length, depth) cell, per depth, per length and overall, with bootstrap intervals."""
     out: dict[str, float] = {}
+
+    def put(name: str, xs: list[bool]) -> None:
+        out.update(interval_metrics(name, sum(xs) / len(xs), mean_ci(xs, resamples, seed)))
+
     for (n, d), h in hits.items():
-        out[f"acc_len{n}_depth{round(100 * d)}"] = mean(h)
+        put(f"acc_len{n}_depth{round(100 * d)}", h)
     for d in depths:
-        out[f"acc_depth{round(100 * d)}"] = mean([x for (_, dd), h in hits.items() if dd == d for x in h])
+        put(f"acc_depth{round(100 * d)}", [x for (_, dd), h in hits.items() if dd == d for x in h])
     for n in lengths:
-        out[f"acc_len{n}"] = mean([x for (nn, _), h in hits.items() if nn == n for x in h])
-    out["accuracy"] = mean([x for h in hits.values() for x in h])
+        put(f"acc_len{n}", [x for (nn, _), h in hits.items() if nn == n for x in h])
+    put("accuracy", [x for h in hits.values() for x in h])
     out["n_prompts"] = sum(len(h) for h in hits.values())
     return out

@@ -1,10 +1,15 @@
-"""Perplexity with the cache in the loop: windows fed ``chunk`` tokens at a time, batched."""
+"""Perplexity with the cache in the loop: windows fed ``chunk`` tokens at a time, batched.
+
+ppl = exp(sum_w NLL_w / sum_w n_w) over windows w; its 95% interval is a bootstrap over windows
+(``stats.ratio_ci``: windows resampled with their token counts), recorded as ``ppl/ci_low``, ``ppl/ci_high``.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -13,6 +18,7 @@ from kvcompress.cache.base import ModelSpec
 from kvcompress.engine.generate import forward_chunks
 from kvcompress.eval.base import EvalContext, Evaluation, require
 from kvcompress.eval.data import check_dataset, load_text, tokenize, wants_bos
+from kvcompress.eval.stats import interval_metrics, ratio_ci
 
 
 def text_windows(tokenizer, text: str, window: int, n_windows: int | None, bos: str | bool = "auto") -> torch.Tensor:
@@ -31,21 +37,26 @@ def text_windows(tokenizer, text: str, window: int, n_windows: int | None, bos: 
     return w
 
 
-def window_nll(model, windows: torch.Tensor, cache, chunk: int, bar=None) -> tuple[float, int, dict]:
-    """Summed NLL and scored-token count of a batch of windows; memory report at the window's end."""
+def window_nll(model, windows: torch.Tensor, cache, chunk: int, bar=None, per_window: list | None = None
+               ) -> tuple[float, int, dict]:
+    """Summed NLL and scored-token count of a batch of windows; memory report at the window's end.
+    ``per_window`` (a list) is extended with each window's summed NLL."""
     cache.reset(windows.shape[0])
-    total = torch.zeros((), dtype=torch.float64, device=windows.device)
+    total = torch.zeros(windows.shape[0], dtype=torch.float64, device=windows.device)
 
     def score(logits, lo, hi):
         nonlocal total
         target = windows[:, lo + 1 : hi + 1]
         logits = logits[:, : target.shape[1]].float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+        total += nll.view(target.shape).sum(1)
         if bar is not None:
             bar.update(1)
 
     forward_chunks(model, windows, cache, chunk, on_chunk=score)
-    return float(total), windows.numel() - windows.shape[0], cache.memory_report()
+    if per_window is not None:
+        per_window.extend(total.tolist())
+    return float(total.sum()), windows.numel() - windows.shape[0], cache.memory_report()
 
 
 @dataclass
@@ -56,9 +67,11 @@ class Perplexity(Evaluation):
     chunk: int = 16
     batch_size: int = 4
     bos: str | bool = "auto"
+    bootstrap: int = 1000  # resamples of windows for the 95% interval of ppl (0 = none)
 
     def check(self, spec: ModelSpec, data_dir: Path) -> None:
         check_dataset(self.dataset, data_dir)
+        require(self.bootstrap >= 0, "eval.bootstrap", ">= 0", self.bootstrap)
         require(2 <= self.window <= spec.max_position, "eval.window", f"in [2, {spec.max_position}]", self.window)
         require(1 <= self.chunk <= self.window, "eval.chunk", f"in [1, window={self.window}]", self.chunk)
         require(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
@@ -70,10 +83,11 @@ class Perplexity(Evaluation):
                                self.bos).to(ctx.model.device)
         batches = windows.split(self.batch_size)
         steps = sum(math.ceil(self.window / self.chunk) for _ in batches)
-        nll, count, memory = 0.0, 0, None
+        nll, count, memory, per_window = 0.0, 0, None, []
         with tqdm(total=steps, desc=f"ppl {self.dataset}", disable=not ctx.progress, leave=False) as bar:
             for batch in batches:
-                s, n, mem = window_nll(ctx.model, batch, ctx.cache, self.chunk, bar)
+                s, n, mem = window_nll(ctx.model, batch, ctx.cache, self.chunk, bar, per_window)
                 nll, count, memory = nll + s, count + n, memory or mem
-        return {"ppl": math.exp(nll / count), "nll": nll / count, "n_tokens": count, "n_windows": len(windows),
-                **memory}
+        ci = ratio_ci(per_window, [windows.shape[1] - 1] * len(per_window), self.bootstrap, ctx.seed, np.exp)
+        return {**interval_metrics("ppl", math.exp(nll / count), ci), "nll": nll / count, "n_tokens": count,
+                "n_windows": len(windows), **memory}

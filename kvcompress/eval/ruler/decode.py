@@ -8,7 +8,7 @@ feeds q_i[t] while t < |q_i|, then its own greedy choices. So
   and the answer is decoded: what ``engine.generate`` does;
 * query-agnostic (q_i = question): the context is prefilled alone and the question arrives one token at a time.
   Each question token is a decode step, so a cache that compresses "when prefill ends" (the first single-token
-  step after multi-token steps, ``cache/evict/base.py``) compresses the context at the first question token,
+  step after multi-token steps, ``cache/policy/base.py``) compresses the context at the first question token,
   before any question token is attended (only that token is held beside the context, as the newest slot), and
   decode-time policies keep evicting while the question and the answer go through.
 
