@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,36 @@ def time_prefill_decode(model, tokens: torch.Tensor, cache, decode_tokens: int, 
     return prefill_s, steps, float(nll)
 
 
+DECODE_PATH = "eager"  # the engine's decode step today; "graph" once a captured static step serves the cache
+NOISE = 0.20  # (max - min) / median of the timed passes above this marks the measurement noisy
+
+
+def spread(name: str, values: list[float]) -> dict[str, float]:
+    """``<name>`` (the median) with its ``_min`` / ``_max`` over the timed passes, and ``noisy`` (0 or 1):
+    ``(max - min) / median > NOISE``. A noisy measurement also prints one line on stderr."""
+    med, lo, hi = statistics.median(values), min(values), max(values)
+    noisy = len(values) > 1 and med > 0 and (hi - lo) / med > NOISE
+    if noisy:
+        print(f"kvc: warning: {name} is noisy: passes span {lo:.4g}..{hi:.4g} around the median {med:.4g} "
+              f"(more than {NOISE:.0%}); the machine is probably loaded", file=sys.stderr)
+    return {name: med, f"{name}_min": lo, f"{name}_max": hi, "noisy": int(noisy)}
+
+
+def timed_passes(ctx: EvalContext, tokens: torch.Tensor, decode_tokens: int, repeats: int, chunk: int | None,
+                 warmup: bool) -> list[tuple[float, list[float], float]]:
+    """An optional short warm-up pass, then ``repeats`` timed prefill+decode passes (cache reset each)."""
+    context = tokens.shape[1] - decode_tokens
+    if warmup:
+        time_prefill_decode(ctx.model, tokens[:, : min(64, context) + 4], ctx.cache, 4, chunk)
+    with tqdm(total=repeats * (decode_tokens - 1), desc="decode", disable=not ctx.progress, leave=False) as bar:
+        return [time_prefill_decode(ctx.model, tokens, ctx.cache, decode_tokens, chunk, bar) for _ in range(repeats)]
+
+
+def decode_rates(passes: list[tuple[float, list[float], float]], batch: int) -> list[float]:
+    """Decode tokens/s of each timed pass."""
+    return [batch * len(s) / sum(s) for _, s, _ in passes]
+
+
 def percentile(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1] if len(xs) > 1 else xs[0]
 
@@ -88,12 +119,7 @@ class Speed(Evaluation):
         tokens = text_windows(ctx.tokenizer, text, length, self.batch_size, bos=False).to(ctx.model.device)
         if tokens.shape[0] < self.batch_size:  # short text: repeat rows
             tokens = tokens.repeat(-(-self.batch_size // tokens.shape[0]), 1)[: self.batch_size]
-        if self.warmup:
-            time_prefill_decode(ctx.model, tokens[:, : min(64, self.context) + 4], ctx.cache, 4, self.prefill_chunk)
-        total = self.repeats * (self.decode_tokens - 1)
-        with tqdm(total=total, desc="decode", disable=not ctx.progress, leave=False) as bar:
-            passes = [time_prefill_decode(ctx.model, tokens, ctx.cache, self.decode_tokens, self.prefill_chunk, bar)
-                      for _ in range(self.repeats)]
+        passes = timed_passes(ctx, tokens, self.decode_tokens, self.repeats, self.prefill_chunk, self.warmup)
         prefill_s = statistics.median(p for p, _, _ in passes)
         steps = [s for _, pass_steps, _ in passes for s in pass_steps]
         B, n, nll = self.batch_size, self.batch_size * self.decode_tokens, passes[0][2]
@@ -102,9 +128,10 @@ class Speed(Evaluation):
             "nll": nll / n,
             "n_tokens": n,
             "prefill_tokens_per_s": B * self.context / prefill_s,  # medians over the timed passes
-            "decode_tokens_per_s": statistics.median(B * len(s) / sum(s) for _, s, _ in passes),
+            **spread("decode_tokens_per_s", decode_rates(passes, B)),  # median, _min, _max, noisy
             "decode_latency_ms_p50": 1000 * percentile(steps, 50),
             "decode_latency_ms_p90": 1000 * percentile(steps, 90),
             "prefill_s": prefill_s,
+            "decode_path": DECODE_PATH,
             **ctx.cache.memory_report(),
         }

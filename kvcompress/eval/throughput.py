@@ -1,0 +1,123 @@
+"""Throughput at equal memory: the largest batch whose KV cache fits a byte budget, and its decode tokens/s.
+
+This is how compressed caches win in serving (KIVI, H2O): the same memory holds more rows. Bytes per row
+are measured, never computed: one untimed pass at ``probe_batch`` rows gives ``kv_bytes / probe_batch``
+after ``context + decode_tokens - 1`` tokens (the most a row holds here), the batch is
+``min(max_batch, floor(budget / bytes_per_row))``, and an untimed pass at that batch verifies
+``kv_bytes <= budget`` (shrinking ``B <- floor(B * budget / kv_bytes)`` if the cache is not linear in rows).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvcompress.cache.base import ModelSpec
+from kvcompress.eval.base import EvalContext, Evaluation, require
+from kvcompress.eval.data import check_dataset, load_text
+from kvcompress.eval.ppl import text_windows
+from kvcompress.eval.speed import DECODE_PATH, decode_rates, spread, time_prefill_decode, timed_passes
+
+VERIFY_TRIES = 4
+POOL = 64  # distinct text windows; larger batches repeat them (the work per row is the same)
+
+
+def fit_batch(bytes_per_row: float, budget: int, max_batch: int) -> int:
+    """Rows that fit: ``min(max_batch, floor(budget / bytes_per_row))`` (0 when not even one does)."""
+    return min(max_batch, math.floor(budget / bytes_per_row)) if bytes_per_row > 0 else max_batch
+
+
+def shrink(batch: int, held: int, budget: int) -> int:
+    """A smaller batch after ``held > budget`` bytes were measured at ``batch`` rows."""
+    return min(batch - 1, math.floor(batch * budget / held))
+
+
+def free_device_bytes(device: torch.device, fraction: float) -> int:
+    """``fraction`` of the accelerator's free memory (after the weights loaded): the ``auto`` budget."""
+    if device.type != "cuda":
+        raise ValueError(f"eval.kv_budget_bytes=auto needs a CUDA device (free GPU memory), got {device}; "
+                         "give a number of bytes")
+    return int(torch.cuda.mem_get_info(device)[0] * fraction)
+
+
+def reserved_bytes(cache) -> int | None:
+    """Bytes the cache has allocated (capacity included), when it can say."""
+    tensors = getattr(cache, "reserved_tensors", None)
+    return None if tensors is None else sum(t.nbytes for t in tensors())
+
+
+@dataclass
+class Throughput(Evaluation):
+    context: int = 1024
+    kv_budget_bytes: int | float | str = "auto"
+    auto_fraction: float = 0.5
+    decode_tokens: int = 16
+    probe_batch: int = 2
+    max_batch: int = 4096
+    prefill_chunk: int | None = 256
+    repeats: int = 2
+    dataset: str = "wikitext2"
+
+    def check(self, spec: ModelSpec, data_dir: Path) -> None:
+        check_dataset(self.dataset, data_dir)
+        limit = spec.max_position - self.decode_tokens
+        require(1 <= self.context <= limit, "eval.context", f"in [1, max_position - decode_tokens = {limit}]",
+                self.context)
+        budget = self.kv_budget_bytes
+        number = isinstance(budget, (int, float)) and not isinstance(budget, bool)
+        require(budget == "auto" or (number and budget >= 1), "eval.kv_budget_bytes",
+                "a positive number of bytes or auto (free GPU memory x eval.auto_fraction)", budget)
+        require(0 < self.auto_fraction <= 1, "eval.auto_fraction", "in (0, 1]", self.auto_fraction)
+        require(self.decode_tokens >= 2, "eval.decode_tokens", ">= 2", self.decode_tokens)
+        require(self.probe_batch >= 1, "eval.probe_batch", ">= 1", self.probe_batch)
+        require(self.max_batch >= 1, "eval.max_batch", ">= 1", self.max_batch)
+        require(self.repeats >= 1, "eval.repeats", ">= 1", self.repeats)
+        require(self.prefill_chunk is None or self.prefill_chunk >= 1, "eval.prefill_chunk", ">= 1 or null",
+                self.prefill_chunk)
+
+    def _rows(self, pool: torch.Tensor, batch: int) -> torch.Tensor:
+        """``batch`` rows of context + decode tokens: the pool's text windows, repeated as needed."""
+        return pool.repeat(-(-batch // pool.shape[0]), 1)[:batch]
+
+    def _held(self, ctx: EvalContext, tokens: torch.Tensor) -> int:
+        """kv_bytes after one untimed prefill + decode pass over ``tokens``."""
+        time_prefill_decode(ctx.model, tokens, ctx.cache, self.decode_tokens, self.prefill_chunk)
+        return ctx.cache.kv_bytes()
+
+    def run(self, ctx: EvalContext) -> dict[str, float]:
+        auto = self.kv_budget_bytes == "auto"
+        budget = free_device_bytes(ctx.model.device, self.auto_fraction) if auto else int(self.kv_budget_bytes)
+        text = load_text(self.dataset, ctx.data_dir)
+        pool = text_windows(ctx.tokenizer, text, self.context + self.decode_tokens, POOL, bos=False)
+        pool = pool.to(ctx.model.device)
+        per_row = self._held(ctx, self._rows(pool, self.probe_batch)) / self.probe_batch
+        batch = fit_batch(per_row, budget, self.max_batch)
+        require(batch >= 1, "eval.kv_budget_bytes", f">= one row's cache ({per_row:.0f} bytes at context "
+                f"{self.context} + {self.decode_tokens} decode tokens)", budget)
+        for _ in range(VERIFY_TRIES):
+            tokens = self._rows(pool, batch)
+            held = self._held(ctx, tokens)  # also the warm-up at the real batch
+            if held <= budget:
+                break
+            batch = shrink(batch, held, budget)
+            require(batch >= 1, "eval.kv_budget_bytes", f">= one row's cache ({held} bytes held)", budget)
+        else:
+            raise RuntimeError(f"no batch fits kv_budget_bytes={budget} after {VERIFY_TRIES} tries (last {held})")
+        passes = timed_passes(ctx, tokens, self.decode_tokens, self.repeats, self.prefill_chunk, warmup=False)
+        rate = spread("decode_tokens_per_s", decode_rates(passes, batch))
+        reserved = reserved_bytes(ctx.cache)
+        return {
+            "batch_size": batch,
+            "batch_limit": "max_batch" if batch == self.max_batch else "kv_budget",
+            "kv_budget_bytes": budget,
+            "kv_budget_auto": int(auto),
+            "bytes_per_row": per_row,
+            "kv_budget_used": held / budget,
+            **rate,
+            "decode_tokens_per_s_per_row": rate["decode_tokens_per_s"] / batch,
+            **({} if reserved is None else {"kv_reserved_bytes": reserved}),
+            "decode_path": DECODE_PATH,
+            **ctx.cache.memory_report(),
+        }
