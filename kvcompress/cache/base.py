@@ -29,6 +29,10 @@ class Rotary(Protocol):
         """Rotate ``x`` (B, H, T, D) at positions ``pos`` (B, T) or (B, H, T)."""
         ...
 
+    def cos_sin(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin tables of shape pos.shape + (D,) (rotate-half layout), for stores that rotate parts."""
+        ...
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -85,12 +89,24 @@ class KVCache(ABC):
         return ()
 
     def computes_kv(self, layer: int) -> bool:
-        """False lets the engine skip this layer's k/v projections (a consumer of shared layers)."""
+        """False lets the engine skip this layer's k/v projections (a layer that reads another layer's store)."""
         return True
 
     # -- accounting: always the real tensors, never a formula --------------------------------
     def kv_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors())
+
+    def reserved_tensors(self) -> Iterable[Tensor]:
+        """Whole allocations behind ``tensors`` (spare buffer capacity included). Default: the same."""
+        return self.tensors()
+
+    def kv_bytes_allocated(self) -> int:
+        """Bytes of the distinct underlying storages: a mask or a view of a full-size buffer saves nothing here."""
+        seen: dict[int, int] = {}
+        for t in self.reserved_tensors():
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return sum(seen.values())
 
     def calibration_bytes(self) -> int:
         return sum(t.nbytes for t in self.calibration_tensors())
@@ -107,6 +123,7 @@ class KVCache(ABC):
         held, ref = self.kv_bytes(), self.kv_bytes_fp16()
         return {
             "kv_bytes": held,
+            "kv_bytes_allocated": self.kv_bytes_allocated(),
             "kv_bytes_fp16": ref,
             "compression_ratio": ref / held if held else float("nan"),
             "calibration_bytes": self.calibration_bytes(),
@@ -116,8 +133,9 @@ class KVCache(ABC):
 class CalibrationContext(Protocol):
     """What the experiment layer hands a cache that needs data (the cache never sees the engine)."""
 
-    key: str  # identifies model + calibration data + token count, for on-disk reuse
+    key: str  # identifies the weights + calibration data + token count, for on-disk reuse
     cache_dir: str
+    progress: bool
 
     def kv_samples(self) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per layer: pre-RoPE keys, values (1, Hkv, N, D) and positions (1, N) on calibration text."""
@@ -180,3 +198,16 @@ def attention_with_weights(
         mask = expand_heads(mask, groups)
     weights = scores.masked_fill(~mask, float("-inf")).float().softmax(-1).to(q.dtype)
     return weights @ vv, weights
+
+
+def attention_tail_weights(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, n: int
+                           ) -> tuple[Tensor, Tensor | None]:
+    """One attention pass; the softmax weights (B, Hq, n, Tk) of the last ``n`` queries come out of it too."""
+    steps = q.shape[2]
+    if n <= 0:
+        return attention(q, k, v, q_pos, k_pos), None
+    if n >= steps:
+        return attention_with_weights(q, k, v, q_pos, k_pos)
+    head = attention(q[:, :, :-n], k, v, q_pos[:, :-n], k_pos)
+    tail, weights = attention_with_weights(q[:, :, -n:], k, v, q_pos[:, -n:], k_pos)
+    return torch.cat([head, tail], 2), weights

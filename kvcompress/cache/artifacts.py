@@ -1,0 +1,44 @@
+"""Saved calibration artefacts (projections, layer similarity): written atomically, read with a clear error.
+
+    save(obj, path)                     # a temp file beside ``path``, then os.replace: never a half-written file
+    load(path, "low-rank calibration")  # any read/unpickle/zip error -> ValueError naming the file and the fix
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file in ``path``'s folder, then an atomic rename: an interrupted save leaves
+    the previous file (or none), never a truncated one."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | Path, what: str = "calibration file") -> Any:
+    """``torch.load`` (weights only, to CPU); a missing, truncated or foreign file is a ValueError that names
+    it and says to delete it so that it is re-created."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip/unpickling/EOF errors name no file on their own
+        raise ValueError(f"{what} {path} is unreadable or truncated ({type(e).__name__}: {e}); delete it and run "
+                         "again to re-create it") from e

@@ -1,0 +1,89 @@
+"""Growing token buffers and token gathering, shared by every storage and policy."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class GrowingBuffer:
+    """A (B, H, capacity, *rest) tensor that doubles its capacity along dim 2 when full.
+
+    ``replace`` (after eviction) re-allocates to 1.5x what is held once the allocation exceeds that, so
+    evicted tokens free real memory and a decode step after an eviction still appends in place.
+    """
+
+    def __init__(self) -> None:
+        self.data: Tensor | None = None
+        self.length = 0
+
+    def append(self, x: Tensor) -> None:
+        n = x.shape[2]
+        if self.data is None or self.length + n > self.data.shape[2] or self.data.shape[1] != x.shape[1]:
+            self._grow(x, self.length + n)
+        self.data[:, :, self.length : self.length + n] = x
+        self.length += n
+
+    def _grow(self, x: Tensor, needed: int) -> None:
+        capacity = max(needed, 2 * (self.data.shape[2] if self.data is not None else 0), 16)
+        heads = x.shape[1] if self.data is None else max(x.shape[1], self.data.shape[1])
+        new = x.new_empty((x.shape[0], heads, capacity, *x.shape[3:]))
+        if self.data is not None and self.length:
+            new[:, :, : self.length] = self.data[:, :, : self.length]
+        self.data = new
+
+    def view(self) -> Tensor:
+        return self.data[:, :, : self.length]
+
+    def replace(self, x: Tensor) -> None:
+        """Hold ``x`` instead (fewer or re-ordered tokens, maybe more heads)."""
+        n = x.shape[2]
+        capacity = max(16, n + n // 2)
+        if self.data is None or x.shape[1] != self.data.shape[1] or not n <= self.data.shape[2] <= capacity:
+            self.data = x.new_empty((x.shape[0], x.shape[1], capacity, *x.shape[3:]))
+        self.data[:, :, :n] = x
+        self.length = n
+
+    def tensors(self) -> list[Tensor]:
+        return [self.view()] if self.data is not None else []
+
+    def reserved(self) -> list[Tensor]:
+        return [self.data] if self.data is not None else []
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """Select tokens along dim 2 of x (B, H, T, ...) with idx (B, T') or (B, H', T')."""
+    if idx.dim() == 2:
+        idx = idx[:, None]
+    heads = max(x.shape[1], idx.shape[1])
+    x = x.expand(x.shape[0], heads, *x.shape[2:])
+    idx = idx.expand(idx.shape[0], heads, idx.shape[2])
+    extra = x.shape[3:]
+    idx = idx.reshape(*idx.shape, *([1] * len(extra))).expand(*idx.shape, *extra)
+    return torch.gather(x, 2, idx)
+
+
+def take(state: Tensor, idx: Tensor) -> Tensor:
+    """Gather per-token state (B, H', ..., T) with keep indices (B, K) or (B, Hkv, K) along the last dim."""
+    if idx.dim() == 2:
+        idx = idx[:, None]
+    heads = max(state.shape[1], idx.shape[1])
+    state = state.expand(state.shape[0], heads, *state.shape[2:])
+    mid = state.shape[2:-1]
+    idx = idx.reshape(idx.shape[0], idx.shape[1], *([1] * len(mid)), idx.shape[-1])
+    return state.gather(-1, idx.expand(state.shape[0], heads, *mid, idx.shape[-1]))
+
+
+def fit(state: Tensor | None, length: int) -> Tensor | None:
+    """Pad per-token state with zeros up to ``length`` tokens (new tokens have no score yet)."""
+    if state is None or state.shape[-1] >= length:
+        return state
+    return torch.nn.functional.pad(state, (0, length - state.shape[-1]))
+
+
+def pick_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of ``mask`` (..., T), the indices where it holds, in order, padded to the fullest row with
+    index 0; and which entries are real. Rows (batch rows, heads) then keep different tokens in one tensor."""
+    count = int(mask.sum(-1).max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :count]
+    valid = torch.gather(mask, -1, order)
+    return order.masked_fill(~valid, 0), valid

@@ -1,0 +1,131 @@
+"""The one cache: a storage x a policy x a layout (``conf/storage``, ``conf/policy``, ``conf/layout``).
+
+Per layer and step the engine calls ``append`` then ``attend``. The layout routes each layer to its
+view of a store; the storage holds tokens and computes attention; the policy sees the attention
+weights of every layer that reads a store (summed) and picks what the store keeps, once per step,
+after the store's last reader attended. No axis knows another: any storage works under any policy
+and any layout. With ``dense``, ``none`` and ``per_layer`` this is the full cache, exactly.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from kvcompress.cache.base import PAD_POSITION, KVCache, ModelSpec, Rotary
+from kvcompress.cache.layout.base import Layout
+from kvcompress.cache.policy.base import Policy
+from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.storage.dense import DenseStore
+
+
+class SlotRotary:
+    """Rotary embedding at slot indices instead of positions (a policy's ``rerotate``: positions within the cache)."""
+
+    def __init__(self, rope: Rotary):
+        self.rope = rope
+
+    def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
+        return self.rope.rotate(x, torch.arange(pos.shape[-1], device=pos.device).expand_as(pos))
+
+    def cos_sin(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return self.rope.cos_sin(torch.arange(pos.shape[-1], device=pos.device).expand_as(pos), dtype)
+
+
+class ComposedCache(KVCache):
+    def __init__(self, storage: TokenStore | None = None, policy: Policy | None = None, layout: Layout | None = None):
+        self.storage = storage if storage is not None else DenseStore()
+        self.policy = policy if policy is not None else Policy()
+        self.layout = layout if layout is not None else Layout()
+        self._seen = torch.zeros((), dtype=torch.long)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def setup(self, spec: ModelSpec) -> None:
+        super().setup(spec)
+        self.storage.check(spec)
+        self.layout.check(spec)
+        self.policy.check(spec, self.storage)
+
+    def calibrate(self, ctx) -> None:
+        self.storage.calibrate(ctx)
+        self.layout.calibrate(ctx, self._dense_cache)
+
+    def _dense_cache(self, layout: Layout) -> ComposedCache:
+        cache = ComposedCache(DenseStore(keys=self.storage.keys), Policy(), layout)
+        cache.setup(self.spec)
+        return cache
+
+    def reset(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.views = self.layout.build(self.storage.fresh)
+        self.owner = self.layout.owners()
+        self.first_reader = {o: self.owner.index(o) for o in set(self.owner)}
+        self.last_reader = {o: len(self.owner) - 1 - self.owner[::-1].index(o) for o in set(self.owner)}
+        self.policy.reset(batch_size, sorted(set(self.owner)))
+        self.pending_weights: dict[int, Tensor] = {}
+        self._seen = torch.zeros((), dtype=torch.long)
+
+    def computes_kv(self, layer: int) -> bool:
+        return self.layout.computes_kv(layer)
+
+    # -- the engine's calls ----------------------------------------------------------------------
+    def append(self, layer: int, k: Tensor, v: Tensor, pos: Tensor, rope: Rotary) -> None:
+        self.rope = rope
+        if layer == 0:
+            self._seen = self._seen.to(pos.device) + (pos < PAD_POSITION).sum()
+            self.policy.start_step(k.shape[2], pos)
+        self.layout.append(layer, self.views[layer], k, v, pos, SlotRotary(rope) if self.policy.rerotate else rope)
+
+    def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
+        view, owner, steps = self.views[layer], self.owner[layer], q.shape[2]
+        if layer == self.first_reader[owner]:
+            self.policy.before_attend(owner, view, steps)
+        if self.policy.rerotate:  # the query sits at the slot after the last key: R(slot) = R(slot - pos) R(pos)
+            slots = torch.arange(view.length - steps, view.length, device=q.device)[None]
+            q = self.rope.rotate(q, slots - q_pos)
+        n = self.policy.weights_wanted(owner, steps)
+        out, weights = view.attend(q, q_pos, n)
+        if weights is not None:
+            weights = weights * (q_pos[:, -n:] < PAD_POSITION)[:, None, :, None]
+            if owner in self.pending_weights:
+                weights = weights + self.pending_weights.pop(owner)
+        if layer != self.last_reader[owner]:
+            if weights is not None:
+                self.pending_weights[owner] = weights
+            return out
+        if weights is not None:
+            self.policy.observe(owner, weights, view.positions())
+        remap = self.layout.after_attend(layer)
+        if remap is not None:
+            self.policy.remap(owner, remap)
+        self.policy.after_attend(owner, view, steps)
+        return out
+
+    # -- accounting ------------------------------------------------------------------------------
+    def stores(self) -> list[TokenStore]:
+        """Distinct views (a shared store counts once)."""
+        return list({id(v): v for v in self.views}.values())
+
+    def tensors(self) -> Iterable[Tensor]:
+        return [t for s in self.stores() for t in s.tensors()] + self.policy.tensors()
+
+    def reserved_tensors(self) -> Iterable[Tensor]:
+        return [t for s in self.stores() for t in s.reserved_tensors()] + self.policy.tensors()
+
+    def calibration_tensors(self) -> Iterable[Tensor]:
+        return self.storage.calibration_tensors()
+
+    @property
+    def tokens_seen(self) -> int:
+        return int(self._seen)
+
+    def memory_report(self) -> dict[str, float]:
+        return {**super().memory_report(), **self.storage.report(), **self.policy.report(), **self.layout.report()}
+
+
+class FullCache(ComposedCache):
+    """Every token, as computed, in the model's dtype: dense x none x per_layer. The exact baseline."""
+
+    def __init__(self) -> None:
+        super().__init__()

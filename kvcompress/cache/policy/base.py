@@ -1,0 +1,237 @@
+"""The policy axis: which tokens each store keeps, never how they are stored or which layers read them.
+
+``Policy`` (``policy=none``) keeps everything: the identity. ``EvictionPolicy`` is the base of every
+eviction method; a method implements ``score`` (higher = keep) and, if it scores by attention,
+``queries_needed`` and ``observe``. The composed cache calls the hooks per store ("owner"): a store
+read by several layers (a CLA group, a MiniCache pair) gets the attention weights of all its readers,
+summed, and is evicted once per step, after its last reader attended.
+
+* Budget: a token count (int >= 1) or a fraction in (0, 1] of the tokens seen by the row.
+* Protected tokens: ``sinks`` (the lowest positions held) and ``recent`` (the highest; an int, or a
+  float fraction of the budget). Everything else competes on the policy's score.
+* When: ``decode`` evicts after every forward step (chunked prefill steps included) once a store holds
+  more than budget + ``slack``; ``prefill`` compresses once when prefill ends (the first single-token
+  step after multi-token steps) before that step attends, then lets decode grow; ``both`` keeps the
+  whole prompt during prefill, compresses at its end, then evicts during decode.
+* ``per_head``: each KV head keeps its own tokens (positions become (B, Hkv, T)); needs a storage
+  that can hold ragged heads.
+* ``rerotate``: positions *within the cache* (StreamingLLM's option): keys are rotated at their slot
+  index and queries at the slot after the last key; causality still follows the original positions.
+  Needs ``storage.keys=pre_rope``; assumes rows without padding.
+
+Positions are never renumbered: kept tokens keep their positions, batch rows select independently,
+and the storage's ``keep(idx)`` does the gathering (memory is really freed).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from kvcompress.cache.base import PAD_POSITION, ModelSpec
+from kvcompress.cache.buffers import fit, take
+from kvcompress.cache.checks import fail, int_at_least, is_int, is_number, one_of
+from kvcompress.cache.storage.base import TokenStore
+
+WHEN = ("prefill", "decode", "both")
+
+
+class Policy:
+    """``policy=none``: keep every token. Every hook is a no-op; the composed cache is then the storage alone."""
+
+    rerotate = False
+
+    def check(self, spec: ModelSpec, storage: TokenStore) -> None:
+        self.spec = spec
+
+    def reset(self, batch_size: int, owners: list[int]) -> None:
+        pass
+
+    def start_step(self, steps: int, pos: Tensor) -> None:
+        """Layer 0 saw ``steps`` new tokens at ``pos`` (B, T)."""
+
+    def before_attend(self, owner: int, store: TokenStore, steps: int) -> None:
+        """The store's first reader is about to attend (prefill-end compression happens here)."""
+
+    def weights_wanted(self, owner: int, steps: int) -> int:
+        """How many trailing queries of this step the policy needs softmax weights for."""
+        return 0
+
+    def observe(self, owner: int, weights: Tensor, pos: Tensor) -> None:
+        """Softmax weights (B, Hq, n, T) of the last n queries over the store's slots, summed over its readers."""
+
+    def remap(self, owner: int, idx: Tensor) -> None:
+        """The store re-ordered its slots (new slot i holds old slot idx[..., i]): move per-token state along."""
+
+    def after_attend(self, owner: int, store: TokenStore, steps: int) -> None:
+        """The store's last reader attended (decode-time eviction happens here)."""
+
+    def tensors(self) -> list[Tensor]:
+        """Per-token state the policy holds (counted in ``kv_bytes``: it is real memory)."""
+        return []
+
+    def report(self) -> dict[str, float]:
+        return {}
+
+
+def check_budget(budget, sinks, recent) -> None:
+    """ValueErrors naming the setting and its valid range (runs in the constructor)."""
+    if not is_number(budget) or (is_int(budget) and budget < 1) or (isinstance(budget, float) and not 0 < budget <= 1):
+        fail("policy.budget", "a token count >= 1 (int) or a fraction in (0, 1] (float)", budget)
+    int_at_least("policy.sinks", sinks, 0)
+    if is_int(budget) and sinks >= budget:
+        fail("policy.sinks", f"< budget ({budget})", sinks)
+    if isinstance(recent, float):
+        if not 0.0 <= recent <= 1.0:
+            fail("policy.recent", "a token count (int >= 0) or a fraction of the budget in [0, 1]", recent)
+    elif not is_int(recent) or recent < 0:
+        fail("policy.recent", "a token count (int >= 0) or a fraction of the budget in [0, 1]", recent)
+    elif is_int(budget) and sinks + recent > budget:
+        fail("policy.sinks + policy.recent", f"<= budget ({budget})", f"{sinks} + {recent}")
+
+
+class EvictionPolicy(Policy):
+    """Base of every eviction method: budgets, protection, timing; subclasses score tokens."""
+
+    def __init__(self, budget: int | float = 512, sinks: int = 0, recent: int | float = 0, when: str = "decode",
+                 slack: int = 0, per_head: bool = False, rerotate: bool = False):
+        check_budget(budget, sinks, recent)
+        self.when = one_of("policy.when", when, WHEN)
+        self.slack = int_at_least("policy.slack", slack, 0)
+        self.budget, self.sinks, self.recent = budget, sinks, recent
+        self.per_head, self.rerotate = bool(per_head), bool(rerotate)
+
+    def check(self, spec: ModelSpec, storage: TokenStore) -> None:
+        super().check(spec, storage)
+        # a budget no store can exceed: the policy is the identity, exactly
+        self.never_evicts = is_int(self.budget) and min(
+            self.layer_budget(layer, self.budget) for layer in range(spec.num_layers)) >= spec.max_position
+        name = type(storage).__name__
+        if self.per_head and spec.num_kv_heads > 1 and not storage.ragged_heads:
+            raise ValueError(f"policy.per_head=true needs a storage that keeps different tokens per KV head; "
+                             f"{name} with these settings cannot (a latent across heads: set storage.per_head=true)")
+        if self.rerotate and storage.keys != "pre_rope":
+            raise ValueError(f"policy.rerotate=true rotates keys at their slot in the cache, so the storage must "
+                             f"hold them unrotated: set storage.keys=pre_rope ({name} has keys={storage.keys})")
+
+    def reset(self, batch_size: int, owners: list[int]) -> None:
+        self.row_seen = torch.zeros(batch_size, dtype=torch.long)
+        self._last_step, self._prefill_end = 0, False
+        self.compressed = {o: False for o in owners}
+        self.state: dict[int, Tensor | None] = {o: None for o in owners}
+        self.evictions = 0
+        self.held: dict[int, int] = {}
+
+    # -- budgets -----------------------------------------------------------------------------
+    def row_budget(self) -> int:
+        """The budget of the fullest row: a token count, or the fraction of its tokens seen."""
+        if isinstance(self.budget, float):
+            return max(1, math.ceil(self.budget * int(self.row_seen.max())))
+        return self.budget
+
+    def layer_budget(self, owner: int, budget: int) -> int:
+        """Per-store schedule (PyramidKV); by default every store gets the same budget."""
+        return budget
+
+    def recent_tokens(self, budget: int) -> int:
+        return int(self.recent * budget) if isinstance(self.recent, float) else self.recent
+
+    def target(self, owner: int) -> int:
+        return self.layer_budget(owner, self.row_budget())
+
+    # -- the composed cache's calls -------------------------------------------------------------
+    def start_step(self, steps: int, pos: Tensor) -> None:
+        self._prefill_end = steps == 1 and self._last_step > 1
+        self._last_step = steps
+        self.row_seen = self.row_seen.to(pos.device) + (pos < PAD_POSITION).sum(1)
+
+    def before_attend(self, owner: int, store: TokenStore, steps: int) -> None:
+        if self._prefill_end and self.when != "decode" and not self.compressed[owner]:
+            self.compressed[owner] = True
+            self.evict(owner, store, protect=steps)
+            if self.when == "prefill":
+                self.state[owner] = None  # no eviction can follow: free the state
+
+    def weights_wanted(self, owner: int, steps: int) -> int:
+        if self.never_evicts or (self.when == "prefill" and self.compressed[owner]):
+            return 0  # no eviction can follow: no scores needed (and attention stays the plain kernel)
+        return self.queries_needed(owner, steps)
+
+    def remap(self, owner: int, idx: Tensor) -> None:
+        if self.state[owner] is not None:
+            self.state[owner] = take(fit(self.state[owner], int(idx.max()) + 1), idx)
+
+    def after_attend(self, owner: int, store: TokenStore, steps: int) -> None:
+        evicts_now = self.when == "decode" or (self.when == "both" and steps == 1)
+        if evicts_now and store.length > self.target(owner) + self.slack:
+            self.evict(owner, store)
+        self.held[owner] = store.length
+
+    # -- eviction ----------------------------------------------------------------------------
+    def evict(self, owner: int, store: TokenStore, protect: int = 0) -> None:
+        """Keep the store's best tokens within its budget; the last ``protect`` slots always stay."""
+        held, budget = store.length, self.target(owner)
+        if held <= budget:
+            return
+        pos = store.positions()
+        if pos.dim() == 2:
+            pos = pos[:, None]
+        score = self.score(owner, store, pos)
+        if self.per_head and score.shape[1] == 1:
+            score = score.expand(-1, self.spec.num_kv_heads, -1)
+        if not self.per_head and score.shape[1] > 1:
+            score = score.mean(1, keepdim=True)
+        if score.shape[1] > pos.shape[1]:
+            pos = pos.expand(-1, score.shape[1], -1)
+        idx = self.priority(score, pos, budget, protect).topk(budget, dim=-1).indices.sort(-1).values
+        if idx.shape[1] == 1:
+            idx = idx[:, 0]
+        store.keep(idx)
+        if self.state[owner] is not None:
+            self.state[owner] = take(fit(self.state[owner], held), idx)
+        self.evictions += 1
+
+    def priority(self, score: Tensor, pos: Tensor, budget: int, protect: int) -> Tensor:
+        """Score with sinks, the recent window and protected slots lifted to +inf, padding to -inf."""
+        real = pos < PAD_POSITION
+        prio = score.float().nan_to_num(0.0, 0.0, 0.0).masked_fill(~real, float("-inf"))
+        lifted = torch.zeros_like(real)
+        n_new = min(protect, budget)
+        if n_new:
+            lifted[..., -n_new:] = True
+        n_sinks = min(self.sinks, budget - n_new)
+        n_recent = min(max(self.recent_tokens(budget), n_new), budget - n_sinks)
+        key = pos.long()
+        if n_sinks:
+            first = torch.where(real, -key, torch.full_like(key, -(2**62))).topk(n_sinks, -1).indices
+            lifted.scatter_(-1, first, True)
+        if n_recent:
+            last = torch.where(real, key, torch.full_like(key, -(2**62))).topk(n_recent, -1).indices
+            lifted.scatter_(-1, last, True)
+        return prio.masked_fill(lifted & real, float("inf"))
+
+    # -- what a method implements ---------------------------------------------------------------
+    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
+        """(B, 1 or Hkv, T) importance of every held token, higher = keep. ``pos`` is (B, 1|Hkv, T)."""
+        raise NotImplementedError
+
+    def queries_needed(self, owner: int, steps: int) -> int:
+        """How many trailing queries the method scores with (0: it needs no attention weights)."""
+        return 0
+
+    def group_weights(self, weights: Tensor) -> Tensor:
+        """(B, Hq, n, T) -> (B, Hkv, n, T) per KV head, or (B, 1, n, T) when heads share a selection."""
+        b, hq, n, t = weights.shape
+        hkv = self.spec.num_kv_heads if self.per_head else 1
+        return weights.float().view(b, hkv, hq // hkv, n, t).sum(2)
+
+    # -- accounting ---------------------------------------------------------------------------
+    def tensors(self) -> list[Tensor]:
+        return [t for t in self.state.values() if t is not None]
+
+    def report(self) -> dict[str, float]:
+        held = list(self.held.values())
+        out = {"tokens_held_mean": sum(held) / len(held), "tokens_held_max": max(held)} if held else {}
+        return {**out, "policy_bytes": sum(t.nbytes for t in self.tensors()),
+                "evictions": self.evictions}  # since reset: 0 means this run measured the full cache

@@ -1,0 +1,27 @@
+"""Random eviction: the baseline every scoring policy must beat."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvcompress.cache.policy.base import EvictionPolicy
+from kvcompress.cache.storage.base import TokenStore
+
+
+class RandomPolicy(EvictionPolicy):
+    """Uniform random scores (seeded per batch), with the same sinks / recent protection as any policy."""
+
+    def __init__(self, budget: int | float = 512, seed: int = 0, **kwargs):
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"policy.seed must be an int, got {seed!r}")
+        self.seed = seed
+        super().__init__(budget=budget, **kwargs)
+
+    def reset(self, batch_size: int, owners: list[int]) -> None:
+        super().reset(batch_size, owners)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
+        heads = self.spec.num_kv_heads if self.per_head else 1
+        shape = (pos.shape[0], heads, pos.shape[-1])
+        return torch.rand(shape, generator=self.generator).to(pos.device)

@@ -1,0 +1,62 @@
+"""SnapKV (Li et al., 2024): score tokens by the attention of an observation window of the latest
+queries, smoothed by pooling over neighbouring tokens; the window itself is kept.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvcompress.cache.buffers import fit
+from kvcompress.cache.policy.base import EvictionPolicy
+from kvcompress.cache.storage.base import TokenStore
+
+POOLINGS = ("max", "avg")
+
+
+class SnapKV(EvictionPolicy):
+    """Keeps the weight rows of the last ``window`` queries (across steps, so a prefill in small
+    chunks or decode still sees a full window); score = their sum, pooled with ``kernel``.
+
+    ``recent`` defaults to ``window``: the observation window's own tokens stay.
+    """
+
+    def __init__(self, budget: int | float = 512, sinks: int = 0, recent: int | float | None = None,
+                 window: int = 32, kernel: int = 7, pooling: str = "max", **kwargs):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"policy.window must be an int >= 1, got {window!r}")
+        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"policy.kernel must be an odd int >= 1, got {kernel!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"policy.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if recent is None:
+            recent = min(window, budget - sinks) if isinstance(budget, int) else window
+        self.window, self.kernel, self.pooling = window, kernel, pooling
+        super().__init__(budget=budget, sinks=sinks, recent=recent, **kwargs)
+
+    def queries_needed(self, owner: int, steps: int) -> int:
+        return min(self.window, steps)
+
+    def observe(self, owner: int, weights: Tensor, pos: Tensor) -> None:
+        rows = self.group_weights(weights)  # (B, H', n, T)
+        old = fit(self.state[owner], rows.shape[-1])
+        if old is not None:
+            rows = torch.cat([old, rows], 2)
+        self.state[owner] = rows[:, :, -self.window :].contiguous()
+
+    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
+        rows = fit(self.state[owner], store.length)
+        if rows is None:
+            return pos.float().new_zeros(pos.shape)
+        return self.pool(rows.sum(2))
+
+    def pool(self, s: Tensor) -> Tensor:
+        if self.kernel == 1:
+            return s
+        b, h, t = s.shape
+        x = s.reshape(b * h, 1, t)
+        if self.pooling == "max":
+            x = F.max_pool1d(x, self.kernel, stride=1, padding=self.kernel // 2)
+        else:
+            x = F.avg_pool1d(x, self.kernel, stride=1, padding=self.kernel // 2, count_include_pad=False)
+        return x.reshape(b, h, t)

@@ -1,1 +1,0 @@
-"""Cross-layer sharing: which layers own storage (CLA-style groups, MiniCache-style merging)."""

@@ -1,0 +1,96 @@
+"""``storage=int8|int4|int2|kivi``: group-wise integer K and V with fp16 scales, packed codes and an
+optional full-precision residual window of the most recent tokens.
+
+One class; the YAMLs only differ in settings. ``int8`` / ``int4`` / ``int2``: per-token groups of
+``group_size`` channels for keys and values. ``kivi`` (Liu et al., 2024): keys per channel (groups of
+``group_size`` tokens), values per token, ``residual`` recent tokens in full precision. The residual
+rule (``part.QuantPart.split``) depends only on the token count, so prefill, decode and any chunking
+leave the same tokens in full precision; after n tokens at least ``residual`` recent keys are exact
+(the original flushes keys in blocks of ``residual``, keeping 0..residual-1 exact).
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from kvcompress.cache.base import ModelSpec
+from kvcompress.cache.buffers import gather_tokens
+from kvcompress.cache.checks import DTYPES, int_at_least, one_of
+from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.storage.quant.part import QuantPart
+from kvcompress.cache.storage.quant.quantizer import QuantConfig
+
+DEFAULT_GROUP = 64
+
+
+class QuantizedStore(TokenStore):
+    """K and V quantized separately (own axis and group size), positions as int32.
+
+    ``group_size`` counts channels for per-token groups and tokens for per-channel groups (null: 64);
+    ``key_group_size`` / ``value_group_size`` override it for one side. A per-token group never spans
+    heads: one larger than head_dim is clipped to head_dim (so the defaults work on a head_dim-8 model).
+    ``residual`` recent tokens stay in ``residual_dtype`` ("model" keeps the model's dtype).
+    ``dequant_cache`` keeps a dequantized copy so ``read`` never dequantizes the whole history (faster
+    eager decode; its bytes are reported and cancel the memory saving, see ``QuantPart``).
+    """
+
+    def __init__(self, bits: int = 4, group_size: int | None = None, key_axis: str = "token",
+                 value_axis: str = "token", symmetric: bool = False, residual: int = 0,
+                 residual_dtype: str = "float16", key_group_size: int | None = None,
+                 value_group_size: int | None = None, dequant_cache: bool = False, keys: str = "post_rope"):
+        int_at_least("storage.residual", residual, 0)
+        one_of("storage.residual_dtype", residual_dtype, DTYPES)
+        for name, g in (("group_size", group_size), ("key_group_size", key_group_size),
+                        ("value_group_size", value_group_size)):
+            if g is not None:
+                int_at_least(f"storage.{name}", g, 1)
+        self.bits, self.symmetric, self.residual = bits, bool(symmetric), residual
+        self.residual_dtype, self.dequant_cache = residual_dtype, bool(dequant_cache)
+        self.wanted = {"key": (key_group_size or group_size or DEFAULT_GROUP, key_axis),
+                       "value": (value_group_size or group_size or DEFAULT_GROUP, value_axis)}
+        self.configs = {side: QuantConfig(bits, g, axis, self.symmetric) for side, (g, axis) in self.wanted.items()}
+        super().__init__(keys)
+
+    def check(self, spec: ModelSpec) -> None:
+        super().check(spec)
+        for side, (g, axis) in self.wanted.items():
+            if axis == "token":
+                g = min(g, spec.head_dim)
+            self.configs[side] = QuantConfig(self.bits, g, axis, self.symmetric)
+            self.configs[side].check_head_dim(spec.head_dim, f"storage.{side}_group_size (or group_size)")
+
+    def clear_payload(self) -> None:
+        part = lambda side: QuantPart(self.configs[side], self.residual, self.residual_dtype, self.dequant_cache)
+        self.k, self.v = part("key"), part("value")
+        self.dtype = None
+
+    def append_payload(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        self.dtype = k.dtype
+        self.k.append(k)
+        self.v.append(v)
+
+    def read_payload(self) -> tuple[Tensor, Tensor]:
+        return self.k.read(self.dtype), self.v.read(self.dtype)
+
+    def keep_payload(self, idx: Tensor) -> None:
+        B, H = self.k.res.shape[:2]
+        full = idx[:, None].expand(B, H, idx.shape[-1]) if idx.dim() == 2 else idx
+        self.k.keep(full)
+        self.v.keep(full)
+
+    def keep(self, idx: Tensor) -> None:
+        if self.k.res is not None:
+            super().keep(idx)
+
+    def payload_tensors(self) -> list[Tensor]:
+        return self.k.tensors() + self.v.tensors()
+
+    def payload_reserved(self) -> list[Tensor]:
+        return self.k.reserved_tensors() + self.v.reserved_tensors()
+
+    def report(self) -> dict[str, float | str]:
+        return {"key_group_size": self.configs["key"].group_size, "value_group_size": self.configs["value"].group_size}
+
+    def full_precision_positions(self) -> tuple[Tensor, Tensor]:
+        """Positions of the tokens whose K (and V) are held in full precision, (B, r) or (B, H, r)."""
+        p = self.positions()
+        return p[..., self.k.n_q :], p[..., self.v.n_q :]

@@ -1,0 +1,119 @@
+"""One job from a composed config: the cache from its three axes (or the ``cache=`` escape hatch), the record's
+cache fields, and validate -> load -> calibrate. ``kvc`` and ``kvc-lm-eval`` both build runs here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kvcompress.cache import ComposedCache, KVCache
+
+AXES = ("storage", "policy", "layout")
+IDENTITY = {"storage": "dense", "policy": "none", "layout": "per_layer"}
+
+
+def choices(cfg: DictConfig) -> dict[str, str]:
+    """The config-group choice of each axis (and ``cache``, ``eval``): from Hydra, else from the config itself."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        found = dict(HydraConfig.get().runtime.choices)
+    except ValueError:  # compose API or tests: composed with return_hydra_config, or named by _target_
+        found = dict(OmegaConf.select(cfg, "hydra.runtime.choices", default={}) or {})
+    for axis in AXES:
+        if not found.get(axis) and cfg.get(axis) is not None:
+            found[axis] = str(cfg[axis]._target_).rsplit(".", 1)[-1].lower()
+    return {k: str(v) for k, v in found.items() if v is not None}
+
+
+def params(node: Any) -> dict:
+    return {k: v for k, v in (node or {}).items() if k not in ("_target_", "_partial_")}
+
+
+def cache_fields(cfg: DictConfig) -> dict:
+    """Record fields: each axis and its settings apart, a short readable name (identity axes left out, ``full``
+    when all are), and ``cache_params`` merged (``policy.budget`` ...) for tables."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    names = choices(cfg)
+    if resolved.get("cache"):
+        name = names.get("cache") or str(resolved["cache"].get("_target_", "?")).rsplit(".", 1)[-1]
+        return {"cache": name, "cache_params": params(resolved["cache"]),
+                **{axis: None for axis in AXES}, **{f"{axis}_params": None for axis in AXES}}
+    fields: dict[str, Any] = {}
+    merged: dict[str, Any] = {}
+    for axis in AXES:
+        fields[axis], fields[f"{axis}_params"] = names.get(axis, "?"), params(resolved.get(axis))
+        merged.update({f"{axis}.{k}": v for k, v in fields[f"{axis}_params"].items()})
+    short = [fields[axis] for axis in AXES if fields[axis] != IDENTITY[axis]]
+    return {"cache": "+".join(short) or "full", "cache_params": merged, **fields}
+
+
+def build_cache(cfg: DictConfig) -> KVCache:
+    """Instantiate the axes (or the escape hatch); a setting's error names the axis choice it belongs to."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    names = choices(cfg)
+
+    def make(group: str):
+        try:
+            return instantiate(cfg[group], _convert_="all")
+        except InstantiationException as e:  # Hydra wraps the class's own ValueError (setting + range)
+            raise ValueError(f"{group}={names.get(group, '?')}: {e.__cause__ or e}") from e
+
+    if cfg.get("cache"):
+        chosen = [f"{a}={names.get(a)}" for a in AXES if names.get(a, IDENTITY[a]) != IDENTITY[a]]
+        if chosen:
+            raise ValueError(f"cache={names.get('cache')} implements the whole cache interface; it cannot be combined "
+                             f"with {' '.join(chosen)} (drop them, or use the three axes instead of cache=)")
+        return make("cache")
+    return ComposedCache(**{axis: make(axis) for axis in AXES})
+
+
+def setup_cache(cache: KVCache, spec, cfg: DictConfig) -> None:
+    """``cache.setup`` with the axis choices named in an impossible combination's error."""
+    try:
+        cache.setup(spec)
+    except ValueError as e:
+        names = choices(cfg)
+        combo = " ".join(f"{a}={names[a]}" for a in (*AXES, "cache") if names.get(a))
+        raise ValueError(f"{combo}: {e}") from e
+
+
+@dataclass
+class Prepared:
+    model: Any
+    tokenizer: Any
+    cache: KVCache
+    data_dir: Path
+    device: torch.device
+
+
+def prepare(cfg: DictConfig, check=None) -> Prepared:
+    """Validate everything (cache settings against the model's dimensions, then ``check(spec)``) before any
+    weights load; then load the model and calibrate the cache if it wants data."""
+    from kvcompress.engine.loaders import DTYPES, load, read_config, resolve_source
+    from kvcompress.eval.calibration import Calibration
+    from kvcompress.run import resolve_device
+
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {cfg.dtype!r}; valid choices: {', '.join(DTYPES)}")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    cache = build_cache(cfg)
+    source = resolve_source(str(cfg.model.source), cfg.paths.models)
+    config = read_config(source, cfg.model.name)
+    setup_cache(cache, config.spec(), cfg)
+    data_dir = Path(cfg.paths.data).expanduser()
+    if check is not None:
+        check(config.spec(), data_dir)
+    # -- everything above is validation; weights load below ----------------------------------------
+    model, tokenizer = load(source, cfg.model.name, device, DTYPES[cfg.dtype])
+    cal = cfg.calibration
+    cache.calibrate(Calibration(model, tokenizer, data_dir, cal.dataset, cal.tokens, cal.window,
+                                Path(cfg.paths.calibration).expanduser(), progress=bool(cfg.progress)))
+    return Prepared(model, tokenizer, cache, data_dir, device)

@@ -1,0 +1,169 @@
+"""The contract of the three axes: every conf/storage x conf/policy x conf/layout YAML, on a tiny random Llama.
+
+Each combination must keep the design brief's invariants: exact accounting (``kv_bytes`` is the real tensors,
+``kv_bytes_allocated`` the distinct allocations behind them), batch rows independent, positions never
+renumbered, finite output, and a real setting on an axis holds fewer bytes than that axis's identity.
+Identity settings reduce a combination to the other axes exactly.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import spec_of, tiny_model
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from kvcompress.cache import PAD_POSITION, ComposedCache
+from kvcompress.engine.generate import forward_chunks, positions_like
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+AXES = ("storage", "policy", "layout")
+NAMES = {axis: sorted(p.stem for p in (CONF / axis).glob("*.yaml")) for axis in AXES}
+IDENTITY = {"storage": "dense", "policy": "none", "layout": "per_layer"}
+NEEDS_WEIGHTS = {"h2o", "snapkv", "tova", "pyramid"}
+
+# settings that make each choice do real work on a 4-layer, head_dim-32, 40 + 8 token test
+REAL = {
+    "storage": {"kivi": dict(residual=8, group_size=8), "bnb_int8": dict(blocksize=32),
+                "bnb_nf4": dict(blocksize=32), "bnb_fp4": dict(blocksize=32)},
+    "policy": {name: dict(budget=0.5) for name in NAMES["policy"] if name != "none"}
+    | {"snapkv": dict(budget=0.5, window=4), "pyramid": dict(budget=0.5, window=4, beta=2)},
+    "layout": {"minicache": dict(start_layer=0, threshold=math.pi), "cla": dict(group_size=2)},
+}
+IDENTITY_SETTING = {"policy": dict(budget=10_000), "layout": {"minicache": dict(start_layer=0, threshold=0.0),
+                                                              "cla": dict(groups=[])}}
+
+
+class RandomCalibration:
+    """A calibration context for storages that calibrate (latent): random K/V samples, no engine needed."""
+
+    def __init__(self, spec, tmp: Path):
+        self.spec, self.cache_dir, self.key, self.progress, self.rope = spec, str(tmp), "tiny-random", False, None
+
+    def kv_samples(self):
+        g = torch.Generator().manual_seed(0)
+        shape = (1, self.spec.num_kv_heads, 256, self.spec.head_dim)
+        return [(torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.arange(256)[None])
+                for _ in range(self.spec.num_layers)]
+
+
+def axis(group: str, name: str, **settings):
+    cfg = OmegaConf.load(CONF / group / f"{name}.yaml")
+    cfg = OmegaConf.merge(cfg, REAL[group].get(name, {}), settings)
+    return instantiate(cfg, _convert_="all")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return tiny_model(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("calibration")
+
+
+def build(model, calib_dir, storage, policy, layout, overrides=None):
+    overrides = overrides or {}
+    cache = ComposedCache(**{a: axis(a, n, **overrides.get(a, {})) for a, n in zip(AXES, (storage, policy, layout),
+                                                                                   strict=True)})
+    cache.setup(spec_of(model))
+    cache.calibrate(RandomCalibration(spec_of(model), calib_dir))
+    return cache
+
+
+def drive(model, cache, toks, prompt=40):
+    """Prefill ``prompt`` tokens in chunks of 8, then decode the rest one token at a time; all logits."""
+    cache.reset(toks.shape[0])
+    out = [forward_chunks(model, toks[:, :prompt], cache, 8)]
+    with torch.inference_mode():
+        for t in range(prompt, toks.shape[1]):
+            out.append(model(toks[:, t : t + 1], positions_like(toks[:, t : t + 1], t), cache))
+    return torch.cat(out, 1)
+
+
+def tokens(seed: int, batch: int = 2, n: int = 48):
+    return torch.randint(0, 97, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+COMBOS = [(s, p, lay) for s in NAMES["storage"] for p in NAMES["policy"] for lay in NAMES["layout"]]
+
+
+@pytest.mark.parametrize("storage,policy,layout", COMBOS)
+def test_contract(model, calib_dir, storage, policy, layout):
+    cache = build(model, calib_dir, storage, policy, layout)
+    toks = tokens(0)
+    out = drive(model, cache, toks)
+    assert torch.isfinite(out).all()
+    # exact accounting: real tensors, and no saving faked with views of a larger buffer
+    held = cache.kv_bytes()
+    assert held == sum(t.nbytes for t in cache.tensors()) and 0 < held <= cache.kv_bytes_allocated()
+    # positions are never renumbered: every held position was appended, none twice in a row (or head)
+    for view in cache.stores():
+        pos = view.positions()
+        pos = pos[:, None] if pos.dim() == 2 else pos
+        for row in pos.flatten(0, 1).tolist():
+            real = [p for p in row if p < PAD_POSITION]
+            assert len(real) == len(set(real)) and all(0 <= p < toks.shape[1] for p in real)
+    # batch rows are independent: row 0's logits do not depend on row 1
+    other = toks.clone()
+    other[1] = tokens(1)[1]
+    again = drive(model, build(model, calib_dir, storage, policy, layout), other)
+    torch.testing.assert_close(again[0], out[0], rtol=0, atol=1e-5)
+    # every real setting holds fewer bytes (and allocates fewer) than its axis's identity
+    chosen = dict(zip(AXES, (storage, policy, layout), strict=True))
+    for a in AXES:
+        if chosen[a] == IDENTITY[a]:
+            continue
+        plain = build(model, calib_dir, **{**chosen, a: IDENTITY[a]})
+        drive(model, plain, toks)
+        assert held < plain.kv_bytes(), f"{a}={chosen[a]} saves nothing"
+        assert cache.kv_bytes_allocated() < plain.kv_bytes_allocated(), f"{a}={chosen[a]} frees no allocation"
+
+
+@pytest.mark.parametrize("storage,policy,layout", [c for c in COMBOS if c[1] != "none"])
+def test_policy_budget_above_window_is_no_policy(model, calib_dir, storage, policy, layout):
+    toks = tokens(2)
+    ref = drive(model, build(model, calib_dir, storage, "none", layout), toks)
+    cache = build(model, calib_dir, storage, policy, layout, {"policy": IDENTITY_SETTING["policy"]})
+    out = drive(model, cache, toks)
+    assert cache.policy.evictions == 0 and torch.equal(out, ref)
+    if storage == "dense":  # a budget above this text but below max_position: scores are kept, nothing is evicted
+        cache = build(model, calib_dir, storage, policy, layout, {"policy": dict(budget=100)})
+        out = drive(model, cache, toks)
+        assert cache.policy.evictions == 0
+        # weights come from an explicit softmax instead of SDPA: rounding only
+        torch.testing.assert_close(out, ref, rtol=0, atol=5e-5 if policy in NEEDS_WEIGHTS else 0)
+
+
+@pytest.mark.parametrize("policy,layout", [(p, "cla") for p in NAMES["policy"]] + [("none", "minicache")])
+def test_layout_identity_setting_is_per_layer(model, calib_dir, policy, layout):
+    """CLA without groups is per_layer under any policy; MiniCache retaining every token is per_layer without a
+    policy (under one, a pair keeps one selection for both its layers, by design: merged tokens are shared)."""
+    toks = tokens(3)
+    ref = drive(model, build(model, calib_dir, "dense", policy, "per_layer"), toks)
+    out = drive(model, build(model, calib_dir, "dense", policy, layout,
+                             {"layout": IDENTITY_SETTING["layout"][layout]}), toks)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_h2o_over_minicache_merges_and_scores_both_layers(model, calib_dir):
+    """The case that ran silently wrong before the axes: eviction over merged pairs."""
+    cache = build(model, calib_dir, "dense", "h2o", "minicache")
+    drive(model, cache, tokens(4))
+    report = cache.memory_report()
+    assert report["merged_fraction"] == 1.0 and report["evictions"] > 0
+    assert cache.views[0].length == cache.views[1].length <= math.ceil(0.5 * 48)
+
+
+def test_per_head_needs_ragged_storage(model, calib_dir):
+    cache = ComposedCache(axis("storage", "latent"), axis("policy", "snapkv", per_head=True), axis("layout", "per_layer"))
+    with pytest.raises(ValueError, match="per_head"):
+        cache.setup(spec_of(model))
+    cache = ComposedCache(axis("storage", "latent", per_head=True), axis("policy", "snapkv", per_head=True),
+                          axis("layout", "per_layer"))
+    cache.setup(spec_of(model))
