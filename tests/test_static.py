@@ -1,0 +1,88 @@
+"""The static-capacity cache and the captured decode step: equal to the growing full cache, and the step
+traces as one graph (no breaks, no host syncs) whose result equals the eager step exactly. The CUDA graph
+capture itself runs only where CUDA is."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcompress.cache import FullCache
+from kvcompress.engine.generate import positions_like
+from kvcompress.engine.static import CapturedDecode, StaticKVCache, decode_step
+from tests.conftest import spec_of, tiny_model
+
+
+def prefill(model, cache, tokens):
+    cache.setup(spec_of(model))
+    cache.reset(tokens.shape[0])
+    return model(tokens, positions_like(tokens), cache)
+
+
+def steps(model, cache, nxt, start, n, step=decode_step):
+    out = []
+    for i in range(n):
+        logits = step(model, nxt, torch.full_like(nxt, start + i), cache)
+        out.append(logits.clone())
+        nxt = logits[:, -1:].argmax(-1)
+    return torch.cat(out, 1)
+
+
+@torch.inference_mode()
+def test_static_cache_equals_the_full_cache():
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (2, 12))
+    full, static = FullCache(), StaticKVCache(capacity=24)
+    a, b = prefill(model, full, tokens), prefill(model, static, tokens)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    nxt = a[:, -1:].argmax(-1)
+    torch.testing.assert_close(steps(model, static, nxt, 12, 6), steps(model, full, nxt, 12, 6), atol=1e-5, rtol=1e-5)
+    assert static.tokens_seen == full.tokens_seen == 2 * 18
+    assert int(static.index) == 18 and static.kv_bytes() == sum(t.nbytes for t in static.tensors())
+
+
+@torch.inference_mode()
+def test_traced_decode_step_is_one_graph_and_equals_eager():
+    """fullgraph=True fails on any graph break or data-dependent branch: what a CUDA graph cannot record."""
+    torch._dynamo.reset()
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (2, 8))
+    eager, traced = StaticKVCache(capacity=16), StaticKVCache(capacity=16)
+    prefill(model, eager, tokens)
+    nxt = prefill(model, traced, tokens)[:, -1:].argmax(-1)
+    compiled = torch.compile(decode_step, fullgraph=True, backend="eager")
+    want, got = steps(model, eager, nxt, 8, 4), steps(model, traced, nxt, 8, 4, compiled)
+    assert torch.equal(got, want)
+    for x, y in zip(traced.tensors(), eager.tensors(), strict=True):
+        assert torch.equal(x, y)
+
+
+@torch.inference_mode()
+def test_captured_decode_falls_back_to_eager_off_cuda():
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (1, 5))
+    cache = StaticKVCache(capacity=8)
+    prefill(model, cache, tokens)
+    step = CapturedDecode(model, cache, 1)
+    assert not step.captured
+    assert step(tokens[:, :1], torch.tensor([[5]])).shape == (1, 1, 97)
+
+
+def test_capacity_is_checked():
+    with pytest.raises(ValueError, match="capacity"):
+        StaticKVCache(capacity=0)
+    with pytest.raises(ValueError, match="max_position"):
+        StaticKVCache(capacity=10**6).setup(spec_of(tiny_model()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs CUDA")
+@torch.inference_mode()
+def test_cuda_graph_replay_equals_eager():
+    model = tiny_model().cuda()
+    tokens = torch.randint(0, 97, (2, 8), device="cuda")
+    eager, graphed = StaticKVCache(capacity=16, device="cuda"), StaticKVCache(capacity=16, device="cuda")
+    prefill(model, eager, tokens)
+    nxt = prefill(model, graphed, tokens)[:, -1:].argmax(-1)
+    step = CapturedDecode(model, graphed, 2)
+    assert step.captured
+    got = steps(model, graphed, nxt, 8, 4, lambda m, t, p, c: step(t, p))
+    torch.testing.assert_close(got, steps(model, eager, nxt, 8, 4), atol=1e-5, rtol=1e-5)
