@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from kvcompress.cache.base import ModelSpec
 from kvcompress.eval.base import EvalContext, Evaluation, require
-from kvcompress.eval.data import DATASETS, check_dataset, load_text, wants_bos
+from kvcompress.eval.data import DATASETS, load_text, wants_bos
 from kvcompress.eval.ruler.decode import answer
 from kvcompress.eval.ruler.haystack import token_codec
 from kvcompress.eval.ruler.qa import QA_TASKS, QAUnavailable
@@ -39,8 +39,9 @@ MIN_LENGTH = 128
 
 def check_haystack(name: str, data_dir: Path) -> None:
     """Refuse an unknown name, a missing local file without a hub copy, and an empty file (before weights)."""
-    check_dataset(name, data_dir)
     path = Path(name).expanduser()
+    require(name in DATASETS or path.is_file(), "eval.haystack",
+            f"one of {', '.join(DATASETS)}, or a path to a text file", name)
     if not path.is_file():
         rel, hub = DATASETS[name]
         path = Path(data_dir) / rel
