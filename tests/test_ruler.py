@@ -259,3 +259,27 @@ def test_kvc_eval_ruler_refuses_bad_input_before_weights_load(tmp_path):
 def test_seeds_differ_per_sample():
     assert ruler_eval.sample_seed(0, "vt", 1024, 0).random() != ruler_eval.sample_seed(0, "vt", 1024, 1).random()
     assert random.Random("ruler/0/vt/1024/0").random() == ruler_eval.sample_seed(0, "vt", 1024, 0).random()
+
+
+# -- the same tasks through lm-eval (kvc_ruler_*) ---------------------------------------------------
+def test_harness_tasks_are_registered_and_their_prompts_are_exact_in_characters():
+    if not HAY.is_file():
+        pytest.skip(f"{HAY} not found")
+    from lm_eval.tasks import TaskManager
+
+    from kvcompress.harness import TASKS_DIR
+
+    sys.path.insert(0, str(TASKS_DIR))
+    try:
+        import kvc_ruler
+    finally:
+        sys.path.remove(str(TASKS_DIR))
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    assert {f"kvc_ruler_{t}" for t in TASKS} | {"kvc_ruler"} <= set(tm.all_tasks)
+    docs = kvc_ruler.dataset("niah_multikey_1", data_dir=str(DATA), version=1.0)["test"]
+    assert len(docs) == len(kvc_ruler.RULER_CHARS) * kvc_ruler.RULER_SAMPLES
+    for d in docs:
+        assert len(d["context"] + d["question"]) == d["length"] and d["outputs"][0] in d["context"]
+    doc = docs[0]
+    assert kvc_ruler.results(doc, [f" {doc['outputs'][0]}."]) == {"acc": 1.0}
+    assert kvc_ruler.results(doc, ["no idea"]) == {"acc": 0.0}
