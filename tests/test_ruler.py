@@ -283,3 +283,16 @@ def test_harness_tasks_are_registered_and_their_prompts_are_exact_in_characters(
     doc = docs[0]
     assert kvc_ruler.results(doc, [f" {doc['outputs'][0]}."]) == {"acc": 1.0}
     assert kvc_ruler.results(doc, ["no idea"]) == {"acc": 0.0}
+
+
+def test_qa_prompt_from_hub_rows(hay, stories, monkeypatch):
+    """The QA builder on stand-in rows (the hub is not reachable in tests): gold paragraph kept whole, part-of."""
+    from kvcompress.eval.ruler import qa
+
+    paragraphs = tuple(f"Paragraph {i} tells that the colour of box {i} is shade {i * 7}." for i in range(200))
+    rows = (qa.QARow("What is the colour of box 42?", ("shade 294", "294"), (paragraphs[42],)),)
+    monkeypatch.setattr(qa, "load_qa", lambda source: (rows, paragraphs))
+    s = make("qa_1", hay, 480)
+    assert len(s.prompt.units) == 480 and s.metric == "part" and s.references == ["shade 294", "294"]
+    context, question = stories[1].decode(s.prompt.context), stories[1].decode(s.prompt.question)
+    assert paragraphs[42] in context and context.count("Document ") >= 3 and "box 42?" in question

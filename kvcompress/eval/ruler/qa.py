@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from dataclasses import dataclass
 from functools import cache
+from urllib.parse import urlparse
 
 from kvcompress.eval.ruler.haystack import assemble, fill_items
 from kvcompress.eval.ruler.tasks import Haystacks, Sample
@@ -30,10 +32,25 @@ class QARow:
 
 
 @cache
+def hub_reachable() -> bool:
+    """One quick TCP probe of the hub (``HF_ENDPOINT`` or huggingface.co), so offline runs skip at once instead of
+    waiting through the datasets library's retries."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+@cache
 def load_qa(source: str) -> tuple[tuple[QARow, ...], tuple[str, ...]]:
     """(questions with their gold paragraphs, every distinct paragraph) of the validation split."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise QAUnavailable(f"{source} needs the Hugging Face hub ({HUB[source][0]}) and HF_*_OFFLINE=1 is set")
+    if not hub_reachable():
+        raise QAUnavailable(f"{source} needs the Hugging Face hub ({HUB[source][0]}), which cannot be reached "
+                            "(offline); only the generated tasks run offline")
     try:
         from datasets import load_dataset
 
