@@ -65,3 +65,26 @@ def stories():
 def story_tokens(stories):
     text = (SHARED / "data" / "tinystories" / "TinyStoriesV2-GPT4-valid.first100.txt").read_text()
     return torch.tensor([stories[1](text).input_ids[:1024]])
+
+
+class NoRotary:
+    """A rotary embedding that rotates nothing: for driving stores and caches by hand."""
+
+    def rotate(self, x, pos):
+        return x
+
+    def cos_sin(self, pos, dtype):
+        shape = (*pos.shape, 1)
+        return torch.ones(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+
+
+def compose(model, storage=None, policy=None, layout=None, batch: int = 1):
+    """``ComposedCache(storage, policy, layout)`` (identity on any axis left None), set up for ``model`` (a
+    Transformer or a ModelSpec) and reset for ``batch`` rows, e.g.
+    ``compose(model, storage=DenseStore(), policy=H2O(budget=8), layout=CLA(group_size=2), batch=2)``."""
+    from kvcompress.cache import ComposedCache
+
+    cache = ComposedCache(storage, policy, layout)
+    cache.setup(model if isinstance(model, ModelSpec) else spec_of(model))
+    cache.reset(batch)
+    return cache
