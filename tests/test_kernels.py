@@ -2,7 +2,8 @@
 and the Triton kernels vs the reference under the Triton interpreter (tiny shapes: the interpreter is slow).
 
 ``TRITON_INTERPRET=1`` only takes effect if set before triton is first imported; when some other import
-(bitsandbytes) got there first, the interpreter tests run in one subprocess of this file instead.
+(bitsandbytes) got there first, the interpreter tests run in one subprocess of this file instead. Where CUDA
+is, the compiled kernels are tested on the GPU instead (longer histories, several token splits, bf16).
 """
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import os
 import subprocess
 import sys
 
-if "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+if "triton" not in sys.modules and not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvcompress import kernels  # noqa: E402
 from kvcompress.cache.base import PAD_POSITION, attention  # noqa: E402
@@ -185,10 +187,54 @@ def test_triton_quantize_is_bit_exact(bits, symmetric):
     assert (zero is None and want.zero is None) or torch.equal(zero, want.zero)
 
 
-@pytest.mark.skipif(INTERP is not False, reason="triton missing, or already interpreted in this process")
+@pytest.mark.skipif(INTERP is not False or CUDA, reason="triton missing, already interpreted here, or CUDA (below)")
 def test_kernels_in_an_interpreter_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton_"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " skipped" not in run.stdout.splitlines()[-1], run.stdout[-1000:]
+
+
+# -- compiled kernels on CUDA -----------------------------------------------------------------------
+cuda = pytest.mark.skipif(not (CUDA and INTERP is False), reason="needs CUDA and triton")
+
+
+@cuda
+@pytest.mark.parametrize("layout", range(len(LAYOUTS)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_quant_attention_equals_reference(layout, dtype):
+    kcfg, vcfg, _, _ = LAYOUTS[layout]
+    T, n_q = 3000, 2944  # many blocks and splits; the prefix a multiple of every group size (16, 32, 64)
+    q, q_pos, k, v, k_pos = case(B=3, Hkv=3, groups=3, Tq=2, D=64, T=T, per_head=layout == 2)
+    kcfg64 = QuantConfig(kcfg.bits, 16 if kcfg.axis == "channel" else 32, kcfg.axis, kcfg.symmetric)
+    vcfg64 = QuantConfig(vcfg.bits, 16 if vcfg.axis == "channel" else 64, vcfg.axis, vcfg.symmetric)
+    (ks, _), (vs, _) = sides(k, v, n_q, n_q, kcfg64, vcfg64)
+    to = lambda s: Packed(*(None if t is None else t.cuda() for t in (s.codes, s.scale, s.zero, s.res)),  # noqa: E731
+                          s.bits, s.group_size, s.axis)
+    args = (q.cuda().to(dtype), q_pos.cuda(), k_pos.cuda(), to(ks), to(vs))
+    want = kernels.quant_attention(*args, backend="torch").float()
+    got = kernels.quant_attention(*args, backend="triton").float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@cuda
+@pytest.mark.parametrize("G", [1, 3])
+def test_cuda_latent_attention_equals_reference(G):
+    q, q_pos, _, _, k_pos = case(B=2, Hkv=3, groups=3, Tq=1, D=64, T=2000)
+    kp, vp, ck, cv = latent_case(G, H=3, d=64, rk=48, rv=40, T=2000)
+    args = [t.cuda() for t in (q, q_pos, k_pos, ck, cv, kp.head_basis(), vp.head_basis(), vp.head_mean())]
+    torch.testing.assert_close(kernels.latent_attention(*args, backend="triton"),
+                               kernels.latent_attention(*args, backend="torch"), atol=1e-4, rtol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("bits,symmetric", [(2, False), (4, False), (4, True), (8, False)])
+def test_cuda_quantize_is_bit_exact(bits, symmetric):
+    x = torch.cat([quant_inputs().reshape(-1, 16), torch.randn(5000, 16) * 10]).reshape(2, -1, 16).cuda()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        want = quantize(x.to(dtype)[:, None], QuantConfig(bits, 8, "token", symmetric))
+        codes, scale, zero = kernels.quantize_tokens(x.to(dtype)[:, None], bits, 8, symmetric, backend="triton")
+        assert torch.equal(codes, want.codes) and torch.equal(scale, want.scale)
+        assert (zero is None and want.zero is None) or torch.equal(zero, want.zero)
