@@ -12,10 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SHARED, STORIES, spec_of
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from kvcompress.cache import FullCache
-from kvcompress.cache.evict import H2OCache, SnapKVCache, StreamingCache
-from kvcompress.cache.store import STORAGES, storage_factory
+from kvcompress.cache import ComposedCache, FullCache
+from kvcompress.cache.policy.h2o import H2O
+from kvcompress.cache.policy.snapkv import SnapKV
+from kvcompress.cache.policy.streaming import StreamingLLM
 from kvcompress.engine.generate import forward_chunks
 from kvcompress.eval import passkey as passkey_mod
 from kvcompress.eval.base import EvalContext
@@ -24,6 +27,25 @@ from kvcompress.eval.ppl import Perplexity
 from kvcompress.eval.prefill_decode import PrefillDecode, continuation_nll
 
 TEXT = SHARED / "data" / "tinystories" / "TinyStoriesV2-GPT4-valid.first100.txt"
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def h2o(**kw) -> ComposedCache:
+    """Dense storage, one store per layer, evicted by H2O."""
+    return ComposedCache(policy=H2O(**kw))
+
+
+def snapkv(**kw) -> ComposedCache:
+    return ComposedCache(policy=SnapKV(**kw))
+
+
+def streaming(**kw) -> ComposedCache:
+    return ComposedCache(policy=StreamingLLM(**kw))
+
+
+def storage(name: str, **settings):
+    """A storage from its YAML (conf/storage/<name>.yaml) with settings overridden, as kvc builds it."""
+    return instantiate(OmegaConf.merge(OmegaConf.load(CONF / "storage" / f"{name}.yaml"), settings), _convert_="all")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,10 +83,10 @@ def test_prefill_decode_full_cache_equals_one_forward(stories, story_tokens):
 def test_prefill_decode_compresses_at_prefill_end(stories, story_tokens, when, held):
     model = stories[0]
     toks = story_tokens[:, :80]
-    cache = ready(SnapKVCache(budget=16, window=8, when=when), model)
+    cache = ready(snapkv(budget=16, window=8, when=when), model)
     _, _, memory = continuation_nll(model, toks, cache, 64, prefill_chunk=32)
     assert memory["tokens_held_max"] == held and memory["evictions"] > 0
-    big = ready(H2OCache(budget=10_000, when=when), model)
+    big = ready(h2o(budget=10_000, when=when), model)
     a = continuation_nll(model, toks, big, 64, prefill_chunk=32)[0]
     b = continuation_nll(model, toks, ready(FullCache(), model), 64, prefill_chunk=32)[0]
     assert a == pytest.approx(b, rel=1e-5)
@@ -72,7 +94,7 @@ def test_prefill_decode_compresses_at_prefill_end(stories, story_tokens, when, h
 
 def test_prefill_decode_run_and_check(stories):
     ev = PrefillDecode(dataset=str(TEXT), context=96, continuation=8, samples=3, batch_size=2, prefill_chunk=32)
-    m = ev.run(ctx(stories, StreamingCache(budget=32, when="prefill")))
+    m = ev.run(ctx(stories, streaming(budget=32, when="prefill")))
     assert m["n_tokens"] == 24 and m["n_samples"] == 3 and 1 < m["ppl"] < 1e4 and m["evictions"] > 0
     spec = spec_of(stories[0])
     for bad, name in ((dict(context=510), "eval.context"), (dict(continuation=0), "eval.continuation"),
@@ -124,10 +146,10 @@ def test_passkey_scores_per_depth_and_length(stories, monkeypatch):
 def test_passkey_big_budget_equals_full_and_check(stories):
     ev = Passkey(lengths=[256], depths=[0.0, 1.0], trials=2, prefill_chunk=64)
     full = ev.run(ctx(stories, FullCache()))
-    same = ev.run(ctx(stories, H2OCache(budget=10_000, when="prefill")))
+    same = ev.run(ctx(stories, h2o(budget=10_000, when="prefill")))
     assert {k: v for k, v in full.items() if k.startswith("acc")} == {k: v for k, v in same.items() if
                                                                       k.startswith("acc")}
-    small = ev.run(ctx(stories, SnapKVCache(budget=32, window=8, when="prefill")))
+    small = ev.run(ctx(stories, snapkv(budget=32, window=8, when="prefill")))
     assert small["evictions"] > 0 and small["tokens_held_max"] <= 32 + ev.digits + 2
     spec = spec_of(stories[0])
     for bad, name in ((dict(lengths=[100]), "eval.lengths"), (dict(lengths=[600]), "eval.lengths"),
@@ -140,24 +162,21 @@ def test_passkey_big_budget_equals_full_and_check(stories):
 def test_ppl_window_beyond_budget_really_evicts(stories):
     ev = Perplexity(dataset=str(TEXT), window=96, max_windows=2, chunk=8, batch_size=2)
     full = ev.run(ctx(stories, FullCache()))
-    decode = ev.run(ctx(stories, H2OCache(budget=24)))
+    decode = ev.run(ctx(stories, h2o(budget=24)))
     assert decode["evictions"] > 0 and decode["tokens_held_max"] == 24 and decode["ppl"] != full["ppl"]
-    prefill = ev.run(ctx(stories, H2OCache(budget=24, when="prefill")))  # chunked scoring has no prefill end:
+    prefill = ev.run(ctx(stories, h2o(budget=24, when="prefill")))  # chunked scoring has no prefill end:
     assert prefill["evictions"] == 0 and prefill["ppl"] == pytest.approx(full["ppl"], rel=1e-5)  # nothing
 
 
-@pytest.mark.parametrize("storage", ["int4", "kivi"])
-def test_eviction_over_quantized_storage(stories, story_tokens, storage):
-    storage_factory("dense")  # registers every built-in storage
-    if storage not in STORAGES:
-        pytest.skip(f"storage {storage!r} not available")
-    params = {"group_size": 8} if storage == "int4" else {"group_size": 8, "residual": 8}
+@pytest.mark.parametrize("name", ["int4", "kivi"])
+def test_eviction_over_quantized_storage(stories, story_tokens, name):
+    params = {"group_size": 8} if name == "int4" else {"group_size": 8, "residual": 8}
     model = stories[0]
-    cache = ready(H2OCache(budget=20, storage=storage, storage_params=params, per_head=True), model, 2)
+    cache = ready(ComposedCache(storage(name, **params), H2O(budget=20, per_head=True)), model, 2)
     toks = torch.cat([story_tokens[:, :48], story_tokens[:, 48:96]])
     forward_chunks(model, toks, cache, 4)
-    assert cache.tokens_held() == [20] * model.config.num_layers and cache.evictions > 0
-    pos = cache.store_for(1).positions()
+    assert [view.length for view in cache.views] == [20] * model.config.num_layers and cache.policy.evictions > 0
+    pos = cache.views[1].positions()
     assert pos.shape == (2, 4, 20) and (pos.diff(dim=-1) > 0).all() and (pos < 48).all()
 
 
@@ -165,10 +184,10 @@ def test_kvc_bad_budget_fails_before_weights_load(tmp_path):
     folder = tmp_path / "no_weights"
     folder.mkdir()
     shutil.copy(STORIES / "config.json", folder)
-    cmd = [sys.executable, "-m", "kvcompress.run", "model=local", f"model.source={folder}", "cache=h2o",
-           "cache.budget=0", "progress=false", f"results_dir={tmp_path}/results", f"hydra.run.dir={tmp_path}/run"]
+    cmd = [sys.executable, "-m", "kvcompress.run", "model=local", f"model.source={folder}", "policy=h2o",
+           "policy.budget=0", "progress=false", f"results_dir={tmp_path}/results", f"hydra.run.dir={tmp_path}/run"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
-    assert out.returncode == 1 and "budget must be a token count >= 1" in out.stderr
+    assert out.returncode == 1 and "policy.budget must be a token count >= 1" in out.stderr
     rec = json.loads(Path(tmp_path / "results" / "records.jsonl").read_text().splitlines()[0])
     assert rec["status"] == "failed" and "weights" not in rec["error"]
 
@@ -178,6 +197,6 @@ def test_prefill_decode_never_ends_prefill_with_one_token(stories, story_tokens)
     at the first continuation token, as with any other chunking."""
     model = stories[0]
     toks = story_tokens[:, :73]
-    held = [continuation_nll(model, toks, ready(H2OCache(budget=16, when="prefill"), model), 65, c)[2]
+    held = [continuation_nll(model, toks, ready(h2o(budget=16, when="prefill"), model), 65, c)[2]
             for c in (32, None)]
     assert held[0]["tokens_held_max"] == held[1]["tokens_held_max"] == 16 + 8 - 2
