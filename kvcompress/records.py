@@ -6,14 +6,21 @@ import json
 import os
 import platform
 import subprocess
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 RECORDS_FILE = "records.jsonl"
+REPO = Path(__file__).resolve().parents[1]
+# What a number depends on: the package and conf/, less the parts that only present or log results.
+CODE_PATHS = ("kvcompress", "conf")
+NOT_CODE = ("kvcompress/report", "kvcompress/loggers", "kvcompress/harness/table.py", "conf/experiment",
+            "conf/logger")
 
 
 def config_hash(resolved: dict) -> str:
-    """Stable hash of what determines a run's result (model, cache, eval, seed, device, dtype)."""
-    keys = ("model", "cache", "eval", "seed", "device", "dtype", "calibration")
+    """Stable hash of what determines a run's result (model, cache or its axes, eval, seed, device, dtype)."""
+    keys = ("model", "cache", "storage", "policy", "layout", "eval", "seed", "device", "dtype", "calibration")
     payload = json.dumps({k: resolved.get(k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -26,13 +33,55 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "kvcompress": __version__}
 
 
-def git_sha() -> str | None:
+def _git(*args: str, root: Path = REPO) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_sha() -> str | None:
+    out = _git("rev-parse", "HEAD")
+    return out.strip() or None if out else None
+
+
+def code_version(root: Path = REPO) -> str:
+    """A short hash of the code that affects a number: the committed blobs of kvcompress/ and conf/ (less
+    reporting and logging), plus ``-dirty<hash>`` of their uncommitted changes. Without git: ``pkg-<version>``.
+
+    Two runs with the same code version ran the same code; resume skips only records of the run's own version.
+    """
+    spec = [*CODE_PATHS, *(f":(exclude){p}" for p in NOT_CODE)]
+    tree = _git("ls-tree", "-r", "HEAD", "--", *CODE_PATHS, root=root)
+    if not tree:
+        from kvcompress import __version__
+
+        return f"pkg-{__version__}"
+    kept = [t for t in tree.splitlines() if not t.split("\t", 1)[-1].startswith(NOT_CODE)]
+    version = hashlib.sha256("\n".join(kept).encode()).hexdigest()[:12]
+    diff = _git("diff", "HEAD", "--binary", "--", *spec, root=root) or ""
+    untracked = (_git("ls-files", "--others", "--exclude-standard", "--", *spec, root=root) or "").split()
+    if diff or untracked:
+        h = hashlib.sha256(diff.encode())
+        for name in sorted(untracked):
+            h.update(name.encode())
+            try:
+                h.update((root / name).read_bytes())
+            except OSError:
+                continue
+        version += f"-dirty{h.hexdigest()[:8]}"
+    return version
+
+
+def is_committed(path: Path) -> bool:
+    """True when git tracks a file under ``path`` (a folder of published results)."""
+    path = Path(path).resolve()
+    root = path if path.is_dir() else path.parent
+    while not root.exists():
+        root = root.parent
+    out = _git("ls-files", "--", str(path), root=root)
+    return bool(out and out.strip())
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -42,25 +91,67 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _ends_mid_line(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+
+
 def append_jsonl(path: Path, obj) -> None:
-    """One ``write`` of one whole line with O_APPEND: concurrent jobs never interleave or truncate."""
+    """One ``write`` of one whole line with O_APPEND: concurrent jobs never interleave or truncate.
+
+    A file left mid-line by an interrupted write gets a newline first, so the new record starts its own line
+    (the partial line stays, and the reader reports it).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(obj, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        os.write(fd, b"\n" + line if _ends_mid_line(fd) else line)
     finally:
         os.close(fd)
 
 
-def read_records(path: Path) -> list[dict]:
-    """Records from a JSONL file or every JSONL file under a folder (a partial last line is skipped)."""
-    files = [path] if path.is_file() else sorted(Path(path).rglob("*.jsonl"))
-    out = []
+@dataclass
+class CorruptLine:
+    file: Path
+    line: int
+    text: str
+
+    def __str__(self) -> str:
+        snippet = self.text if len(self.text) <= 60 else self.text[:57] + "..."
+        return f"{self.file}:{self.line}: not a JSON record: {snippet!r}"
+
+
+class Records(list):
+    """Records in file order, and ``corrupt``: the lines that were not JSON objects (file, line number)."""
+
+    def __init__(self, items=(), corrupt: list[CorruptLine] | None = None):
+        super().__init__(items)
+        self.corrupt: list[CorruptLine] = list(corrupt or [])
+
+
+def read_records(path: Path, warn: bool = True) -> Records:
+    """Records from a JSONL file or every JSONL file under a folder.
+
+    A line that is not a JSON object (a partial write) is never dropped silently: it is listed in
+    ``.corrupt`` with its file and line number and, with ``warn``, reported as a warning.
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.rglob("*.jsonl"))
+    out = Records()
     for f in files:
-        for line in f.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
+        for n, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
                 continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict):
+                out.append(obj)
+            else:
+                out.corrupt.append(CorruptLine(f, n, line))
+    if warn:
+        for c in out.corrupt:
+            warnings.warn(f"skipping a corrupt record line: {c}", stacklevel=2)
     return out

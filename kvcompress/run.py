@@ -22,8 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 from kvcompress.eval.base import EvalContext
 from kvcompress.eval.data import default_data_dir, default_shared_dir
 from kvcompress.loggers import log_run
-from kvcompress.records import RECORDS_FILE, append_jsonl, config_hash, git_sha, versions, write_json_atomic
-from kvcompress.report.jobs import check_metrics, objectives, resume
+from kvcompress.records import (
+    RECORDS_FILE,
+    append_jsonl,
+    code_version,
+    config_hash,
+    git_sha,
+    versions,
+    write_json_atomic,
+)
+from kvcompress.report.jobs import check_metrics, objectives, resume, unpublished
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 OmegaConf.register_new_resolver("kvc_shared", lambda: str(default_shared_dir()), replace=True)
@@ -59,7 +67,8 @@ def new_record(cfg: DictConfig) -> dict:
         "model": cfg.model.name, "cache": cfg.get("cache_name") or _choice("cache"),
         "cache_params": params(resolved.get("cache")), "eval": _choice("eval"),
         "eval_params": params(resolved.get("eval")), "seed": cfg.seed, "device": None, "dtype": cfg.dtype,
-        "metrics": {}, "versions": versions(), "git_sha": git_sha(), "config_hash": config_hash(resolved),
+        "metrics": {}, "versions": versions(), "git_sha": git_sha(),
+        "code_version": code_version(), "config_hash": config_hash(resolved),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "duration_s": None,
     }
 
@@ -119,16 +128,20 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
     if (done := resume(cfg, record)) is not None:  # multirun: an ok record of this config exists (force=true)
         return done
     t0 = time.perf_counter()
+    refused = unpublished(cfg)  # committed results are added to only on request (publish=true)
     try:
+        if refused:
+            raise PermissionError(refused)
         record["metrics"] = evaluate(cfg, record)
-        check_metrics(record["metrics"])  # a NaN perplexity fails the run
+        check_metrics(record["metrics"])  # any NaN/inf metric fails the run
         record["status"] = "ok"
     except Exception as e:  # a failed job is recorded, never lost
         record["status"], record["error"] = "failed", f"{type(e).__name__}: {e}"
         record["traceback"] = traceback.format_exc(limit=8)
     record["duration_s"] = round(time.perf_counter() - t0, 3)
     write_json_atomic(run_dir / "record.json", record)
-    append_jsonl(Path(cfg.results_dir) / RECORDS_FILE, record)
+    if not refused:
+        append_jsonl(Path(cfg.results_dir) / RECORDS_FILE, record)
     log_run(cfg, record, run_dir)  # logger=wandb: config, metrics, record; logger=none: nothing
     return record
 

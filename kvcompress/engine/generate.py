@@ -12,6 +12,13 @@ from kvcompress.cache.base import PAD_POSITION, KVCache
 from kvcompress.engine.model import Transformer
 
 
+def require_finite(finite: Tensor, where: str) -> None:
+    """Raise when ``finite`` (a bool tensor: every logit was finite) is False: NaN/inf logits are a failed run."""
+    if not bool(finite):
+        raise FloatingPointError(f"{where}: the model produced non-finite logits (NaN or inf) with this cache; "
+                                 "the strategy's attention or stored keys/values overflowed")
+
+
 def positions_like(tokens: Tensor, start: int | Tensor = 0) -> Tensor:
     """Absolute positions (B, T) for a block of tokens starting at ``start`` (int or (B,))."""
     steps = torch.arange(tokens.shape[1], device=tokens.device)[None]
@@ -30,13 +37,16 @@ def forward_chunks(model: Transformer, tokens: Tensor, cache: KVCache, chunk: in
     T = tokens.shape[1]
     chunk = chunk or T
     outs = []
+    finite = torch.ones((), dtype=torch.bool, device=tokens.device)
     for lo in range(0, T, chunk):
         hi = min(lo + chunk, T)
         logits = model(tokens[:, lo:hi], positions_like(tokens[:, lo:hi], start + lo), cache)
+        finite &= torch.isfinite(logits).all()  # device-side: one sync at the end
         if on_chunk is None:
             outs.append(logits)
         else:
             on_chunk(logits, lo, hi)
+    require_finite(finite, "forward_chunks")
     return torch.cat(outs, 1) if outs else torch.empty(0)
 
 
@@ -85,7 +95,25 @@ def prefill(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache
         select = (lengths - 1 - lo).clamp(0, hi - lo - 1)
         logits = model(tokens[:, lo:hi], pos[:, lo:hi], cache, select=select)[:, 0]
         last = torch.where(rows[:, None], logits, last)
+    require_finite(torch.isfinite(last).all(), "prefill")
+    replay_prompt(model, tokens, pos, cache, chunk)
     return last, lengths
+
+
+@torch.inference_mode()
+def replay_prompt(model: Transformer, tokens: Tensor, pos: Tensor, cache: KVCache, chunk: int | None = None) -> None:
+    """If the cache asks (``replay_wanted``: KVzip), feed the prompt ``tokens`` at ``pos`` (B, T) once more, right
+    after itself (each row's real positions shifted by its length), for the cache to observe; it keeps none of it."""
+    if not cache.replay_wanted():
+        return
+    real = pos < PAD_POSITION
+    again = torch.where(real, pos + real.sum(1, keepdim=True), pos)
+    chunk = chunk or tokens.shape[1]
+    cache.replay(True)
+    for lo in range(0, tokens.shape[1], chunk):
+        hi = min(lo + chunk, tokens.shape[1])
+        model(tokens[:, lo:hi], again[:, lo:hi], cache, select=torch.zeros_like(again[:, 0]))
+    cache.replay(False)
 
 
 @torch.inference_mode()
@@ -104,6 +132,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCach
     done = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
     out: list[Tensor] = []
     bar = tqdm(total=max_new_tokens, desc="generate", disable=not progress, leave=False)
+    finite = torch.ones((), dtype=torch.bool, device=model.device)
     for step in range(max_new_tokens):
         nxt = sampling.pick(logits, generator)
         out.append(nxt)
@@ -112,10 +141,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCach
         if step + 1 == max_new_tokens or bool(done.all()):
             break
         logits = model(nxt[:, None], pos[:, None], cache)[:, -1]
+        finite &= torch.isfinite(logits).all()  # device-side: one sync after the loop
         pos = pos + 1
         if on_token is not None:
             on_token(step)
     bar.close()
+    require_finite(finite, "generate")
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
     stop_set = set(stop_ids)
     return [row[: next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))] for row in rows]

@@ -85,10 +85,20 @@ def resolve_source(source: str, models_dir: str | Path = "~/.cache/kvcompress/mo
 
 
 # -- config only (cheap) ------------------------------------------------------------------------
-def _gguf_config(path: Path, name: str) -> ModelConfig:
+def gguf_reader(path: Path):
+    """A ``GGUFReader``; a truncated or corrupt file is a ValueError naming it and saying what to do."""
     from gguf import GGUFReader
 
-    f = {k: v.contents() for k, v in GGUFReader(path).fields.items() if not k.startswith("tokenizer.ggml.token")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # numpy reshape / struct / memmap errors name no file
+        raise ValueError(f"GGUF file {path} is truncated or corrupt ({type(e).__name__}: {e}); delete it and download "
+                         "it again (the embedded model is fetched again on the next run)") from e
+
+
+def _gguf_config(path: Path, name: str) -> ModelConfig:
+    reader = gguf_reader(path)
+    f = {k: v.contents() for k, v in reader.fields.items() if not k.startswith("tokenizer.ggml.token")
          and not k.startswith("tokenizer.ggml.merges")}
     arch = f["general.architecture"]
     if arch != "llama":
@@ -96,7 +106,7 @@ def _gguf_config(path: Path, name: str) -> ModelConfig:
     heads = f["llama.attention.head_count"]
     hidden = f["llama.embedding_length"]
     return ModelConfig(
-        vocab_size=f.get("llama.vocab_size") or len(GGUFReader(path).fields["tokenizer.ggml.tokens"].contents()),
+        vocab_size=f.get("llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].contents()),
         hidden_size=hidden,
         intermediate_size=f["llama.feed_forward_length"],
         num_layers=f["llama.block_count"],
@@ -114,8 +124,47 @@ def _gguf_config(path: Path, name: str) -> ModelConfig:
 
 
 # A GGUF file is parsed and dequantised once; later loads read this fp32 copy beside it (~1 s, not ~13 s).
-def _converted(path: Path) -> Path:
+# The copy records what it was made from (size, mtime, sha256 of the .gguf): a changed .gguf is converted again.
+SOURCE_FILE = "source.json"
+
+
+def _converted_dir(path: Path) -> Path:
     return path.with_suffix(".kvc")
+
+
+def source_stamp(path: Path, sha: str | None = None) -> dict:
+    st = path.stat()
+    return {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha or sha256(path)}
+
+
+def conversion_is_fresh(path: Path, conv: Path) -> bool:
+    """The conversion ``conv`` was made from the current ``path``: same size and mtime, or (after a copy or a
+    touch) the same sha256, in which case the stamp is refreshed."""
+    try:
+        made = json.loads((conv / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return False  # no stamp (an older kvcompress): unknown source, convert again
+    st = path.stat()
+    if made.get("size") == st.st_size and made.get("mtime_ns") == st.st_mtime_ns:
+        return True
+    if made.get("size") != st.st_size or made.get("sha256") != sha256(path):
+        return False
+    (conv / SOURCE_FILE).write_text(json.dumps(source_stamp(path, made["sha256"])))
+    return True
+
+
+def _converted(path: Path) -> Path:
+    """The fp32 copy of a .gguf; a stale one (the .gguf changed since) is removed, with a message."""
+    conv = _converted_dir(path)
+    if path.suffix == ".gguf" and conv.exists() and not conversion_is_fresh(path, conv):
+        print(f"[kvcompress] {path} changed since {conv} was made from it; converting it again", file=sys.stderr)
+        trash = Path(tempfile.mkdtemp(dir=conv.parent, prefix=".kvc-stale-"))
+        try:
+            os.rename(conv, trash / conv.name)
+        except OSError:  # another process removed it first
+            pass
+        shutil.rmtree(trash, ignore_errors=True)
+    return conv
 
 
 def _save_converted(path: Path, model: Transformer, tokenizer) -> None:
@@ -128,6 +177,7 @@ def _save_converted(path: Path, model: Transformer, tokenizer) -> None:
     save_file(sd, tmp / "model.safetensors")
     (tmp / "kvc_config.json").write_text(json.dumps(dataclasses.asdict(model.config)))
     tokenizer.save_pretrained(tmp / "tokenizer")
+    (tmp / SOURCE_FILE).write_text(json.dumps(source_stamp(path)))
     try:
         os.rename(tmp, target)
     except OSError:  # another process converted it first
@@ -165,7 +215,6 @@ def _unpermute(w: Tensor, heads: int) -> Tensor:
 
 
 def _gguf_state_dict(path: Path, c: ModelConfig) -> dict[str, Tensor]:
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -173,8 +222,12 @@ def _gguf_state_dict(path: Path, c: ModelConfig) -> dict[str, Tensor]:
                  "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                  "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
     sd = {}
-    for t in GGUFReader(path).tensors:
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+    for t in gguf_reader(path).tensors:
+        try:
+            w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+        except Exception as e:
+            raise ValueError(f"GGUF file {path}: tensor {t.name} is unreadable ({type(e).__name__}: {e}); the file "
+                             "is truncated or corrupt: delete it and download it again") from e
         base, kind = t.name.rsplit(".", 1)
         if base.startswith("blk."):
             _, i, part = base.split(".", 2)

@@ -7,18 +7,43 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvcompress.cache import FullCache
 from kvcompress.cache.base import KVCache
-from kvcompress.cache.full import FullCache
 from kvcompress.engine.generate import forward_chunks
 from kvcompress.engine.model import Transformer
 from kvcompress.eval.data import load_text
 from kvcompress.eval.ppl import text_windows, window_nll
+
+SAMPLES_PER_TENSOR = 4096
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap hash of the weights: every tensor's name, shape, dtype, sum and a strided sample of its bytes.
+
+    Two checkpoints of one architecture (or one checkpoint in two dtypes) get different fingerprints.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // SAMPLES_PER_TENSOR)
+        sample = flat[::step].contiguous().cpu()
+        total = float(flat.sum(dtype=torch.float64)) if flat.is_floating_point() else int(flat.sum())
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{total!r}".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe short form of a model or dataset name (a dataset may be a path)."""
+    stem = Path(str(text)).stem if ("/" in str(text) or "\\" in str(text)) else str(text)
+    return re.sub(r"[^\w.+-]", "_", stem)[:40] or "x"
 
 
 class _Recorder(FullCache):
@@ -45,8 +70,11 @@ class Calibration:
         n = max(1, math.ceil(tokens / window))
         self.windows = text_windows(tokenizer, load_text(dataset, data_dir), window, n).to(model.device)
         self.cache_dir = str(Path(cache_dir).expanduser())
-        digest = hashlib.sha256(self.windows.cpu().numpy().tobytes()).hexdigest()[:12]
-        self.key = f"{model.config.name}-{dataset}-{self.windows.numel()}tok-{digest}"
+        h = hashlib.sha256(weights_fingerprint(model).encode())
+        h.update(self.windows.cpu().numpy().tobytes())
+        h.update(f"chunk={chunk}".encode())
+        # saved calibrations (projections, layer similarity) are keyed by the weights, the text and the settings
+        self.key = f"{safe_name(model.config.name)}-{safe_name(dataset)}-{self.windows.numel()}tok-{h.hexdigest()[:16]}"
         self._samples: list[tuple[Tensor, Tensor, Tensor]] | None = None
 
     @torch.inference_mode()

@@ -8,13 +8,27 @@ from __future__ import annotations
 import sys
 
 
+def given(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def default_device(args: list[str]) -> list[str]:
+    """lm-eval's own default device is ``cuda:0``; without CUDA and without ``--device`` ask for the CPU, so no
+    one is told that a device they never asked for is missing."""
+    import torch
+
+    if not given(args, "--device") and not torch.cuda.is_available():
+        return [*args, "--device", "cpu"]
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     from kvcompress.harness import TASKS_DIR  # registers the model
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+    args = default_device(list(sys.argv[1:] if argv is None else argv))
+    if not given(args, "--include_path"):
         args += ["--include_path", str(TASKS_DIR)]
     sys.argv = ["lm_eval", *args]
     cli_evaluate()

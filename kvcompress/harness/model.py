@@ -4,7 +4,8 @@
 
 Harness options (consumed here): ``batch_size``, ``chunk`` (tokens per forward step when scoring; 1 = exact
 decode semantics), ``prefill_chunk`` (prompt chunk in generation; default = chunk), ``window`` and ``bos``
-(rolling perplexity windows, as ``eval=ppl``), ``rolling`` (``ppl`` | ``lm_eval``), ``max_length``,
+(rolling perplexity windows, as ``eval=ppl``), ``rolling`` (``lm_eval``, the default: lm-eval's own rolling
+windows, comparable with its ``hf`` model | ``ppl``: eval=ppl's disjoint windows), ``max_length``,
 ``max_gen_toks``. Every other arg is a kvc Hydra override (``model``, ``cache``, ``cache.*``, ``dtype``,
 ``device``, ``seed``, ``paths.*``, ``calibration.*``), composed from conf/ (see config.py).
 """
@@ -21,7 +22,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from kvcompress.cache.base import PAD_POSITION
-from kvcompress.engine.generate import Sampling, prefill
+from kvcompress.engine.generate import Sampling, prefill, require_finite
 from kvcompress.eval.data import tokenize, wants_bos
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class KVCompressLM(TemplateLM):
 
     def __init__(self, batch_size: int | str = 8, max_batch_size: int | None = None, chunk: int = 16,
                  prefill_chunk: int | None = None, window: int | None = None, bos: str | bool = "auto",
-                 rolling: str = "ppl", max_length: int | None = None, max_gen_toks: int = 256,
+                 rolling: str = "lm_eval", max_length: int | None = None, max_gen_toks: int = 256,
                  _built: Any = None, **overrides: Any) -> None:
         super().__init__()
         self.batch = _batch_size(batch_size)
@@ -146,9 +147,12 @@ class KVCompressLM(TemplateLM):
         greedy = torch.zeros(len(rows), T - 1, dtype=torch.bool, device=dev)
         last = torch.zeros(len(rows), self.model.config.vocab_size, dtype=torch.float64, device=dev)
         self.cache.reset(len(rows))
+        finite = torch.ones((), dtype=torch.bool, device=dev)
         for lo in range(0, T, self.chunk):
             hi = min(lo + self.chunk, T)
-            lp = F.log_softmax(self.model(tokens[:, lo:hi], pos[:, lo:hi], self.cache).float(), dim=-1)
+            raw = self.model(tokens[:, lo:hi], pos[:, lo:hi], self.cache)
+            finite &= (torch.isfinite(raw).all(-1) | (pos[:, lo:hi] == PAD_POSITION)).all()  # pads may be anything
+            lp = F.log_softmax(raw.float(), dim=-1)
             n = min(hi, T - 1) - lo  # positions here whose next token is inside the row
             if n > 0:
                 target = tokens[:, lo + 1 : lo + 1 + n]
@@ -157,6 +161,7 @@ class KVCompressLM(TemplateLM):
             ends = (lengths - 1 >= lo) & (lengths - 1 < hi)
             at = (lengths - 1 - lo).clamp(0, hi - lo - 1)
             last = torch.where(ends[:, None], lp[torch.arange(len(rows), device=dev), at].double(), last)
+        require_finite(finite, "kvcompress lm-eval scoring")
         self._note_memory()
         return logp, greedy, last
 
@@ -225,6 +230,7 @@ class KVCompressLM(TemplateLM):
         eos = self.eot_token_id
         rows: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
+        finite = torch.ones((), dtype=torch.bool, device=pos.device)
         for step in range(max_new):
             nxt = sampling.pick(logits).tolist()
             for i, t in enumerate(nxt):
@@ -239,7 +245,9 @@ class KVCompressLM(TemplateLM):
             if all(done) or step + 1 == max_new:
                 break
             logits = self.model(torch.tensor(nxt, device=pos.device)[:, None], pos[:, None], self.cache)[:, -1]
+            finite &= torch.isfinite(logits).all()
             pos = pos + 1
+        require_finite(finite, "kvcompress lm-eval generation")
         self._note_memory()
         texts = [self.tokenizer.decode(r) for r in rows]
         for s in until:

@@ -11,20 +11,43 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from kvcompress.records import write_json_atomic
+from kvcompress.records import RECORDS_FILE, write_json_atomic
 from kvcompress.report import SWEEP_FILE, build_report
+from kvcompress.report.jobs import unpublished
+
+
+def overrides(config: DictConfig) -> list[str]:
+    return list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or [])
 
 
 def sweep_command(config: DictConfig) -> str:
-    overrides = OmegaConf.select(config, "hydra.overrides.task", default=[]) or []
-    return " ".join(["kvc", "-m", *overrides])
+    return " ".join(["kvc", "-m", *overrides(config)])
+
+
+def records_state(results: Path) -> tuple[int, int] | None:
+    """(size, mtime) of ``results/records.jsonl``: unchanged after a sweep means no job wrote a record."""
+    path = results / RECORDS_FILE
+    if not path.is_file():
+        return None
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 class SweepReport(Callback):
-    """Writes summary.csv, summary.md and the plots into ``results_dir`` when a multirun ends."""
+    """Writes summary.csv, summary.md and the plots into ``results_dir`` when a multirun ends.
+
+    A sweep that added no record (every job skipped) keeps the recorded command (sweep.json); a committed
+    results_dir that the sweep may not write to (no ``publish=true``) is left untouched.
+    """
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.before: tuple[int, int] | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.before = records_state(Path(str(config.results_dir)))
+        if self.enabled and (why := unpublished(config, overrides(config))):
+            print(f"kvc: warning: {why}; jobs that are not skipped will fail", file=sys.stderr, flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:
@@ -34,10 +57,17 @@ class SweepReport(Callback):
             if not results.exists():
                 print(f"kvc: no records in {results}; no sweep summary", file=sys.stderr)
                 return
+            if why := unpublished(config, overrides(config)):
+                print(f"kvc: sweep summary not rebuilt: {why}", file=sys.stderr)
+                return
             command = sweep_command(config)
-            write_json_atomic(results / SWEEP_FILE, {
-                "command": command, "sweep_dir": str(OmegaConf.select(config, "hydra.sweep.dir")),
-                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            if records_state(results) != self.before or not (results / SWEEP_FILE).is_file():
+                write_json_atomic(results / SWEEP_FILE, {
+                    "command": command, "sweep_dir": str(OmegaConf.select(config, "hydra.sweep.dir")),
+                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            else:  # every job skipped: the records still come from the recorded command
+                command = None
+                print(f"kvc: no new records; {results / SWEEP_FILE} (the command that made them) kept", flush=True)
             optuna = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))) / "optimization_results.yaml"
             if optuna.is_file():  # Optuna's own Pareto front (multi-objective) or best trial, beside the summary
                 shutil.copyfile(optuna, results / "optuna_results.yaml")
