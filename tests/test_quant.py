@@ -1,11 +1,25 @@
-"""Quantizer and quantized stores: error bounds, packing, KIVI residual semantics, bytes, keep(), bnb."""
+"""Quantizer and quantized storages (``storage=int8|int4|int2|kivi|bnb_*``): error bounds, packing, KIVI residual
+semantics, bytes, keep(), bnb."""
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import NoRotary
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from kvcompress.cache.quant.bnb import BnbCodec
-from kvcompress.cache.quant.quantizer import QuantConfig, dequantize, error_bound, pack, quantize, unpack
-from kvcompress.cache.quant.store import QuantizedStore
-from kvcompress.cache.store import GrowingBuffer, storage_factory
+from kvcompress.cache.buffers import GrowingBuffer
+from kvcompress.cache.storage.bnb import BnbCodec, BnbStore
+from kvcompress.cache.storage.quant.quantizer import QuantConfig, dequantize, error_bound, pack, quantize, unpack
+from kvcompress.cache.storage.quant.store import QuantizedStore
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+ROPE = NoRotary()  # the stores are driven by hand: keys "rotated" by the identity
+
+
+def storage(name: str, **settings):
+    """A storage from its YAML (conf/storage/<name>.yaml) with settings overridden, as kvc builds it."""
+    return instantiate(OmegaConf.merge(OmegaConf.load(CONF / "storage" / f"{name}.yaml"), settings), _convert_="all")
 
 
 def kv(B=2, H=3, T=64, D=32, seed=0, dtype=torch.float32):
@@ -65,13 +79,16 @@ def test_constant_groups_do_not_divide_by_zero():
 
 
 @pytest.mark.parametrize("bad, msg", [(dict(bits=3), "bits must be one of (2, 4, 8), got 3"),
-                                      (dict(group_size=0), "group_size must be a positive integer"),
+                                      (dict(group_size=0), "storage.group_size must be an int >= 1, got 0"),
+                                      (dict(key_group_size=-2), "storage.key_group_size must be an int >= 1"),
                                       (dict(key_axis="head"), "axis (key_axis / value_axis) must be one of"),
-                                      (dict(residual=-1), "residual must be an integer >= 0"),
-                                      (dict(residual_dtype="int8"), "residual_dtype must be one of")])
+                                      (dict(residual=-1), "storage.residual must be an int >= 0"),
+                                      (dict(residual_dtype="int8"), "unknown storage.residual_dtype 'int8'; valid "
+                                                                    "choices: float16, bfloat16, float32, model"),
+                                      (dict(keys="rotated"), "unknown storage.keys 'rotated'")])
 def test_bad_settings_fail_in_the_constructor(bad, msg):
     with pytest.raises(ValueError) as e:
-        storage_factory("quant", **bad)
+        QuantizedStore(**bad)
     assert msg in str(e.value)
 
 
@@ -86,11 +103,11 @@ def expected_fp(n, residual, group):
 @pytest.mark.parametrize("residual", [0, 8, 12])
 def test_kivi_residual_holds_exactly_the_recent_tokens(chunks, residual):
     G, x_k, x_v = 8, kv(T=sum(chunks)), kv(T=sum(chunks), seed=1)
-    store = storage_factory("kivi", bits=2, group_size=G, residual=residual, residual_dtype="model")()
+    store = storage("kivi", bits=2, group_size=G, residual=residual, residual_dtype="model")
     pos = torch.arange(sum(chunks)).expand(2, -1)
     n = 0
     for c in chunks:
-        store.append(x_k[:, :, n : n + c], x_v[:, :, n : n + c], pos[:, n : n + c])
+        store.append(x_k[:, :, n : n + c], x_v[:, :, n : n + c], pos[:, n : n + c], ROPE)
         n += c
         k_fp, v_fp = store.full_precision_positions()
         exp_k, exp_v = expected_fp(n, residual, G)
@@ -108,10 +125,10 @@ def test_codes_do_not_depend_on_chunking():
     pos = torch.arange(70).expand(2, -1)
     reads = []
     for chunks in ([70], [1] * 70, [13, 40, 17]):
-        store = storage_factory("kivi", bits=4, group_size=8, residual=5)()
+        store = storage("kivi", bits=4, group_size=8, residual=5)
         n = 0
         for c in chunks:
-            store.append(x_k[:, :, n : n + c], x_v[:, :, n : n + c], pos[:, n : n + c])
+            store.append(x_k[:, :, n : n + c], x_v[:, :, n : n + c], pos[:, n : n + c], ROPE)
             n += c
         reads.append(store.read())
     for r in reads[1:]:
@@ -130,7 +147,7 @@ def test_dequant_cache_reads_exactly_the_same(params):
     n = 0
     for c in (1, 13, 1, 1, 30, 4):
         for s in (plain, cached):
-            s.append(x_k[:, :, n : n + c], x_v[:, :, n : n + c], pos[:, n : n + c])
+            s.append(x_k[:, :, n : n + c], x_v[:, :, n : n + c], pos[:, n : n + c], ROPE)
         n += c
         assert all(torch.equal(a, b) for a, b in zip(plain.read(), cached.read(), strict=True))
     assert cached.k.mirror is not None and plain.k.mirror is None
@@ -138,7 +155,7 @@ def test_dequant_cache_reads_exactly_the_same(params):
     for idx in (torch.arange(3, 50, 2).expand(2, -1), per_head):
         for s in (plain, cached):
             s.keep(idx.expand(2, *idx.shape[1:]))
-            s.append(x_k[:, :, :3], x_v[:, :, :3], torch.arange(100, 103).expand(2, -1))
+            s.append(x_k[:, :, :3], x_v[:, :, :3], torch.arange(100, 103).expand(2, -1), ROPE)
         assert all(torch.equal(a, b) for a, b in zip(plain.read(), cached.read(), strict=True))
 
 
@@ -163,9 +180,9 @@ def held_tensors(obj, seen=None):
                                           ("bnb_nf4", dict(blocksize=32)), ("bnb_fp4", {}),
                                           ("kivi", dict(residual=20, group_size=16, dequant_cache=True))])
 def test_bytes_are_the_real_tensors(name, params):
-    store = storage_factory(name, **params)()
+    store = storage(name, **params)
     x = kv(T=100, D=64)
-    store.append(x, x, torch.arange(100).expand(2, -1))
+    store.append(x, x, torch.arange(100).expand(2, -1), ROPE)
     reported = sum(t.nbytes for t in store.tensors())
     assert reported == sum(t.nbytes for t in held_tensors(store))
     mirror = 2 * x.nbytes if params.get("dequant_cache") else 0  # the dequantized copies of K and V
@@ -175,11 +192,25 @@ def test_bytes_are_the_real_tensors(name, params):
     assert sum(t.nbytes for t in store.tensors()) == reported
 
 
+@pytest.mark.parametrize("name", ["int4", "kivi", "bnb_nf4"])
+def test_fresh_stores_are_empty_and_independent(name):
+    """The YAML's instance is a prototype: ``fresh(layer)`` makes empty per-layer stores with its settings."""
+    proto = storage(name, group_size=8, residual=4) if name == "kivi" else storage(name, **(
+        {"blocksize": 32} if name.startswith("bnb") else {"group_size": 8}))
+    x = kv(T=20)
+    a, b = proto.fresh(0), proto.fresh(1)
+    assert (a.layer, b.layer, a.length, b.length) == (0, 1, 0, 0) and a.tensors() == []
+    a.append(x, x, torch.arange(20).expand(2, -1), ROPE)
+    assert a.length == 20 and b.length == 0 and b.tensors() == [] and proto.length == 0
+    b.append(x[:, :, :5], x[:, :, :5], torch.arange(5).expand(2, -1), ROPE)
+    assert a.length == 20 and torch.equal(a.positions(), torch.arange(20, dtype=torch.int32).expand(2, -1))
+
+
 @pytest.mark.parametrize("bits, g, sym", [(8, 64, False), (4, 64, False), (4, 32, True), (2, 16, False)])
 def test_bytes_match_the_theory(bits, g, sym):
     B, H, T, D = 2, 3, 96, 64
     store = QuantizedStore(bits=bits, group_size=g, symmetric=sym)
-    store.append(kv(B, H, T, D), kv(B, H, T, D), torch.arange(T).expand(B, -1))
+    store.append(kv(B, H, T, D), kv(B, H, T, D), torch.arange(T).expand(B, -1), ROPE)
     bits_per_value = bits + (16 if sym else 32) / g
     assert sum(t.nbytes for t in store.tensors()) == 2 * B * H * T * D * bits_per_value / 8 + 4 * B * T
     # int4 g64 asym: 16 / 4.5 = 3.56x against fp16 (positions aside)
@@ -192,7 +223,7 @@ def test_bytes_match_the_theory(bits, g, sym):
 def test_keep_everything_is_the_identity(params):
     store = QuantizedStore(**params)
     x = kv(T=50)
-    store.append(x, x * 2, torch.arange(50).expand(2, -1))
+    store.append(x, x * 2, torch.arange(50).expand(2, -1), ROPE)
     before = store.read()
     store.keep(torch.arange(50).expand(2, -1))
     assert all(torch.equal(a, b) for a, b in zip(before, store.read(), strict=True))
@@ -203,7 +234,7 @@ def test_keep_per_token_gathers_codes_exactly():
     # values bit for bit (with the fp16 default they are rounded to fp16 once)
     store = QuantizedStore(bits=4, group_size=8, residual=6, residual_dtype="model")
     x = kv(T=40)
-    store.append(x, -x, torch.arange(40).expand(2, -1))
+    store.append(x, -x, torch.arange(40).expand(2, -1), ROPE)
     k0, v0, _ = store.read()
     idx = torch.stack([torch.arange(0, 40, 2), torch.arange(20, 40)])  # rows keep different tokens
     store.keep(idx)
@@ -216,7 +247,7 @@ def test_keep_per_token_gathers_codes_exactly():
 def test_keep_per_head_and_then_append():
     store = QuantizedStore(bits=4, group_size=8, key_axis="channel", residual=4)
     x = kv(T=40)
-    store.append(x, x, torch.arange(40).expand(2, -1))
+    store.append(x, x, torch.arange(40).expand(2, -1), ROPE)
     k0, _, _ = store.read()
     idx = torch.stack([torch.arange(40)[h::3][:13] for h in range(3)])[None].expand(2, -1, -1)  # (B, H, 13)
     store.keep(idx)
@@ -225,14 +256,14 @@ def test_keep_per_head_and_then_append():
     groups = 8 * (store.k.n_q // 8)
     err = (k1 - torch.gather(k0, 2, idx[..., None].expand(-1, -1, -1, 32))).abs()
     assert err[:, :, groups:].max() < 1e-2  # fp16 residual: dequantized values carried over
-    store.append(x[:, :, :5], x[:, :, :5], torch.arange(40, 45).expand(2, -1))
+    store.append(x[:, :, :5], x[:, :, :5], torch.arange(40, 45).expand(2, -1), ROPE)
     assert store.positions().shape == (2, 3, 18) and store.read()[0].shape == (2, 3, 18, 32)
 
 
 def test_keep_per_channel_keeps_intact_groups_and_requantizes_broken_ones():
     store = QuantizedStore(bits=2, group_size=8, key_axis="channel", value_axis="channel")
     x = kv(B=1, T=32)
-    store.append(x, x, torch.arange(32)[None])
+    store.append(x, x, torch.arange(32)[None], ROPE)
     k0, _, _ = store.read()
     codes0 = store.k.codes.view().clone()
     idx = torch.cat([torch.arange(0, 8), torch.arange(9, 17), torch.arange(24, 32)])[None]  # group 1 broken
@@ -254,19 +285,24 @@ def test_bnb_round_trip_on_cpu(kind, gap):
     y = codec.decode(q, absmax, torch.float32)
     bound = absmax.float().repeat_interleave(32, -1) * (gap / 2 + 2**-10)  # half the widest code gap
     assert ((y - x).abs() <= bound + 1e-6).all()
-    store = storage_factory(f"bnb_{kind}", blocksize=32)()
-    store.append(x, x, torch.arange(20).expand(2, -1))
+    store = storage(f"bnb_{kind}", blocksize=32)
+    assert isinstance(store, BnbStore) and store.codec == codec
+    store.append(x, x, torch.arange(20).expand(2, -1), ROPE)
     store.keep(torch.arange(5, 20).expand(2, -1))
     assert torch.equal(store.read()[0], y[:, :, 5:])
 
 
 def test_bnb_bad_settings():
     with pytest.raises(ValueError, match="blocksize must be one of"):
-        storage_factory("bnb_nf4", blocksize=48)
+        BnbStore("nf4", blocksize=48)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        BnbStore("int4")
     from kvcompress.cache.base import ModelSpec
 
     with pytest.raises(ValueError, match="blocksize=64 must divide head_dim=32"):
-        storage_factory("bnb_int8")().check(ModelSpec("m", 1, 1, 1, 32, 8))
+        storage("bnb_int8").check(ModelSpec("m", 1, 1, 1, 32, 8))
+    with pytest.raises(ValueError, match=r"bitsandbytes blocks are at least 32 values.*use storage=int8"):
+        storage("bnb_int8").check(ModelSpec("m", 1, 1, 1, 16, 8))
 
 
 # -- CUDA (skipped without a GPU) ---------------------------------------------------------------------
@@ -278,10 +314,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
                                           ("int2", dict(group_size=8, key_axis="channel", symmetric=True))])
 def test_cuda_store_matches_cpu(name, params):
     x_k, x_v, pos = kv(T=70), kv(T=70, seed=1), torch.arange(70).expand(2, -1)
-    cpu, gpu = storage_factory(name, **params)(), storage_factory(name, **params)()
+    cpu, gpu = storage(name, **params), storage(name, **params)
     for lo, hi in ((0, 33), (33, 34), (34, 70)):
-        cpu.append(x_k[:, :, lo:hi], x_v[:, :, lo:hi], pos[:, lo:hi])
-        gpu.append(x_k[:, :, lo:hi].cuda(), x_v[:, :, lo:hi].cuda(), pos[:, lo:hi].cuda())
+        cpu.append(x_k[:, :, lo:hi], x_v[:, :, lo:hi], pos[:, lo:hi], ROPE)
+        gpu.append(x_k[:, :, lo:hi].cuda(), x_v[:, :, lo:hi].cuda(), pos[:, lo:hi].cuda(), ROPE)
     for a, b in zip(cpu.tensors(), gpu.tensors(), strict=True):  # codes, scales, zeros, residuals, positions
         assert b.is_cuda and a.dtype == b.dtype and a.shape == b.shape
     bound = max(p.scale.view().float().max().item() for p in (cpu.k, cpu.v))  # rounding may differ by a code
