@@ -1,10 +1,14 @@
 """Engine vs transformers on the same model, process and dtype: prefill and decode throughput.
 
     .venv/bin/python scripts/bench_engine.py                      # CPU, fp32, SmolLM2-135M, 1k context
-    .venv/bin/python scripts/bench_engine.py --device cuda --dtype bfloat16
+    .venv/bin/python scripts/bench_engine.py --device cuda --dtype bfloat16 --static --peak-gbps 4800
 
 Each row is the best of ``--repeats`` interleaved runs (engine, transformers, engine, ...), so
-background load hits both alike. Writes results/engine_bench/<device>-<dtype>.{json,md}.
+background load hits both alike. ``--static`` adds the engine's captured decode step (a static-capacity
+cache, ``kvcompress.engine.static``: a CUDA graph on CUDA, the same step eager elsewhere) as ``engine_static``.
+``--peak-gbps`` (the GPU's memory bandwidth) adds the fraction of the memory roofline each decode row
+reaches: a step moves at least the weights plus the KV cache held (``bytes / step time / peak``).
+Writes results/engine_bench/<device>-<dtype>.{json,md} (``--out`` elsewhere), with the GPU's name.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 from kvcompress.cache import FullCache
 from kvcompress.engine.generate import positions_like
 from kvcompress.engine.loaders import DTYPES, ensure_asset, load
+from kvcompress.engine.static import CapturedDecode, StaticKVCache
 
 
 def sync(device):
@@ -44,6 +49,41 @@ def run_engine(model, tokens, decode):
         nxt = model(nxt, torch.full((B, 1), C + i, device=tokens.device), cache)[:, -1].argmax(-1, keepdim=True)
     sync(tokens.device)
     return t1 - t0, time.perf_counter() - t1
+
+
+@torch.inference_mode()
+def run_static(model, tokens, decode):
+    """Prefill eager into a static-capacity cache, capture the decode step (not timed), then replay it."""
+    B, C = tokens.shape
+    cache = StaticKVCache(C + decode + 1, dtype=model.dtype, device=tokens.device)
+    cache.setup(model.config.spec())
+    cache.reset(B)
+    sync(tokens.device)
+    t0 = time.perf_counter()
+    logits = model(tokens, positions_like(tokens), cache, select=torch.full((B,), C - 1, device=tokens.device))
+    sync(tokens.device)
+    prefill_s = time.perf_counter() - t0
+    step = CapturedDecode(model, cache, B)
+    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    pos = torch.full((B, 1), C, device=tokens.device)
+    sync(tokens.device)
+    t1 = time.perf_counter()
+    for _ in range(decode):
+        nxt = step(nxt, pos)[:, -1].argmax(-1, keepdim=True)
+        pos += 1
+    sync(tokens.device)
+    return prefill_s, time.perf_counter() - t1
+
+
+def step_bytes(model, batch: int, context: int, decode: int) -> int:
+    """A decode step's memory floor: every weight once + the KV cache held at mid-decode (model dtype)."""
+    weights = sum(p.nbytes for p in {id(p): p for p in model.parameters()}.values())
+    per_token = model.config.spec().fp16_bytes_per_token() // 2 * model.dtype.itemsize
+    return weights + per_token * batch * (context + decode // 2)
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
 
 
 @torch.inference_mode()
@@ -73,6 +113,8 @@ def main():
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="results/engine_bench")
+    ap.add_argument("--static", action="store_true", help="also time the captured static decode step")
+    ap.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth, for the roofline fraction")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -80,35 +122,66 @@ def main():
     gguf = ensure_asset("smollm2-135m", "~/.cache/kvcompress/models")
     model, tok = load(gguf, "smollm2-135m", device, dtype)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype).to(device).eval()
-    text = (Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/wiki.test.raw").read_text()[:200_000]
-    ids = torch.tensor(tok(text).input_ids[: args.context * max(args.batch)], device=device)
+    text_path = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/wiki.test.raw"
+    n_ids = args.context * max(args.batch)
+    if text_path.is_file():
+        ids = torch.tensor(tok(text_path.read_text()[:200_000]).input_ids[:n_ids], device=device)
+    else:  # speed does not depend on the text: random tokens where the shared data is absent
+        ids = torch.randint(0, model.config.vocab_size, (n_ids,), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(device)
+    ids = ids.repeat(-(-n_ids // ids.numel()))[:n_ids]
+    runners = [("engine", run_engine, model), ("transformers", run_hf, hf)]
+    if args.static:
+        runners.insert(1, ("engine_static", run_static, model))
     rows = []
     for B in args.batch:
         tokens = ids[: B * args.context].view(B, args.context)
-        run_engine(model, tokens[:, :64], 4), run_hf(hf, tokens[:, :64], 4)  # warm-up
-        best = {"engine": [float("inf")] * 2, "transformers": [float("inf")] * 2}
+        for _, fn, m in runners:
+            fn(m, tokens[:, :64], 4)  # warm-up
+        best = {name: [float("inf")] * 2 for name, _, _ in runners}
         for _ in range(args.repeats):
-            for name, fn, m in (("engine", run_engine, model), ("transformers", run_hf, hf)):
+            for name, fn, m in runners:
                 p, d = fn(m, tokens, args.decode)
                 best[name] = [min(best[name][0], p), min(best[name][1], d)]
         for phase, i, n in (("prefill", 0, B * args.context), ("decode", 1, B * args.decode)):
-            e, h = n / best["engine"][i], n / best["transformers"][i]
-            rows.append({"phase": phase, "batch": B, "context": args.context, "engine_tok_s": round(e, 1),
-                         "transformers_tok_s": round(h, 1), "ratio": round(e / h, 3)})
+            rate = {name: n / best[name][i] for name in best}
+            e, h = rate["engine"], rate["transformers"]
+            row = {"phase": phase, "batch": B, "context": args.context, "engine_tok_s": round(e, 1),
+                   "transformers_tok_s": round(h, 1), "ratio": round(e / h, 3)}
+            if args.static:
+                row |= {"engine_static_tok_s": round(rate["engine_static"], 1),
+                        "static_ratio": round(rate["engine_static"] / h, 3)}
+            if phase == "decode" and args.peak_gbps:
+                floor = step_bytes(model, B, args.context, args.decode)
+                fastest = max(e, rate.get("engine_static", 0.0))
+                row["roofline_fraction"] = round(floor * fastest / B / (args.peak_gbps * 1e9), 4)
+            rows.append(row)
             print(rows[-1], flush=True)
-    meta = {"device": str(device), "dtype": args.dtype, "torch": torch.__version__, "cpu": platform.processor(),
-            "threads": torch.get_num_threads(), "decode_tokens": args.decode, "repeats": args.repeats}
+    meta = {"device": str(device), "device_name": device_name(device), "dtype": args.dtype,
+            "torch": torch.__version__, "cpu": platform.processor(), "threads": torch.get_num_threads(),
+            "decode_tokens": args.decode, "repeats": args.repeats, "peak_gbps": args.peak_gbps}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{device.type}-{args.dtype}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = ["| phase | batch | context | engine tok/s | transformers tok/s | engine / transformers |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['phase']} | {r['batch']} | {r['context']} | {r['engine_tok_s']} | {r['transformers_tok_s']} | "
-              f"{r['ratio']:.2f}x |" for r in rows]
+    cols = [("phase", "phase"), ("batch", "batch"), ("context", "context"), ("engine_tok_s", "engine tok/s")]
+    cols += [("engine_static_tok_s", "engine static tok/s")] if args.static else []
+    cols += [("transformers_tok_s", "transformers tok/s"), ("ratio", "engine / transformers")]
+    cols += [("static_ratio", "static / transformers")] if args.static else []
+    cols += [("roofline_fraction", "roofline fraction")] if args.peak_gbps else []
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(k, r.get(k)) for k, _ in cols) + " |" for r in rows]
     (out / f"{stem}.md").write_text(f"`python scripts/bench_engine.py {shlex.join(sys.argv[1:])}` "
                                     f"({meta})\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _cell(key: str, v) -> str:
+    if v is None:
+        return ""
+    if key == "roofline_fraction":
+        return f"{v:.1%}"
+    return f"{v:.2f}x" if "ratio" in key else str(v)
 
 
 if __name__ == "__main__":
