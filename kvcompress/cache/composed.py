@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache.base import PAD_POSITION, KVCache, ModelSpec, Rotary
+from kvcompress.cache.buffers import pick_rows
 from kvcompress.cache.layout.base import Layout
 from kvcompress.cache.policy.base import Policy
 from kvcompress.cache.storage.base import TokenStore
@@ -45,11 +46,17 @@ class ComposedCache(KVCache):
         super().setup(spec)
         self.storage.check(spec)
         self.layout.check(spec)
+        self.layout.check_storage(self.storage)
         self.policy.check(spec, self.storage)
 
     def calibrate(self, ctx) -> None:
-        self.storage.calibrate(ctx)
+        groups = self.layout.calibration_groups()
+        if any(len(g) > 1 for g in groups):  # check_storage made sure the storage fits groups
+            self.storage.calibrate(ctx, groups)
+        else:
+            self.storage.calibrate(ctx)
         self.layout.calibrate(ctx, self._dense_cache)
+        self.policy.calibrate(ctx)
 
     def _dense_cache(self, layout: Layout) -> ComposedCache:
         cache = ComposedCache(DenseStore(keys=self.storage.keys), Policy(), layout)
@@ -65,6 +72,8 @@ class ComposedCache(KVCache):
         self.policy.reset(batch_size, sorted(set(self.owner)))
         self.pending_weights: dict[int, Tensor] = {}
         self._seen = torch.zeros((), dtype=torch.long)
+        self.replay_from: Tensor | None = None  # during a replay pass: each row's first replayed position
+        self.replayed = 0
 
     def computes_kv(self, layer: int) -> bool:
         return self.layout.computes_kv(layer)
@@ -72,15 +81,23 @@ class ComposedCache(KVCache):
     # -- the engine's calls ----------------------------------------------------------------------
     def append(self, layer: int, k: Tensor, v: Tensor, pos: Tensor, rope: Rotary) -> None:
         self.rope = rope
-        if layer == 0:
+        if layer == 0 and self.replay_from is not None:  # a replay pass: its tokens are not the row's history
+            real = pos < PAD_POSITION
+            self.replay_from = torch.minimum(self.replay_from.to(pos.device),
+                                             torch.where(real, pos, PAD_POSITION).amin(1))
+            self.replayed += int(real.sum())
+        elif layer == 0:
             self._seen = self._seen.to(pos.device) + (pos < PAD_POSITION).sum()
             self.policy.start_step(k.shape[2], pos)
         self.layout.append(layer, self.views[layer], k, v, pos, SlotRotary(rope) if self.policy.rerotate else rope)
 
     def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
         view, owner, steps = self.views[layer], self.owner[layer], q.shape[2]
-        if layer == self.first_reader[owner]:
+        replaying = self.replay_from is not None
+        if layer == self.first_reader[owner] and not replaying:
             self.policy.before_attend(owner, view, steps)
+        if self.policy.wants_queries:
+            self.policy.observe_queries(owner, q, q_pos, self.rope)
         if self.policy.rerotate:  # the query sits at the slot after the last key: R(slot) = R(slot - pos) R(pos)
             slots = torch.arange(view.length - steps, view.length, device=q.device)[None]
             q = self.rope.rotate(q, slots - q_pos)
@@ -99,8 +116,31 @@ class ComposedCache(KVCache):
         remap = self.layout.after_attend(layer)
         if remap is not None:
             self.policy.remap(owner, remap)
-        self.policy.after_attend(owner, view, steps)
+        if not replaying:
+            self.policy.after_attend(owner, view, steps)
         return out
+
+    # -- a replay pass over the prompt (KVzip's reconstruction), driven by the engine ----------------------
+    def replay_wanted(self) -> bool:
+        return self.policy.replay_wanted()
+
+    def replay(self, on: bool) -> None:
+        """``on``: the next steps replay the prompt (observed by the policy, never counted). Off: drop every token
+        at or after each row's first replayed position from every store, so the stores hold the prompt again."""
+        if on:
+            self.replay_from = torch.full((self.batch_size,), PAD_POSITION, dtype=torch.long)
+            self.policy.start_replay()
+            return
+        start, self.replay_from = self.replay_from, None
+        for owner in sorted(set(self.owner)):
+            view = self.views[owner]
+            pos = view.positions()
+            keep = pos < start.to(pos.device).view(-1, *[1] * (pos.dim() - 1))
+            idx, valid = pick_rows(keep)
+            view.keep(idx)
+            if not bool(valid.all()):
+                view.hide(valid)
+            self.policy.remap(owner, idx)
 
     # -- accounting ------------------------------------------------------------------------------
     def stores(self) -> list[TokenStore]:
@@ -121,7 +161,9 @@ class ComposedCache(KVCache):
         return int(self._seen)
 
     def memory_report(self) -> dict[str, float]:
-        return {**super().memory_report(), **self.storage.report(), **self.policy.report(), **self.layout.report()}
+        replay = {"replay_tokens": self.replayed} if self.replayed else {}
+        return {**super().memory_report(), **self.storage.report(), **self.policy.report(), **self.layout.report(),
+                **replay}
 
 
 class FullCache(ComposedCache):

@@ -25,6 +25,14 @@ class Layout:
         """Validate settings against the model (before weights load)."""
         self.spec = spec
 
+    def check_storage(self, storage: TokenStore) -> None:
+        """Refuse a storage this layout cannot work with (before weights load). Default: any."""
+
+    def calibration_groups(self) -> list[list[int]]:
+        """Groups of layers whose per-layer storage calibrations are fitted jointly (xKV: one basis per
+        group). Default: every layer alone."""
+        return [[layer] for layer in range(self.spec.num_layers)]
+
     def calibrate(self, ctx, cache_for: CacheFor) -> None:
         """One-off preparation (e.g. picking layer groups); ``cache_for`` builds dense caches to measure with."""
 

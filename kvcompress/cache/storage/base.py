@@ -28,6 +28,7 @@ class TokenStore(ABC):
     """One layer's tokens for B rows. Positions are (B, T), or (B, Hkv, T) once heads keep different tokens."""
 
     ragged_heads = True  # can keep different tokens per KV head (per-head eviction); a property where it depends
+    group_calibration = False  # calibrate(ctx, groups) fits one calibration per group of layers (layout=xkv)
 
     def __init__(self, keys: str = "post_rope"):
         self.keys = one_of("storage.keys", keys, KEY_MODES)
@@ -39,8 +40,10 @@ class TokenStore(ABC):
         """Validate settings against the model's dimensions (before weights load)."""
         self.spec = spec
 
-    def calibrate(self, ctx) -> None:
-        """One-off, data-dependent preparation of every layer's store. Default: none."""
+    def calibrate(self, ctx, groups: list[list[int]] | None = None) -> None:
+        """One-off, data-dependent preparation of every layer's store. Default: none. ``groups`` (from the
+        layout's ``calibration_groups``) lists layers whose calibrations are fitted jointly; only storages with
+        ``group_calibration`` get groups other than singletons, the rest may ignore it."""
 
     def fresh(self, layer: int) -> TokenStore:
         """An empty store for ``layer`` with these settings (calibration is shared, not copied)."""
@@ -80,6 +83,14 @@ class TokenStore(ABC):
         """Keep only tokens ``idx`` (B, T') for whole rows or (B, Hkv, T') per head, in that order."""
         self.keep_payload(idx)
         self.pos.replace(gather_tokens(self.pos.view(), idx))
+
+    def update_values(self, v: Tensor) -> None:
+        """Hold values ``v`` (B, Hkv, T, D) for the held tokens instead (token merging: CaM). Default: re-encode the
+        payload from the keys as stored and the new values; a storage may write them in place."""
+        k, _ = self.read_payload()
+        pos = self.positions()
+        self.clear_payload()
+        self.append_payload(k, v.to(k.dtype), pos)
 
     def hide(self, valid: Tensor) -> None:
         """Make held slots where ``valid`` (B, T) or (B, H, T) is False invisible (padding of ragged rows)."""

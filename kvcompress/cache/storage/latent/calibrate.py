@@ -119,29 +119,47 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def load_or_fit(ctx, s: PCASettings, path: Path | None = None) -> tuple[list[dict], dict]:
+def group_samples(samples: list, groups: list[list[int]]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """One sample set per group of layers: the group's keys, values and positions joined along tokens."""
+    return [(torch.cat([samples[i][0] for i in g], 2), torch.cat([samples[i][1] for i in g], 2),
+             torch.cat([samples[i][2] for i in g], 1)) for g in groups]
+
+
+def load_or_fit(ctx, s: PCASettings, path: Path | None = None, groups: list[list[int]] | None = None
+                ) -> tuple[list[dict], dict]:
     """Projections for ``ctx`` and settings ``s``: loaded from ``path`` if present, else fitted and saved.
+    ``groups`` (layout=xkv): one PCA per group of layers, fitted on the group's samples joined; every layer of
+    a group gets the same (shared) dict.
 
     Returns the per-layer PCAs and a stats dict (calibration_s, calibration_reused, sample bytes, peak RSS).
     """
+    grouped = groups is not None and any(len(g) > 1 for g in groups)
     path = Path(path).expanduser() if path else default_path(ctx.cache_dir, ctx.key, s)
     meta = {"version": FORMAT_VERSION, "ctx_key": ctx.key, "settings": asdict(s)}
+    if grouped:
+        gkey = hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:8]
+        path = path if path != default_path(ctx.cache_dir, ctx.key, s) else path.with_stem(f"{path.stem}-xkv{gkey}")
+        meta["settings"] = {**meta["settings"], "layer_groups": [list(g) for g in groups]}
+    per_layer = (lambda fits: [fits[next(j for j, g in enumerate(groups) if i in g)]
+                               for i in range(sum(map(len, groups)))]) if grouped else (lambda fits: fits)
     t0 = time.perf_counter()
     if path.exists():
         blob = artifacts.load(path, "latent calibration file")
         check_meta(blob.get("meta", {}), meta, path)
         stats = {"calibration_s": time.perf_counter() - t0, "calibration_reused": 1.0, "calibration_file": str(path)}
         log(f"latent: reusing calibration {path}")
-        return blob["layers"], stats
+        return per_layer(blob["layers"]), stats
     if s.keys == "post_rope" and getattr(ctx, "rope", None) is None:
         raise ValueError("keys=post_rope needs a calibration context with the model's rotary embedding (ctx.rope)")
     samples = ctx.kv_samples()
     sample_bytes = sum(t.nbytes for layer in samples for t in layer)
-    layers = fit(samples, s, getattr(ctx, "rope", None), getattr(ctx, "progress", True))
+    layers = fit(group_samples(samples, groups) if grouped else samples, s, getattr(ctx, "rope", None),
+                 getattr(ctx, "progress", True))
     artifacts.save({"meta": meta, "layers": layers}, path)
     stats = {"calibration_s": time.perf_counter() - t0, "calibration_reused": 0.0, "calibration_file": str(path),
              "calibration_sample_bytes": float(sample_bytes),
              "calibration_peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}
+    layers = per_layer(layers)
     log(f"latent: calibrated {len(layers)} layers on {samples[0][0].shape[2]} tokens in "
         f"{stats['calibration_s']:.1f}s (samples {sample_bytes / 2**20:.1f} MiB, peak RSS "
         f"{stats['calibration_peak_rss_bytes'] / 2**20:.0f} MiB) -> {path}")

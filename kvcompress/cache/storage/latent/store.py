@@ -130,17 +130,20 @@ class LatentStore(TokenStore):
         return math.lcm(8 // self.latent_bits, self.latent_group_size or 1) if self.latent_bits else 1
 
     # -- calibration (once, for every layer; per-layer stores share it) ------------------------------
-    def calibrate(self, ctx) -> None:
-        fitted, self.stats = load_or_fit(ctx, self.pca, self.calibration_file)
+    group_calibration = True  # layout=xkv: one PCA basis per group of layers, each layer its own latent
+
+    def calibrate(self, ctx, groups: list[list[int]] | None = None) -> None:
+        fitted, self.stats = load_or_fit(ctx, self.pca, self.calibration_file, groups)
         if len(fitted) != self.spec.num_layers:
             raise ValueError(f"calibration has {len(fitted)} layers, the model {self.spec.num_layers}")
-        self.layers = []
+        self.layers, shared = [], {}  # layers of one group share one fit, hence one projection (counted once)
         for layer in fitted:
             projs = {}
             for name, fit in layer.items():
                 r = choose_rank(self.specs[name], fit["eig"], self.energy)
                 r = min(fit["eig"].shape[-1], -(-r // self.unit()) * self.unit())
-                projs[name] = Projection(fit["basis"][..., :r], fit["mean"], self.spec.num_kv_heads)
+                projs[name] = shared.setdefault((id(fit), name), Projection(fit["basis"][..., :r], fit["mean"],
+                                                                            self.spec.num_kv_heads))
             self.layers.append(projs)
         self._device = None
 
@@ -244,7 +247,8 @@ class LatentStore(TokenStore):
         return [t for lat in self.lat.values() for t in lat.reserved_tensors()] + self.rope_part.reserved()
 
     def calibration_tensors(self) -> list[Tensor]:
-        return [t for layer in self.layers or [] for p in layer.values() for t in (p.basis, p.mean)]
+        unique = {id(p): p for layer in self.layers or [] for p in layer.values()}.values()
+        return [t for p in unique for t in (p.basis, p.mean)]
 
     def report(self) -> dict[str, float | str]:
         out = {f"{name}_rank_mean": sum(r) / len(r) for name, r in self.ranks().items()} if self.layers else {}
