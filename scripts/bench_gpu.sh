@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# One-command GPU benchmark for issue 14 (about 7 minutes on one H100/H200, 9 at most: every phase has its own
+# time limit, so a slow phase is cut short, its finished records kept and its cut noted in phases.txt):
+#   1. setup    KVC_TORCH=torch bash scripts/setup.sh (a CUDA torch; SKIP_SETUP=1 skips it)
+#   2. tests    the compiled Triton kernels and the CUDA-graph decode step against their references
+#   3. speed    kvc eval=speed: decode tok/s of full / int8 / int4 / KIVI-2 / latent 0.5 / H2O 25%
+#               at contexts 1k, 4k, 8k (8176: SmolLM2's 8192 positions minus the decoded tokens), batch 1 and 16
+#   4. throughput  kvc eval=throughput at one KV budget (KV_BUDGET bytes, default 2 GB, context 4k):
+#               full / int4 / KIVI-2, the batch each fits and its decode tok/s
+#   5. engine   scripts/bench_engine.py on CUDA: engine (eager and captured static step) vs transformers,
+#               with the fraction of the memory roofline (PEAK_GBPS, guessed from the GPU's name)
+#   6. table    results/gpu_bench/table.md from the records, headed by the GPU's name, torch and commit
+# Records: results/gpu_bench/records.jsonl (kvc), engine/ (bench_engine), logs/ (each phase), phases.txt.
+# Needs the text data of ../shared/data (or KVC_DATA_DIR) and network for setup (torch, the model).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-results/gpu_bench}
+KV_BUDGET=${KV_BUDGET:-2000000000}
+mkdir -p "$OUT/logs"
+T0=$(date +%s)
+: > "$OUT/phases.txt"
+
+phase() {  # phase NAME SECONDS CMD...: run with a time limit, log its output, note rc and duration
+  local name=$1 limit=$2 t=$(date +%s); shift 2
+  echo "== $name (limit ${limit}s, at $(( t - T0 ))s)"
+  timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc ${limit}s-limit took=$(( $(date +%s) - t ))s" | tee -a "$OUT/phases.txt"
+  tail -n 3 "$OUT/logs/$name.log"
+}
+
+if [ -z "${SKIP_SETUP:-}" ]; then
+  phase setup 150 env KVC_TORCH=torch bash scripts/setup.sh
+fi
+PY=.venv/bin/python
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "bench_gpu: no CUDA device visible to $PY (torch $($PY -c 'import torch; print(torch.__version__)'))" >&2
+  exit 1
+fi
+GPU=$($PY -c "import torch; print(torch.cuda.get_device_name(0))")
+case "$GPU" in
+  *H200*) PEAK=${PEAK_GBPS:-4800} ;;
+  *H100*PCIe*) PEAK=${PEAK_GBPS:-2000} ;;
+  *H100*) PEAK=${PEAK_GBPS:-3350} ;;
+  *A100*) PEAK=${PEAK_GBPS:-2039} ;;
+  *) PEAK=${PEAK_GBPS:-} ;;
+esac
+echo "bench_gpu: $GPU (peak ${PEAK:-unknown} GB/s)"
+
+phase tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_static.py
+
+KVC=(.venv/bin/kvc -m model=smollm2-135m device=cuda dtype=bfloat16 results_dir="$OUT" progress=false)
+SPEED=(eval=speed eval.context=1024,4096,8176 eval.batch_size=1,16 eval.decode_tokens=16 eval.repeats=2
+       eval.prefill_chunk=2048)
+phase speed_dense_int 90 "${KVC[@]}" "${SPEED[@]}" storage=dense,int8,int4
+phase speed_latent 40 "${KVC[@]}" "${SPEED[@]}" storage=latent storage.rank_fraction=0.5
+phase speed_kivi2 35 "${KVC[@]}" "${SPEED[@]}" storage=kivi storage.bits=2
+phase speed_h2o 45 "${KVC[@]}" "${SPEED[@]}" policy=h2o policy.budget=0.25
+TPUT=(eval=throughput eval.context=4096 eval.kv_budget_bytes="$KV_BUDGET" eval.decode_tokens=16 eval.repeats=2)
+phase throughput 50 "${KVC[@]}" "${TPUT[@]}" storage=dense,int4
+phase throughput_kivi2 30 "${KVC[@]}" "${TPUT[@]}" storage=kivi storage.bits=2
+phase engine 45 $PY scripts/bench_engine.py --device cuda --dtype bfloat16 --batch 1 16 --static \
+  ${PEAK:+--peak-gbps "$PEAK"} --out "$OUT/engine"
+
+GPU="$GPU" PEAK="$PEAK" OUT="$OUT" $PY - <<'PYEOF'
+import json, os, subprocess
+from pathlib import Path
+
+out = Path(os.environ["OUT"])
+recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines() if x.strip()] \
+    if (out / "records.jsonl").is_file() else []
+ok = [r for r in recs if r.get("status") == "ok"]
+name = lambda r: r["cache"] + (f" {r['storage_params'].get('bits')}-bit" if r.get("storage") == "kivi" else "")
+sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+lines = [f"# GPU benchmark: {os.environ['GPU']}", "",
+         f"`bash scripts/bench_gpu.sh` at commit {sha}; SmolLM2-135M bf16; records in `records.jsonl`, "
+         "engine bench in `engine/`, phase log in `phases.txt`.", "", "## Decode tokens/s (eval=speed)", "",
+         "| cache | context | batch | decode tok/s | vs full | min..max | noisy | kv MB | path |", "|---|---|---|---|---|---|---|---|---|"]
+speed = [r for r in ok if r["eval"] == "speed"]
+full = {(r["eval_params"]["context"], r["eval_params"]["batch_size"]): r["metrics"]["decode_tokens_per_s"]
+        for r in speed if r["cache"] == "full"}
+for r in sorted(speed, key=lambda r: (r["eval_params"]["context"], r["eval_params"]["batch_size"], name(r))):
+    m, c, b = r["metrics"], r["eval_params"]["context"], r["eval_params"]["batch_size"]
+    rel = f"{m['decode_tokens_per_s'] / full[(c, b)]:.2f}x" if (c, b) in full else ""
+    lines.append(f"| {name(r)} | {c} | {b} | {m['decode_tokens_per_s']:.1f} | {rel} | "
+                 f"{m.get('decode_tokens_per_s_min', 0):.1f}..{m.get('decode_tokens_per_s_max', 0):.1f} | "
+                 f"{m.get('noisy', '')} | {m['kv_bytes'] / 1e6:.1f} | {m.get('decode_path', '')} |")
+tput = [r for r in ok if r["eval"] == "throughput"]
+if tput:
+    lines += ["", f"## Throughput at a KV budget (eval=throughput)", "",
+              "| cache | budget GB | context | batch | bytes/row | decode tok/s | vs full |", "|---|---|---|---|---|---|---|"]
+    base = next((r["metrics"]["decode_tokens_per_s"] for r in tput if r["cache"] == "full"), None)
+    for r in tput:
+        m = r["metrics"]
+        rel = f"{m['decode_tokens_per_s'] / base:.2f}x" if base else ""
+        lines.append(f"| {name(r)} | {m['kv_budget_bytes'] / 1e9:.2f} | {r['eval_params']['context']} | "
+                     f"{m['batch_size']} | {m['bytes_per_row'] / 1e6:.1f} MB | {m['decode_tokens_per_s']:.1f} | {rel} |")
+failed = [r for r in recs if r.get("status") != "ok"]
+if failed:
+    lines += ["", "## Failed runs", ""] + [f"- {name(r)} {r['eval']} {r.get('eval_params')}: {r.get('error')}"
+                                          for r in failed]
+engine = sorted((out / "engine").glob("*.md"))
+if engine:
+    lines += ["", "## Engine vs transformers (scripts/bench_engine.py)", "", engine[0].read_text()]
+(out / "table.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PYEOF
+echo "bench_gpu: done in $(( $(date +%s) - T0 ))s -> $OUT/table.md"
