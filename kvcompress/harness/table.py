@@ -3,13 +3,12 @@ folder as one markdown table (caches x task metrics), written to ``RESULTS/READM
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from kvcompress.records import read_records
+from kvcompress.report.table import record_settings
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "cache"
 COLUMNS = {  # metric key -> column title
     "kvc_wikitext2/word_perplexity": "wikitext2 word ppl ↓",
     "kvc_wikitext2/bits_per_byte": "wikitext2 bits/byte ↓",
@@ -23,12 +22,10 @@ COLUMNS = {  # metric key -> column title
 
 
 def label(record: dict) -> str:
-    """The cache name plus the settings that differ from its conf/cache/<name>.yaml defaults."""
-    name, params = record["cache"], record.get("cache_params") or {}
-    path = CONF / f"{name}.yaml"
-    defaults = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
-    changed = [f"{k}={v}" for k, v in params.items() if defaults.get(k, object()) != v and k != "_target_"]
-    return f"{name} ({', '.join(changed)})" if changed else name
+    """The cache name plus the settings that differ from its presets (conf/<axis>/<name>.yaml for composed-cache
+    records, conf/cache/<name>.yaml for old ones)."""
+    changed = record_settings(record)
+    return f"{record['cache']} ({', '.join(changed.split())})" if changed else record["cache"]
 
 
 def fmt(value) -> str:
@@ -64,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         print(f"error: {path} not found", file=sys.stderr)
         return 1
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(path)  # a corrupt line is reported (file:line), not fatal
     body = ["# lm-eval harness tasks with the compressed cache in the loop", "", args.intro, "", table(records), ""]
     if args.command:
         body += ["Produced by:", "", "```", args.command, "```", ""]

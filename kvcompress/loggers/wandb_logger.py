@@ -15,22 +15,23 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from kvcompress.report.table import settings
+from kvcompress.report.table import record_settings
 
 MODES = ("offline", "online", "disabled")
 _UNREACHABLE: list[str] = []  # set once an online init failed: later runs of this process go offline at once
-# cache module (kvcompress.cache.<module>...) prefix -> family tag
-FAMILIES = (("evict", "eviction"), ("quant", "quantization"), ("bnb", "quantization"), ("kivi", "quantization"),
-            ("lowrank", "low-rank"), ("latent", "low-rank"), ("shar", "sharing"), ("cla", "sharing"),
-            ("minicache", "sharing"), ("full", "baseline"))
+AXES = ("storage", "policy", "layout")
+IDENTITY = {"storage": "dense", "policy": "none", "layout": "per_layer"}
 
 
-def family(target: str | None) -> str:
-    """Strategy family from the cache class path: ``kvcompress.cache.evict.h2o.H2OCache`` -> eviction."""
-    parts = (target or "").split(".")
-    if parts[:2] != ["kvcompress", "cache"] or len(parts) < 4:
-        return "custom"
-    return next((fam for prefix, fam in FAMILIES if parts[2].startswith(prefix)), parts[2])
+def axis_tags(record: dict) -> list[str]:
+    """``storage:kivi``, ``policy:h2o``, ``layout:cla`` for the axes a run changes (identity axes untagged);
+    ``cache:<name>`` for a whole-interface cache (``cache=`` escape hatch, or an old record without axes);
+    ``baseline`` for the full cache."""
+    axes = {axis: record.get(axis) for axis in AXES if record.get(axis)}
+    if not axes:
+        return ["baseline"] if record.get("cache") == "full" else [f"cache:{record.get('cache')}"]
+    tags = [f"{axis}:{name}" for axis, name in axes.items() if name != IDENTITY[axis]]
+    return tags or ["baseline"]
 
 
 def has_api_key() -> bool:
@@ -121,15 +122,10 @@ class WandbLogger:
     def log_run(self, cfg: DictConfig, record: dict, run_dir: Path) -> None:
         import json
 
-        target = OmegaConf.select(cfg, "cache._target_")
-        fam = family(target)
-        tags = [record["model"], fam, str(record["eval"]), str(record["cache"]), *self.tags]
-        storage = (record.get("cache_params") or {}).get("storage")
-        if storage and storage != "dense":
-            tags.append(f"storage:{storage}")
+        tags = [record["model"], str(record["eval"]), str(record["cache"]), *axis_tags(record), *self.tags]
         config = OmegaConf.to_container(cfg, resolve=True)
-        config["kvc"] = {k: record.get(k) for k in ("cache", "eval", "config_hash", "git_sha")} | {"family": fam}
-        short = settings(record.get("cache_params"), record["cache"])
+        config["kvc"] = {k: record.get(k) for k in ("cache", *AXES, "eval", "config_hash", "code_version", "git_sha")}
+        short = record_settings(record)
         name = f"{record['cache']} {short}".strip()[:100] + f" | {record['eval']}"
         run = self._init(Path(self.dir).expanduser() if self.dir else run_dir, config=config,
                          group=self.group or sweep_name(cfg), job_type=str(record["eval"]), name=name,
@@ -140,7 +136,8 @@ class WandbLogger:
             if numeric:
                 run.log(numeric)
             run.summary.update({"status": record["status"], "error": record.get("error"),
-                                "duration_s": record.get("duration_s"), "config_hash": record.get("config_hash")})
+                                "duration_s": record.get("duration_s"), "config_hash": record.get("config_hash"),
+                                "code_version": record.get("code_version")})
             Path(run.dir, "record.json").write_text(json.dumps(record, indent=2, default=str))
         finally:
             self._finish(run)

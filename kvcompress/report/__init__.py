@@ -12,14 +12,16 @@ SWEEP_FILE = "sweep.json"  # the command that produced the records (written by t
 __all__ = ["build_report", "dominates", "pareto_front", "rows", "load"]
 
 
-def build_report(source: Path, out_dir: Path | None = None, command: str | None = None) -> dict[str, Path]:
+def build_report(source: Path, out_dir: Path | None = None, command: str | None = None,
+                 records: list[dict] | None = None) -> dict[str, Path]:
     """Aggregate the records under ``source`` into ``out_dir`` (default: ``source`` if a folder).
 
     Returns the written paths: ``csv``, ``md``, ``ratio_plot``, ``speed_plot``.
     """
     source = Path(source)
     out = Path(out_dir) if out_dir else (source if source.is_dir() else source.parent)
-    table = rows(load(source))
+    records = load(source) if records is None else records
+    table = rows(records)
     if command is None and (out / SWEEP_FILE).is_file():
         command = json.loads((out / SWEEP_FILE).read_text()).get("command")
     paths = {"csv": out / "summary.csv", "md": out / "summary.md", "ratio_plot": out / RATIO_PLOT,
@@ -28,5 +30,6 @@ def build_report(source: Path, out_dir: Path | None = None, command: str | None 
     write_csv(table, paths["csv"])
     ratio_plot(table, paths["ratio_plot"])
     speed_plot(table, paths["speed_plot"])
-    atomic_text(paths["md"], markdown(table, str(source), command, [RATIO_PLOT, SPEED_PLOT]))
+    atomic_text(paths["md"], markdown(table, str(source), command, [RATIO_PLOT, SPEED_PLOT],
+                                       getattr(records, "corrupt", ())))
     return paths

@@ -16,16 +16,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--command", default=None, help="the sweep command to name in summary.md")
     args = p.parse_args(argv)
     try:
-        table = rows(load(args.source))
+        records = load(args.source)
+        table = rows(records)
         if not table:
             print(f"kvc-report: error: no run records under {args.source}", file=sys.stderr)
             return 1
-        paths = build_report(args.source, args.out, args.command)
+        paths = build_report(args.source, args.out, args.command, records)
     except (OSError, ValueError) as e:
         print(f"kvc-report: error: {e}", file=sys.stderr)
         return 1
     failed = sum(r["status"] != "ok" for r in table)
-    print(f"kvc-report: {len(table)} run(s) ({failed} failed) -> " + ", ".join(str(p) for p in paths.values()))
+    corrupt = f"; {len(records.corrupt)} corrupt line(s) skipped (see summary.md)" if records.corrupt else ""
+    print(f"kvc-report: {len(table)} run(s) ({failed} failed){corrupt} -> " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

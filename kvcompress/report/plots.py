@@ -1,4 +1,9 @@
-"""PNG plots: compression ratio vs Δppl (Pareto front marked) and decode tokens/s vs Δppl."""
+"""PNG plots: compression ratio vs Δppl (Pareto front marked) and decode tokens/s vs Δppl.
+
+Every (strategy, settings) point has one colour (by strategy) and one marker (by its settings within the
+strategy) in every panel and plot of a report; error bars where the records carry ``<metric>/ci_low`` and
+``<metric>/ci_high``; without a ``full`` baseline the x axis says ppl, not Δppl.
+"""
 from __future__ import annotations
 
 import os
@@ -6,10 +11,12 @@ import textwrap
 from pathlib import Path
 
 from kvcompress.report.pareto import pareto_front
-from kvcompress.report.table import finite, quality
+from kvcompress.report.table import finite, has_baseline, metric_ci, quality, quality_interval
 
 RATIO_PLOT = "ratio_vs_dppl.png"
 SPEED_PLOT = "speed_vs_dppl.png"
+MARKERS = "os^Dv<>pPX*hH8d"
+LABEL_CHARS = 34
 
 
 def _plt():
@@ -23,28 +30,72 @@ def _plt():
 
 def label(row: dict) -> str:
     s = row.get("settings") or ""
-    return f"{row['cache']} {s}".strip() if len(s) <= 28 else f"{row['cache']} {s[:26]}…"
+    text = f"{row['cache']} {s}".strip()
+    return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
 
 
-def _scatter(ax, rows: list[dict], xs: list[float], ys: list[float], maximize_y: bool = True) -> None:
-    caches = sorted({r["cache"] for r in rows})
-    cmap = _plt().get_cmap("tab20")
-    markers = "os^Dv<>pPX*h"
-    for i, c in enumerate(caches):
-        idx = [j for j, r in enumerate(rows) if r["cache"] == c]
-        ax.scatter([xs[j] for j in idx], [ys[j] for j in idx], color=cmap(i % 20), marker=markers[i % len(markers)],
-                   s=36, label=c, zorder=3, edgecolors="black" if c == "full" else "none")
+def styles(table: list[dict]) -> dict[str, tuple[tuple, str]]:
+    """(colour, marker) per point label, for every ok row of a report: a strategy's colour, and a marker per
+    setting of that strategy, the same in every panel."""
+    cmap = _plt().get_cmap("tab10" if len({r["cache"] for r in table}) <= 10 else "tab20")
+    caches = sorted({r["cache"] for r in table if r.get("status") == "ok"}, key=lambda c: (c != "full", c))
+    out = {}
+    for i, cache in enumerate(caches):
+        labels = sorted({label(r) for r in table if r.get("status") == "ok" and r["cache"] == cache})
+        for j, lab in enumerate(labels):
+            out[lab] = (cmap(i % cmap.N), MARKERS[j % len(MARKERS)])
+    return out
+
+
+def _err(values: list[float], cis: list[tuple[float, float] | None]):
+    """Asymmetric error bars (2, N) for matplotlib, or None when no point has an interval."""
+    if not any(cis):
+        return None
+    lo = [max(0.0, v - c[0]) if c else 0.0 for v, c in zip(values, cis, strict=True)]
+    hi = [max(0.0, c[1] - v) if c else 0.0 for v, c in zip(values, cis, strict=True)]
+    return [lo, hi]
+
+
+def _annotate(ax, rows: list[dict], xs: list[float], ys: list[float], idx: list[int]) -> None:
+    """Labels of the front points, nudged apart vertically so they do not overlap, never clipped."""
+    taken: list[tuple[float, float]] = []
+    ax.figure.canvas.draw()
+    for j in sorted(idx, key=lambda j: (ys[j], xs[j])):
+        px, py = ax.transData.transform((xs[j], ys[j]))
+        dy = 4
+        while any(abs(py + dy - ty) < 11 and abs(px - tx) < 7 * LABEL_CHARS for tx, ty in taken):
+            dy += 11
+        taken.append((px, py + dy))
+        ax.annotate(label(rows[j]), (xs[j], ys[j]), fontsize=7, xytext=(5, dy), textcoords="offset points",
+                    annotation_clip=False, arrowprops=dict(arrowstyle="-", lw=0.4, color="grey") if dy > 15 else None)
+
+
+def _scatter(ax, rows: list[dict], xs: list[float], ys: list[float], style: dict, maximize_y: bool = True,
+             xci=None, yci=None) -> None:
+    seen = set()
+    for j, r in enumerate(rows):
+        lab = label(r)
+        colour, marker = style.get(lab, ("grey", "o"))
+        ax.scatter([xs[j]], [ys[j]], color=colour, marker=marker, s=40, zorder=3, label=None if lab in seen else lab,
+                   edgecolors="black" if r["cache"] == "full" else "none")
+        seen.add(lab)
+    xerr, yerr = _err(xs, xci or [None] * len(xs)), _err(ys, yci or [None] * len(ys))
+    if xerr or yerr:
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="grey", elinewidth=0.8, capsize=2, zorder=2)
     front = sorted(pareto_front(list(zip(xs, ys, strict=True)), maximize=(False, maximize_y)), key=lambda j: xs[j])
     if front:
         ax.step([xs[j] for j in front], [ys[j] for j in front], where="post", color="crimson", lw=1.5, zorder=2,
                 label="Pareto front")
         ax.scatter([xs[j] for j in front], [ys[j] for j in front], s=140, facecolors="none", edgecolors="crimson",
                    lw=1.5, zorder=4)
-        for j in front:
-            ax.annotate(label(rows[j]), (xs[j], ys[j]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     _xscale(ax, xs)
-    ax.axvline(0, color="grey", lw=0.8, ls="--", zorder=1)
+    ax.margins(x=0.12, y=0.12)
+    if min(xs) < 0 < max(xs) or has_baseline(rows):
+        ax.axvline(0, color="grey", lw=0.8, ls="--", zorder=1)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if front:
+        _annotate(ax, rows, xs, ys, front)
 
 
 def _xscale(ax, xs: list[float]) -> None:
@@ -69,8 +120,13 @@ def _empty(path: Path, message: str) -> None:
     _save(fig, path)
 
 
-def _xlabel(rows: list[dict]) -> str:
-    return "Δppl vs full cache (lower is better)" if all("delta_ppl" in r for r in rows) else "ppl (no full baseline)"
+def xlabel(rows: list[dict], speed: bool = False) -> str:
+    """Δppl where every point has a baseline; otherwise the raw ppl, said so."""
+    if not has_baseline(rows):
+        return "ppl (no full baseline in this group, so no Δppl; lower is better)"
+    if speed:
+        return "Δppl vs full cache (eval=ppl of the same settings where run, else the speed run's own)"
+    return "Δppl vs full cache (lower is better)"
 
 
 def ratio_plot(table: list[dict], path: Path) -> None:
@@ -85,29 +141,31 @@ def ratio_plot(table: list[dict], path: Path) -> None:
     if not groups:
         return _empty(path, "no ok runs with a compression ratio and a perplexity")
     plt = _plt()
-    fig, axes = plt.subplots(1, len(groups), figsize=(7.5 * len(groups), 5.5), squeeze=False)
+    style = styles(table)
+    fig, axes = plt.subplots(1, len(groups), figsize=(9.5 * len(groups), 5.5), squeeze=False)
     for ax, (g, rows) in zip(axes[0], sorted(groups.items()), strict=True):
-        _scatter(ax, rows, [quality(r) for r in rows], [r["compression_ratio"] for r in rows])
-        ax.set(xlabel=_xlabel(rows), ylabel="compression ratio (fp16 bytes / bytes held)",
-               title=textwrap.fill(g, 70))
+        _scatter(ax, rows, [quality(r) for r in rows], [r["compression_ratio"] for r in rows], style,
+                 xci=[quality_interval(r) for r in rows],
+                 yci=[metric_ci(r, "compression_ratio") for r in rows])
+        ax.set(xlabel=xlabel(rows), ylabel="compression ratio (fp16 bytes / bytes held)", title=textwrap.fill(g, 70))
         ax.title.set_fontsize(8)
-        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
     _save(fig, path)
 
 
 def speed_plot(table: list[dict], path: Path) -> None:
     rows = [r for r in table if r["status"] == "ok" and finite(r.get("decode_tokens_per_s"))]
-    xs = [quality(r) for r in rows]
-    rows, xs = [r for r, x in zip(rows, xs, strict=True) if x is not None], [x for x in xs if x is not None]
+    rows = [r for r in rows if quality(r) is not None]
     if not rows:
         return _empty(path, "no ok runs with decode tokens/s (run eval=speed)")
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    _scatter(ax, rows, xs, [r["decode_tokens_per_s"] for r in rows])
+    fig, ax = plt.subplots(figsize=(9.5, 5.5))
+    xs = [quality(r) for r in rows]
+    _scatter(ax, rows, xs, [r["decode_tokens_per_s"] for r in rows], styles(table),
+             xci=[quality_interval(r) for r in rows], yci=[metric_ci(r, "decode_tokens_per_s") for r in rows])
     devices = sorted({str(r.get("device")) for r in rows})
-    ax.set(xlabel="Δppl vs full cache (eval=ppl of the same settings where run, else the speed run's own)",
-           ylabel="decode tokens/s",
+    ax.set(xlabel=xlabel(rows, speed=True), ylabel="decode tokens/s",
            title=f"decode speed vs quality ({', '.join(sorted({r['model'] for r in rows}))}; {', '.join(devices)})")
     ax.title.set_fontsize(8)
-    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
     _save(fig, path)

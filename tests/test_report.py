@@ -1,0 +1,118 @@
+"""Reports (issue 18): composed-cache records beside old ones, code versions, corrupt lines, plots whose styles
+follow (strategy, settings), error bars from ``<metric>/ci_low|ci_high``, no Δppl without a baseline, W&B axis
+tags."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvcompress.report import build_report
+from kvcompress.report.table import markdown, record_settings, rows
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def rec(cache: str, ppl: float, ratio: float, params: dict | None = None, **extra) -> dict:
+    return {"status": "ok", "model": "m", "dtype": "float32", "eval": "ppl", "eval_params": {"window": 64},
+            "cache": cache, "cache_params": params or {}, "config_hash": f"{cache}-{ratio}-{ppl}",
+            "code_version": "v1", "metrics": {"ppl": ppl, "compression_ratio": ratio, **extra.pop("metrics", {})},
+            **extra}
+
+
+def axes(storage="dense", policy="none", layout="per_layer", **params) -> dict:
+    """Fields of a composed-cache record: each axis and its settings, the short name, merged params."""
+    split = {a: {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(a + ".")}
+             for a in ("storage", "policy", "layout")}
+    short = "+".join(n for n, ident in ((storage, "dense"), (policy, "none"), (layout, "per_layer")) if n != ident)
+    return {"storage": storage, "policy": policy, "layout": layout, "storage_params": split["storage"],
+            "policy_params": split["policy"], "layout_params": split["layout"], "cache": short or "full",
+            "cache_params": {k: v for k, v in params.items()}}
+
+
+def test_old_and_new_records_in_one_report(tmp_path):
+    old = rec("h2o", 3.0, 2.0, {"budget": 0.25})
+    new = {**rec("", 2.5, 4.0), **axes("kivi", "h2o", **{"policy.budget": 0.25, "storage.bits": 4})}
+    full = {**rec("", 2.0, 1.0), **axes()}
+    table = rows([old, new, full])
+    by_cache = {r["cache"]: r for r in table}
+    assert set(by_cache) == {"h2o", "kivi+h2o", "full"}
+    assert "budget=0.25" in by_cache["kivi+h2o"]["settings"] and "bits=4" in by_cache["kivi+h2o"]["settings"]
+    assert by_cache["kivi+h2o"]["policy"] == "h2o" and by_cache["h2o"]["policy"] is None
+    assert by_cache["kivi+h2o"]["delta_ppl"] == pytest.approx(0.5)
+    assert record_settings(full) == ""
+    paths = build_report_from(tmp_path, [old, new, full])
+    assert paths["ratio_plot"].read_bytes()[:8] == PNG
+    assert "storage" in paths["csv"].read_text().splitlines()[0]
+
+
+def build_report_from(tmp_path: Path, records: list[dict]) -> dict[str, Path]:
+    from kvcompress.records import append_jsonl
+
+    for r in records:
+        append_jsonl(tmp_path / "records.jsonl", r)
+    return build_report(tmp_path)
+
+
+def test_no_baseline_says_ppl_not_dppl():
+    from kvcompress.report.plots import xlabel
+
+    table = rows([rec("h2o", 3.0, 2.0), rec("streaming", 4.0, 4.0)])
+    md = markdown(table)
+    assert "Pareto front (ratio up, ppl, no full baseline down)" in md
+    assert "+3.000" not in md and "(2.00x, 3.000)" in md
+    assert xlabel(table).startswith("ppl (no full baseline")
+    assert xlabel(table, speed=True).startswith("ppl (no full baseline")
+    with_base = rows([rec("full", 2.0, 1.0), rec("h2o", 3.0, 2.0)])
+    assert xlabel(with_base).startswith("Δppl") and "(2.00x, +1.000)" in markdown(with_base)
+
+
+def test_styles_follow_strategy_and_settings():
+    from kvcompress.report.plots import styles
+
+    table = rows([rec("full", 2.0, 1.0), rec("h2o", 3.0, 2.0, {"budget": 0.25}), rec("h2o", 2.5, 1.5, {"budget": 0.5}),
+                  rec("int4", 2.1, 3.0)])
+    style = styles(table)
+    h2o = [style[k] for k in style if k.startswith("h2o")]
+    assert len(h2o) == 2 and h2o[0][0] == h2o[1][0] and h2o[0][1] != h2o[1][1]  # one colour, two markers
+    assert style["int4"][0] != h2o[0][0]
+    # the same point keeps its style in a report with more rows of other strategies
+    more = styles(table + rows([rec("tova", 5.0, 5.0)]))
+    assert all(more[k] == v for k, v in style.items())
+
+
+def test_error_bars_and_overlapping_intervals(tmp_path, monkeypatch):
+    from kvcompress.report import plots
+
+    ci = lambda lo, hi: {"metrics": {"ppl/ci_low": lo, "ppl/ci_high": hi}}
+    records = [rec("full", 2.0, 1.0, **ci(1.9, 2.1)), rec("int8", 2.05, 2.0, **ci(1.95, 2.15)),
+               rec("int4", 3.0, 4.0, **ci(2.9, 3.1))]
+    table = rows(records)
+    assert {r["cache"]: r["quality_ci"] for r in table}["int8"] == pytest.approx((-0.05, 0.15))
+    md = markdown(table)
+    assert "Intervals overlap" in md and "full ~ int8" in md and "int8 ~ int4" not in md
+    calls, orig = [], plots._err
+    monkeypatch.setattr(plots, "_err", lambda v, c: calls.append(c) or orig(v, c))
+    plots.ratio_plot(table, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == PNG
+    assert any(c and any(c) for c in calls)  # the x intervals reached the plot
+
+
+def test_wandb_tags_by_axis():
+    from kvcompress.loggers.wandb_logger import axis_tags
+
+    assert axis_tags(axes("kivi", "h2o", "cla")) == ["storage:kivi", "policy:h2o", "layout:cla"]
+    assert axis_tags(axes("int4")) == ["storage:int4"]
+    assert axis_tags(axes()) == ["baseline"]
+    assert axis_tags({"cache": "h2o", "cache_params": {}}) == ["cache:h2o"]  # an old record
+    assert axis_tags({"cache": "mine", "storage": None}) == ["cache:mine"]  # the cache= escape hatch
+
+
+def test_harness_table_reads_corrupt_lines(tmp_path, capsys):
+    from kvcompress.harness.table import main
+
+    good = '{"status": "ok", "eval": "lm_eval", "cache": "full", "metrics": {"kvc_passkey/acc": 1.0}}\n'
+    (tmp_path / "records.jsonl").write_text(good + '{"status": "ok", "ca')
+    with pytest.warns(UserWarning, match="records.jsonl:2"):
+        assert main([str(tmp_path)]) == 0
+    assert "| full | 1.000 | ok |" in capsys.readouterr().out
