@@ -70,7 +70,7 @@ def run_static(model, tokens, decode):
     t1 = time.perf_counter()
     for _ in range(decode):
         nxt = step(nxt, pos)[:, -1].argmax(-1, keepdim=True)
-        pos += 1
+        pos = pos + 1
     sync(tokens.device)
     return prefill_s, time.perf_counter() - t1
 

@@ -58,13 +58,20 @@ def test_traced_decode_step_is_one_graph_and_equals_eager():
 
 @torch.inference_mode()
 def test_captured_decode_falls_back_to_eager_off_cuda():
+    """Also with one positions tensor advanced in place (the rotary memo is keyed by identity)."""
     model = tiny_model()
-    tokens = torch.randint(0, 97, (1, 5))
-    cache = StaticKVCache(capacity=8)
-    prefill(model, cache, tokens)
-    step = CapturedDecode(model, cache, 1)
+    tokens = torch.randint(0, 97, (2, 5))
+    cache, ref = StaticKVCache(capacity=10), StaticKVCache(capacity=10)
+    first = prefill(model, cache, tokens)[:, -1:].argmax(-1)
+    prefill(model, ref, tokens)
+    step = CapturedDecode(model, cache, 2)
     assert not step.captured
-    assert step(tokens[:, :1], torch.tensor([[5]])).shape == (1, 1, 97)
+    nxt, pos, got = first, torch.full((2, 1), 5), []
+    for _ in range(4):
+        got.append(step(nxt, pos).clone())
+        nxt = got[-1][:, -1:].argmax(-1)
+        pos += 1
+    assert torch.equal(torch.cat(got, 1), steps(model, ref, first, 5, 4))
 
 
 def test_capacity_is_checked():

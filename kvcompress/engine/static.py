@@ -1,12 +1,14 @@
 """A static-capacity dense KV cache and a decode step that can be captured (CUDA graph) and replayed.
 
-Every buffer is allocated once, at ``reset``, to ``capacity`` tokens: keys (rotated) and values
-(L, B, Hkv, capacity, D), positions (B, capacity) filled with ``PAD_POSITION`` (invisible to every real
-query), and a write index, a 0-d device tensor. A forward writes its T tokens to slots
-``index + [0, T)`` with ``index_copy_`` and the last layer advances the index in place, so a step has
-fixed shapes, no host synchronisation and no Python branch on data: the whole step (embedding to
-logits) can be recorded once and replayed. Attention runs over the whole capacity with the mask
-``key_pos <= query_pos``; empty slots are masked, so the result equals the growing full cache's.
+Every buffer is allocated once (at the first append after ``reset`` of a new batch size, in the
+arriving keys' dtype and device) to ``capacity`` tokens: keys (rotated) and values (L, B, Hkv,
+capacity, D), positions (B, capacity) filled with ``PAD_POSITION`` (invisible to every real query),
+and a write index, a 0-d device tensor; later resets clear them in place, so addresses stay fixed.
+A forward writes its T tokens to slots ``index + [0, T)`` with ``index_copy_`` and the last layer
+advances the index in place, so a step has fixed shapes, no host synchronisation and no Python
+branch on data: the whole step (embedding to logits) can be recorded once and replayed. Attention
+runs over the whole capacity with the mask ``key_pos <= query_pos``; empty slots are masked, so the
+result equals the growing full cache's.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class StaticKVCache(KVCache):
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
         self.capacity, self.dtype, self.device = capacity, dtype, device
+        self.batch_size = 0
         self.k = self.v = self.pos = self.index = None
 
     def setup(self, spec: ModelSpec) -> None:
@@ -34,20 +37,28 @@ class StaticKVCache(KVCache):
         super().setup(spec)
 
     def reset(self, batch_size: int) -> None:
-        """Allocate (first call, or another batch size / dtype) or clear the buffers; addresses stay fixed."""
-        s, dev = self.spec, torch.device(self.device or "cpu")
-        shape = (s.num_layers, batch_size, s.num_kv_heads, self.capacity, s.head_dim)
-        dtype = self.dtype or torch.float32
-        if self.k is None or self.k.shape != shape or self.k.dtype != dtype or self.k.device != dev:
-            self.k, self.v = torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev)
-            self.pos = torch.empty((batch_size, self.capacity), dtype=torch.int64, device=dev)
-            self.index = torch.zeros((), dtype=torch.int64, device=dev)
+        """Clear the buffers in place (same addresses); another batch size drops them for a new allocation."""
+        self.batch_size = batch_size
+        if self.k is None or self.k.shape[1] != batch_size:
+            self.k = self.v = self.pos = self.index = None
+            if self.device is not None:  # allocate now where the device and dtype are known
+                self._allocate(self.dtype or torch.float32, torch.device(self.device))
+            return
         self.k.zero_()
         self.v.zero_()
         self.pos.fill_(PAD_POSITION)
         self.index.zero_()
 
+    def _allocate(self, dtype: torch.dtype, device: torch.device) -> None:
+        s = self.spec
+        shape = (s.num_layers, self.batch_size, s.num_kv_heads, self.capacity, s.head_dim)
+        self.k, self.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = torch.full((self.batch_size, self.capacity), PAD_POSITION, dtype=torch.int64, device=device)
+        self.index = torch.zeros((), dtype=torch.int64, device=device)
+
     def append(self, layer: int, k: Tensor, v: Tensor, pos: Tensor, rope: Rotary) -> None:
+        if self.k is None:
+            self._allocate(self.dtype or k.dtype, k.device)
         slots = self.index + torch.arange(k.shape[2], device=k.device)
         self.k[layer].index_copy_(2, slots, rope.rotate(k, pos).to(self.k.dtype))
         self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
@@ -70,6 +81,13 @@ class StaticKVCache(KVCache):
         return 0 if self.pos is None else int((self.pos < PAD_POSITION).sum())
 
 
+def static_form(cache: KVCache, capacity: int) -> KVCache | None:
+    """The cache's static-capacity equivalent, when its strategy declares one (``cache.static_form(capacity)``;
+    today only the full cache can), else None: that cache decodes eagerly."""
+    hook = getattr(cache, "static_form", None)
+    return None if hook is None else hook(capacity)
+
+
 def decode_step(model, tokens: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
     """One forward of new tokens (B, T) at positions (B, T): logits (B, T, V). The eager form."""
     return model(tokens, pos, cache)
@@ -83,7 +101,7 @@ class CapturedDecode:
     exists (CPU) it runs the eager step, so callers need no branch; ``captured`` says which ran.
     """
 
-    def __init__(self, model, cache: StaticKVCache, batch_size: int, warmup: int = 2):
+    def __init__(self, model, cache: KVCache, batch_size: int, warmup: int = 2):
         self.model, self.cache = model, cache
         dev = model.device
         self.tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=dev)
@@ -97,24 +115,36 @@ class CapturedDecode:
 
     @torch.inference_mode()
     def _capture(self, warmup: int) -> None:
-        """Warm up on a side stream (allocator, kernels), then record one step; the cache state is restored."""
+        """Warm up on a side stream (allocation, kernels), then record one step; the cache state is restored."""
         saved = [t.clone() for t in self.cache.tensors()]
+        if not saved:  # allocate on this stream first (the junk this step writes is cleared below)
+            decode_step(self.model, self.tokens, self.pos, self.cache)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
                 decode_step(self.model, self.tokens, self.pos, self.cache)
         torch.cuda.current_stream().wait_stream(stream)
+        self._forget_rotation()  # else the graph would bake in the warm-up's cos/sin instead of computing them
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = decode_step(self.model, self.tokens, self.pos, self.cache)
-        for t, s in zip(self.cache.tensors(), saved, strict=True):
+        if not saved:
+            self.cache.reset(self.tokens.shape[0])  # same batch: cleared in place, addresses kept
+        for t, s in zip(self.cache.tensors() if saved else (), saved, strict=True):
             t.copy_(s)
+        self._forget_rotation()
+
+    def _forget_rotation(self) -> None:
+        """The rotary embedding memoises cos/sin by the identity of the positions tensor; the static ``pos``
+        buffer keeps its identity while its values change, so the memo must not survive across steps."""
+        if hasattr(self.model.rope, "_memo"):
+            self.model.rope._memo = None
 
     @torch.inference_mode()
     def __call__(self, tokens: Tensor, pos: Tensor) -> Tensor:
-        if not self.captured:
-            return decode_step(self.model, tokens, pos, self.cache)
+        if not self.captured:  # a fresh positions tensor: the rotary memo is keyed by identity
+            return decode_step(self.model, tokens, pos.clone(), self.cache)
         self.tokens.copy_(tokens)
         self.pos.copy_(pos)
         self.graph.replay()
