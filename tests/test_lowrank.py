@@ -1,13 +1,16 @@
-"""Latent low-rank cache: exact at full rank, absorbed == reconstructed, calibration files, validation, batch > 1."""
+"""Latent low-rank storage (``storage=latent``, ``LatentStore``): exact at full rank, absorbed == reconstructed,
+calibration files, validation, batch > 1, under a policy and a layout."""
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import spec_of
 
-from kvcompress.cache import FullCache
+from kvcompress.cache import ComposedCache, FullCache
 from kvcompress.cache.base import PAD_POSITION
-from kvcompress.cache.lowrank.cache import LowRankCache
+from kvcompress.cache.layout.cla import CLA
+from kvcompress.cache.policy.h2o import H2O
+from kvcompress.cache.storage.latent.store import LatentStore
 from kvcompress.engine.generate import forward_chunks
 from kvcompress.eval.calibration import Calibration
 from kvcompress.eval.data import default_data_dir
@@ -21,11 +24,18 @@ def calib(stories, tmp_path_factory):
                        cache_dir=tmp_path_factory.mktemp("calib"))
 
 
-def make(model, ctx, **kw) -> LowRankCache:
-    cache = LowRankCache(**kw)
+def make(model, ctx, policy=None, layout=None, **kw) -> ComposedCache:
+    """A cache whose storage is ``LatentStore(**kw)``, set up and calibrated (not yet reset)."""
+    cache = ComposedCache(LatentStore(**kw), policy, layout)
     cache.setup(spec_of(model))
     cache.calibrate(ctx)
     return cache
+
+
+def set_absorb(cache: ComposedCache, absorb: bool) -> None:
+    """Switch attention paths on the live per-layer stores (``reset`` copies them from the prototype)."""
+    for store in [cache.storage, *cache.views]:
+        store.absorb = absorb
 
 
 def logits(model, tokens, cache, chunk=16):
@@ -88,9 +98,9 @@ def test_absorbed_attend_equals_reconstructed_on_same_state(stories, story_token
     q = torch.randn(2, 8, 3, 8)
     q_pos = torch.tensor([[10, 38, 39], [0, 20, 39]])
     for layer in range(5):
-        cache.absorb = False
+        set_absorb(cache, False)
         ref = cache.attend(layer, q, q_pos)
-        cache.absorb = True
+        set_absorb(cache, True)
         torch.testing.assert_close(cache.attend(layer, q, q_pos), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -145,9 +155,13 @@ def test_calibration_is_deterministic_and_reused(stories, tmp_path):
     for run in range(2):
         ctx = Calibration(model, tok, default_data_dir(), "tinystories", 256, 128, tmp_path / f"run{run}")
         cache = make(model, ctx, rank_fraction=0.5, joint_kv=True)
-        assert cache.stats["calibration_reused"] == 0.0 and cache.stats["calibration_s"] > 0
-        files.append(list((tmp_path / f"run{run}").glob("lowrank-*.pt")))
+        assert cache.storage.stats["calibration_reused"] == 0.0 and cache.storage.stats["calibration_s"] > 0
+        files.append(list((tmp_path / f"run{run}").glob("latent-*.pt")))
+        # saved atomically (artifacts.save): the file and nothing else, no temp file left behind
+        assert [p.name for p in (tmp_path / f"run{run}").iterdir()] == [files[-1][0].name]
+        assert cache.storage.report()["calibration_file"] == str(files[-1][0])
     assert len(files[0]) == 1 and files[0][0].name == files[1][0].name
+    assert files[0][0].name.startswith(f"latent-{ctx.key}-")
     a, b = (torch.load(f[0], weights_only=True)["layers"] for f in files)
     for la, lb in zip(a, b, strict=True):
         assert torch.equal(la["joint"]["basis"], lb["joint"]["basis"])
@@ -159,7 +173,18 @@ def test_calibration_is_deterministic_and_reused(stories, tmp_path):
 
     ctx = NoSamples(model, tok, default_data_dir(), "tinystories", 256, 128, tmp_path / "run0")
     cache = make(model, ctx, rank_fraction=0.25, joint_kv=True)  # another rank: same file
-    assert cache.stats["calibration_reused"] == 1.0
+    assert cache.storage.stats["calibration_reused"] == 1.0
+    assert cache.storage.report()["calibration_reused"] == 1.0
+
+
+def test_truncated_calibration_file_is_a_clear_error(stories, tmp_path):
+    model, tok = stories
+    ctx = Calibration(model, tok, default_data_dir(), "tinystories", 256, 128, tmp_path)
+    path = tmp_path / "proj.pt"
+    make(model, ctx, calibration_file=str(path))
+    path.write_bytes(path.read_bytes()[:100])  # an interrupted copy
+    with pytest.raises(ValueError, match=r"latent calibration file .*proj\.pt is unreadable or truncated.*delete it"):
+        make(model, ctx, calibration_file=str(path))
 
 
 def test_foreign_calibration_file_is_refused(stories, tmp_path):
@@ -184,15 +209,52 @@ def test_foreign_calibration_file_is_refused(stories, tmp_path):
     (dict(rank=7, per_head=True, rope_dims=4), r"rank=7 is outside \[1, 4\] for the key latent"),
     (dict(rope_dims=3), "rope_dims must be an even int"),
     (dict(rope_dims=8), "rope_dims=8 must be < head_dim=8"),
-    (dict(rank_fraction=1.5), r"rank_fraction must be in \(0, 1\]"),
+    (dict(rank_fraction=1.5), r"storage.rank_fraction must be a number in \(0, 1\]"),
     (dict(nope=True), "nope=true"),
-    (dict(latent_bits=3), "latent_bits must be"),
-    (dict(keys="rotated"), "keys must be one of"),
+    (dict(latent_bits=3), "unknown storage.latent_bits 3; valid choices"),
+    (dict(keys="rotated"), "unknown storage.keys 'rotated'; valid choices: pre_rope, post_rope"),
+    (dict(latent_bits=8, latent_group_size=3), "latent_group_size=3 needs latent dimensions that are multiples of 3"),
 ])
 def test_rank_range_errors_before_loading(stories, kw, match):
     spec = spec_of(stories[0])  # validation needs only the spec: no weights, no calibration
     if match is None:
-        LowRankCache(**kw).setup(spec)
+        ComposedCache(LatentStore(**kw)).setup(spec)
         return
     with pytest.raises(ValueError, match=match):
-        LowRankCache(**kw).setup(spec)
+        ComposedCache(LatentStore(**kw)).setup(spec)
+
+
+def test_per_head_eviction_needs_per_head_latents(stories):
+    """A latent across a layer's heads cannot keep different tokens per head: refused in setup, naming the fix."""
+    spec = spec_of(stories[0])
+    with pytest.raises(ValueError, match="per_head=true needs a storage.*set storage.per_head=true"):
+        ComposedCache(LatentStore(), H2O(budget=8, per_head=True)).setup(spec)
+    ComposedCache(LatentStore(per_head=True), H2O(budget=8, per_head=True)).setup(spec)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_latent_under_eviction_and_sharing(stories, story_tokens, calib, per_head):
+    """Eviction gathers latents (and the rope part) exactly; CLA stores only the producers' latents."""
+    model = stories[0]
+    toks = story_tokens[:, :48].repeat(2, 1)
+    kw = dict(rank_fraction=0.5, per_head=per_head, rope_dims=2, latent_dtype="float32")
+    everything = make(model, calib, **kw)
+    everything.reset(2)
+    logits(model, toks, everything, chunk=4)
+    evicting = make(model, calib, policy=H2O(budget=16, per_head=per_head), **kw)
+    evicting.reset(2)
+    out = logits(model, toks, evicting, chunk=4)
+    assert torch.isfinite(out).all() and evicting.policy.evictions > 0
+    assert [v.length for v in evicting.views] == [16] * 5
+    assert evicting.kv_bytes() < everything.kv_bytes() / 2
+    # layer 0 sees the same inputs with or without eviction: its kept keys and values are the unevicted ones
+    k_all, v_all, _ = everything.views[0].read()
+    k, v, pos = evicting.views[0].read()
+    idx = pos.long() if per_head else pos.long()[:, None].expand(-1, k.shape[1], -1)
+    gather = idx[..., None].expand(-1, -1, -1, k.shape[-1])
+    torch.testing.assert_close(k, k_all.gather(2, gather), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v, v_all.gather(2, gather), rtol=1e-5, atol=1e-5)
+    shared = make(model, calib, layout=CLA(group_size=2), **kw)
+    shared.reset(2)
+    assert torch.isfinite(logits(model, toks, shared, chunk=4)).all()
+    assert len(shared.stores()) == 3 and shared.kv_bytes() * 5 == everything.kv_bytes() * 3
