@@ -93,3 +93,34 @@ def test_cuda_graph_replay_equals_eager():
     assert step.captured
     got = steps(model, graphed, nxt, 8, 4, lambda m, t, p, c: step(t, p))
     torch.testing.assert_close(got, steps(model, eager, nxt, 8, 4), atol=1e-5, rtol=1e-5)
+
+
+class StaticFull(FullCache):
+    """The full cache declaring its static form (the hook the composed cache is to get)."""
+
+    def static_form(self, capacity: int) -> StaticKVCache:
+        return StaticKVCache(capacity)
+
+
+def speed(stories, cache, **kw):
+    from kvcompress.eval.base import EvalContext
+    from kvcompress.eval.data import default_data_dir
+    from kvcompress.eval.speed import Speed
+
+    model, tok = stories
+    cache.setup(model.config.spec())
+    ev = Speed(context=32, decode_tokens=5, repeats=1, dataset="tinystories", **kw)
+    ev.check(model.config.spec(), default_data_dir())
+    return ev.run(EvalContext(model, tok, cache, default_data_dir(), progress=False))
+
+
+def test_speed_on_the_static_path_keeps_the_perplexity(stories):
+    eager = speed(stories, StaticFull())
+    static = speed(stories, StaticFull(), decode_path="graph")
+    assert eager["decode_path"] == "eager" and static["decode_path"] == "static"  # no CUDA graph on CPU
+    assert abs(static["ppl"] - eager["ppl"]) < 1e-4 * eager["ppl"]
+    assert speed(stories, StaticFull(), decode_path="auto")["decode_path"] == "eager"  # auto: graph on CUDA only
+    with pytest.raises(ValueError, match="eval.decode_path"):
+        speed(stories, FullCache(), decode_path="graph")  # no static form
+    with pytest.raises(ValueError, match="eval.decode_path"):
+        speed(stories, FullCache(), decode_path="fast")

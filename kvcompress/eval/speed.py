@@ -5,6 +5,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kvcompress.cache.base import ModelSpec
+from kvcompress.cache.base import KVCache, ModelSpec
 from kvcompress.engine.generate import positions_like
+from kvcompress.engine.static import CapturedDecode, static_form
 from kvcompress.eval.base import EvalContext, Evaluation, require
 from kvcompress.eval.data import check_dataset, load_text
 from kvcompress.eval.ppl import text_windows
@@ -26,10 +28,11 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def time_prefill_decode(model, tokens: torch.Tensor, cache, decode_tokens: int, chunk: int | None,
-                        bar=None) -> tuple[float, list[float], float]:
+                        bar=None, step=None) -> tuple[float, list[float], float]:
     """Prefill ``tokens[:, :C]`` then decode the next ``decode_tokens`` text tokens one at a time.
 
-    Decoding is teacher-forced (same work as greedy), so its NLL comes for free. Returns prefill
+    Decoding is teacher-forced (same work as greedy), so its NLL comes for free. ``step(tokens, pos)``,
+    when given, runs each decode step (a captured one) instead of the eager forward. Returns prefill
     seconds, each decode step's seconds, and the summed NLL of the decoded tokens.
     """
     dev, B = model.device, tokens.shape[0]
@@ -50,7 +53,8 @@ def time_prefill_decode(model, tokens: torch.Tensor, cache, decode_tokens: int, 
         if i + 1 == decode_tokens:
             break
         t = time.perf_counter()
-        logits = model(tokens[:, C + i : C + i + 1], torch.full((B, 1), C + i, device=dev), cache)
+        tok, pos = tokens[:, C + i : C + i + 1], torch.full((B, 1), C + i, device=dev)
+        logits = model(tok, pos, cache) if step is None else step(tok, pos)
         _sync(dev)
         steps.append(time.perf_counter() - t)
         if bar is not None:
@@ -58,7 +62,7 @@ def time_prefill_decode(model, tokens: torch.Tensor, cache, decode_tokens: int, 
     return prefill_s, steps, float(nll)
 
 
-DECODE_PATH = "eager"  # the engine's decode step today; "graph" once a captured static step serves the cache
+DECODE_PATHS = ("eager", "auto", "graph")
 NOISE = 0.20  # (max - min) / median of the timed passes above this marks the measurement noisy
 
 
@@ -73,14 +77,42 @@ def spread(name: str, values: list[float]) -> dict[str, float]:
     return {name: med, f"{name}_min": lo, f"{name}_max": hi, "noisy": int(noisy)}
 
 
+@dataclass
+class Decoder:
+    """The cache a measurement runs on, the decode step (None: the eager forward) and the path's name:
+    ``eager`` (the cache's own step), ``graph`` (a static-capacity step replayed as a CUDA graph) or
+    ``static`` (that same static step run eagerly, where no CUDA graph exists)."""
+
+    cache: KVCache
+    step: Callable | None = None
+    path: str = "eager"
+
+
+def decoder(ctx: EvalContext, batch: int, capacity: int, want: str = "eager") -> Decoder:
+    """``eager``: the cache as it is. ``graph``: its static form (an error if it has none); ``auto``: that form
+    where it has one and CUDA is there, else eager. The static form is exact (equal logits), so ppl holds."""
+    if want == "eager":
+        return Decoder(ctx.cache)
+    static = static_form(ctx.cache, capacity)
+    if static is None or (want == "auto" and ctx.model.device.type != "cuda"):
+        require(want == "auto", "eval.decode_path", "eager or auto for a cache without a static-capacity form "
+                "(today only the full cache has one)", want)
+        return Decoder(ctx.cache)
+    static.setup(ctx.model.config.spec())
+    static.reset(batch)
+    step = CapturedDecode(ctx.model, static, batch)
+    return Decoder(static, step, "graph" if step.captured else "static")
+
+
 def timed_passes(ctx: EvalContext, tokens: torch.Tensor, decode_tokens: int, repeats: int, chunk: int | None,
-                 warmup: bool) -> list[tuple[float, list[float], float]]:
+                 warmup: bool, dec: Decoder | None = None) -> list[tuple[float, list[float], float]]:
     """An optional short warm-up pass, then ``repeats`` timed prefill+decode passes (cache reset each)."""
     context = tokens.shape[1] - decode_tokens
+    cache, step = (ctx.cache, None) if dec is None else (dec.cache, dec.step)
     if warmup:
-        time_prefill_decode(ctx.model, tokens[:, : min(64, context) + 4], ctx.cache, 4, chunk)
+        time_prefill_decode(ctx.model, tokens[:, : min(64, context) + 4], cache, 4, chunk, step=step)
     with tqdm(total=repeats * (decode_tokens - 1), desc="decode", disable=not ctx.progress, leave=False) as bar:
-        return [time_prefill_decode(ctx.model, tokens, ctx.cache, decode_tokens, chunk, bar) for _ in range(repeats)]
+        return [time_prefill_decode(ctx.model, tokens, cache, decode_tokens, chunk, bar, step) for _ in range(repeats)]
 
 
 def decode_rates(passes: list[tuple[float, list[float], float]], batch: int) -> list[float]:
@@ -101,9 +133,11 @@ class Speed(Evaluation):
     warmup: bool = True
     repeats: int = 3
     dataset: str = "wikitext2"
+    decode_path: str = "eager"
 
     def check(self, spec: ModelSpec, data_dir: Path) -> None:
         check_dataset(self.dataset, data_dir)
+        require(self.decode_path in DECODE_PATHS, "eval.decode_path", f"one of {DECODE_PATHS}", self.decode_path)
         limit = spec.max_position - self.decode_tokens
         require(1 <= self.context <= limit, "eval.context", f"in [1, max_position - decode_tokens = {limit}]",
                 self.context)
@@ -119,7 +153,8 @@ class Speed(Evaluation):
         tokens = text_windows(ctx.tokenizer, text, length, self.batch_size, bos=False).to(ctx.model.device)
         if tokens.shape[0] < self.batch_size:  # short text: repeat rows
             tokens = tokens.repeat(-(-self.batch_size // tokens.shape[0]), 1)[: self.batch_size]
-        passes = timed_passes(ctx, tokens, self.decode_tokens, self.repeats, self.prefill_chunk, self.warmup)
+        dec = decoder(ctx, self.batch_size, length, self.decode_path)
+        passes = timed_passes(ctx, tokens, self.decode_tokens, self.repeats, self.prefill_chunk, self.warmup, dec)
         prefill_s = statistics.median(p for p, _, _ in passes)
         steps = [s for _, pass_steps, _ in passes for s in pass_steps]
         B, n, nll = self.batch_size, self.batch_size * self.decode_tokens, passes[0][2]
@@ -132,6 +167,6 @@ class Speed(Evaluation):
             "decode_latency_ms_p50": 1000 * percentile(steps, 50),
             "decode_latency_ms_p90": 1000 * percentile(steps, 90),
             "prefill_s": prefill_s,
-            "decode_path": DECODE_PATH,
-            **ctx.cache.memory_report(),
+            "decode_path": dec.path,
+            **dec.cache.memory_report(),
         }
