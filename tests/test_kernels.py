@@ -87,6 +87,28 @@ def test_reference_equals_dequantize_then_attention(layout, Tq, per_head):
     torch.testing.assert_close(chunked.reshape(got.shape), got, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kv", [("channel", "token", 8), ("token", "token", 0)])
+def test_quant_part_read_as_a_side_equals_its_dequantized_read(kv):
+    """The storage's own part (chunked appends, int32 positions) through ``from_part``: no copy, same attention."""
+    from kvcompress.cache.storage.quant.part import QuantPart
+
+    k_axis, v_axis, residual = kv
+    q, q_pos, k, v, k_pos = case(Tq=1)
+    parts = [QuantPart(QuantConfig(2, 8, axis), residual, "float32") for axis in (k_axis, v_axis)]
+    for lo, hi in ((0, 20), (20, 21), (21, 37)):
+        parts[0].append(k[:, :, lo:hi])
+        parts[1].append(v[:, :, lo:hi])
+    want = attention(q, parts[0].read(q.dtype), parts[1].read(q.dtype), q_pos, k_pos.int())
+    ks, vs = kernels.from_part(parts[0]), kernels.from_part(parts[1])
+    assert ks.n_q == parts[0].n_q and ks.length == vs.length == 37
+    assert ks.codes.data_ptr() == parts[0].codes.data.data_ptr()  # a view of the stored codes
+    got = kernels.quant_attention(q, q_pos, k_pos.int(), ks, vs, backend="torch")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if INTERP:
+        torch.testing.assert_close(kernels.quant_attention(q, q_pos, k_pos.int(), ks, vs, backend="triton"), want,
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_reference_in_half_precision_rounds_like_the_storage():
     kcfg, vcfg, n_qk, n_qv = LAYOUTS[0]
     q, q_pos, k, v, k_pos = case()
