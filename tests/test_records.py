@@ -377,3 +377,12 @@ def test_truncated_gguf_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])  # overwritten by a truncated copy
     with pytest.raises(ValueError, match=rf"GGUF file {path} is truncated or corrupt.*download it again"):
         load_gguf(path)
+
+
+def test_text_is_read_with_universal_newlines(tmp_path):
+    """As Path.read_text did: WikiText-2's CRLF lines must not change tokens (or the harness's article split)."""
+    from kvcompress.eval.data import load_text
+
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b" = Title = \r\n text\r\nmore\rend")
+    assert load_text(str(path), tmp_path) == " = Title = \n text\nmore\nend"

@@ -72,12 +72,13 @@ def read_text_file(path: Path) -> str:
     if b"\x00" in head or sum(b < 9 or 13 < b < 32 for b in head) > len(head) // 20 + 1:
         raise ValueError(f"text file {path} is binary (NUL or control bytes), not text; give a UTF-8 text file")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         bad = data[e.start]
         raise ValueError(
             f"text file {path} is not UTF-8 (byte 0x{bad:02x} at offset {e.start}; Latin-1 / Windows-1252 text?). "
             f"Convert it: iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}") from e
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as Path.read_text
 
 
 def check_dataset(name: str, data_dir: Path, min_tokens: int = 0, tokenizer=None, setting: str = "eval.dataset"):
