@@ -16,6 +16,15 @@ from kvcompress.eval.calibration import Calibration
 from kvcompress.eval.data import default_data_dir
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models on a shared CPU: one thread is fastest (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def calib(stories, tmp_path_factory):
     """A shared calibration context (kv_samples computed once) writing files to a temp dir."""
