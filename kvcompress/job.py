@@ -37,7 +37,8 @@ def params(node: Any) -> dict:
 def cache_fields(cfg: DictConfig) -> dict:
     """Record fields: each axis and its settings apart, a short readable name (identity axes left out, ``full``
     when all are), and ``cache_params`` merged (``policy.budget`` ...) for tables."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = {g: OmegaConf.to_container(cfg[g], resolve=True) if cfg.get(g) is not None else None
+                for g in (*AXES, "cache")}
     names = choices(cfg)
     if resolved.get("cache"):
         name = names.get("cache") or str(resolved["cache"].get("_target_", "?")).rsplit(".", 1)[-1]

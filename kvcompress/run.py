@@ -1,7 +1,7 @@
-"""``kvc``: one run = one model x one cache strategy x one evaluation -> one record.
+"""``kvc``: one run = one model x one cache (storage x policy x layout) x one evaluation -> one record.
 
-    kvc model=smollm2-135m cache=full eval=ppl eval.dataset=wikitext2
-    kvc -m cache=full,int8 eval=ppl            # a Hydra sweep
+    kvc model=smollm2-135m storage=kivi policy=h2o policy.budget=256 layout=per_layer eval=ppl
+    kvc -m storage=dense,int4 policy=none,h2o eval=ppl      # a Hydra sweep: the Cartesian product
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kvcompress.eval.base import EvalContext
 from kvcompress.eval.data import default_data_dir, default_shared_dir
+from kvcompress.job import cache_fields
 from kvcompress.loggers import log_run
 from kvcompress.records import (
     RECORDS_FILE,
@@ -64,8 +65,7 @@ def new_record(cfg: DictConfig) -> dict:
     params = lambda d: {k: v for k, v in (d or {}).items() if k != "_target_"}
     return {
         "status": "running", "error": None,
-        "model": cfg.model.name, "cache": cfg.get("cache_name") or _choice("cache"),
-        "cache_params": params(resolved.get("cache")), "eval": _choice("eval"),
+        "model": cfg.model.name, **cache_fields(cfg), "eval": _choice("eval"),
         "eval_params": params(resolved.get("eval")), "seed": cfg.seed, "device": None, "dtype": cfg.dtype,
         "metrics": {}, "versions": versions(), "git_sha": git_sha(),
         "code_version": code_version(), "config_hash": config_hash(resolved),
@@ -75,29 +75,14 @@ def new_record(cfg: DictConfig) -> dict:
 
 def evaluate(cfg: DictConfig, record: dict) -> dict:
     """Validate everything, load the model, calibrate the cache if it wants, run the evaluation."""
-    from kvcompress.engine.loaders import DTYPES, load, read_config, resolve_source
-    from kvcompress.eval.calibration import Calibration
+    from kvcompress.job import prepare
 
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {cfg.dtype!r}; valid choices: {', '.join(DTYPES)}")
-    device = resolve_device(cfg.device)
-    record["device"] = str(device)
-    torch.manual_seed(cfg.seed)
-    cache = instantiate(cfg.cache, _convert_="all")
     evaluation = instantiate(cfg.eval, _convert_="all")
-    data_dir = Path(cfg.paths.data).expanduser()
-    source = resolve_source(str(cfg.model.source), cfg.paths.models)
-    config = read_config(source, cfg.model.name)
-    cache.setup(config.spec())
-    evaluation.check(config.spec(), data_dir)
-    # -- everything above is validation; weights load below -----------------------------------
-    model, tokenizer = load(source, cfg.model.name, device, DTYPES[cfg.dtype])
-    cal = cfg.calibration
-    cache.calibrate(Calibration(model, tokenizer, data_dir, cal.dataset, cal.tokens, cal.window,
-                                Path(cfg.paths.calibration).expanduser(), progress=cfg.progress))
-    ctx = EvalContext(model, tokenizer, cache, data_dir, cfg.seed, cfg.progress)
+    run = prepare(cfg, evaluation.check)
+    record["device"] = str(run.device)
+    ctx = EvalContext(run.model, run.tokenizer, run.cache, run.data_dir, cfg.seed, cfg.progress)
     metrics = evaluation.run(ctx)
-    metrics["peak_memory_bytes"] = peak_memory_bytes(device)
+    metrics["peak_memory_bytes"] = peak_memory_bytes(run.device)
     return metrics
 
 
@@ -147,7 +132,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> tuple[float, float] | None:
+def hydra_main(cfg: DictConfig) -> tuple[float, float] | None:
     hc = HydraConfig.get()
     record = execute(cfg, Path(hc.runtime.output_dir))
     print(summary_line(record), flush=True)
@@ -157,6 +142,28 @@ def main(cfg: DictConfig) -> tuple[float, float] | None:
             print(f"kvc: error: {record['error']}", file=sys.stderr)
             sys.exit(1)
     return objectives(record)  # (ppl, compression ratio) for sweepers that optimise (Optuna)
+
+
+
+def shared_axis_settings(argv: list[str]) -> list[str]:
+    """``kvc -m policy=h2o,snapkv policy.budget=0.25``: Hydra composes a multirun's primary config with the
+    default choice of a swept group (``policy=none``), which has no ``budget``, and aborts the whole sweep. A
+    setting of a swept axis is passed as ``++`` (add or override), so the sweep runs; a job whose choice has no
+    such setting fails alone, recorded, with the class's own error (``policy=none`` ignores them)."""
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return argv
+    swept = {a.split("=", 1)[0] for a in argv if "=" in a and "," in a.split("=", 1)[1]}
+    swept &= {"storage", "policy", "layout"}
+
+    def shared(a: str) -> bool:
+        key = a.split("=", 1)[0]
+        return "=" in a and "." in key and key.split(".", 1)[0] in swept
+    return [f"++{a}" if shared(a) else a for a in argv]
+
+
+def main() -> None:
+    sys.argv = shared_axis_settings(sys.argv)
+    hydra_main()
 
 
 if __name__ == "__main__":

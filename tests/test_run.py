@@ -1,6 +1,7 @@
 """The kvc app end to end on the stories260K model: records, bad input, a user's own strategy."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,8 @@ def test_speed_run_records_latency(tmp_path):
 
 
 def test_unknown_names_list_the_choices(tmp_path):
-    for group, choice in (("cache", "full"), ("model", "stories260k"), ("eval", "ppl")):
+    for group, choice in (("storage", "kivi"), ("policy", "snapkv"), ("layout", "minicache"), ("model", "stories260k"),
+                          ("eval", "ppl")):
         out = kvc(tmp_path, f"{group}=nope")
         assert out.returncode != 0
         assert "nope" in out.stderr and choice in out.stderr
@@ -60,14 +62,20 @@ def test_impossible_settings_fail_before_weights_load(tmp_path):
     folder = tmp_path / "no_weights"
     folder.mkdir()
     shutil.copy(STORIES / "config.json", folder)
-    for bad, msg in (("eval.chunk=0", "eval.chunk must be in [1, window=64]"),
-                     ("eval.window=100000", "eval.window must be in [2, 512]"),
-                     ("eval.dataset=nope", "valid choices: wikitext2")):
-        out = kvc(tmp_path, *FAST, "model=local", f"model.source={folder}", bad)
+    cases = (("eval.chunk=0", "eval.chunk must be in [1, window=64]"),
+             ("eval.window=100000", "eval.window must be in [2, 512]"),
+             ("eval.dataset=nope", "valid choices: wikitext2"),
+             ("policy=h2o policy.budget=0", "policy=h2o: policy.budget must be"),
+             ("storage=int4 storage.group_size=3", "group_size (or group_size)=3 must divide head_dim=8"),
+             ("layout=minicache layout.start_layer=5", "layout.start_layer must be in [0, num_layers - 2 = 3]"),
+             ("storage=latent policy=snapkv policy.per_head=true", "storage=latent policy=snapkv layout=per_layer: "
+                                                                  "policy.per_head=true needs a storage"))
+    for bad, msg in cases:
+        out = kvc(tmp_path, *FAST, "model=local", f"model.source={folder}", *bad.split())
         assert out.returncode == 1
         assert msg in out.stderr
     recs = records(tmp_path)
-    assert [r["status"] for r in recs] == ["failed"] * 3
+    assert [r["status"] for r in recs] == ["failed"] * len(cases)
     assert all(r["error"] and "weights" not in r["error"] for r in recs)
 
 
@@ -78,27 +86,47 @@ def test_failed_run_after_start_still_writes_a_record(tmp_path):
     assert rec["status"] == "failed" and "does not exist" in rec["error"]
 
 
-def test_a_users_own_strategy_plugs_in_without_editing_the_package(tmp_path):
-    (tmp_path / "my_strategies.py").write_text(
-        "from kvcompress.cache import FullCache\n"
-        "class EveryOther(FullCache):\n"
-        "    '''Keeps every other token: a toy eviction written outside the package.'''\n"
-        "    def after_append(self, layer):\n"
-        "        import torch\n"
-        "        s = self.stores[layer]\n"
-        "        s.keep(torch.arange(0, s.length, 2).expand(self.batch_size, -1))\n"
-    )
-    (tmp_path / "conf" / "cache").mkdir(parents=True)
-    (tmp_path / "conf" / "cache" / "every_other.yaml").write_text("_target_: my_strategies.EveryOther\n")
-    out = kvc(tmp_path, *FAST, "cache=every_other", f"hydra.searchpath=[file://{tmp_path}/conf]",
+def readme_files(prefixes: tuple[str, ...]) -> dict[str, str]:
+    """The README's fenced blocks whose first line is ``# <path>`` under one of ``prefixes``: path -> text."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```(?:python|yaml)\n# (\S+)\n(.*?)```", text, flags=re.S)
+    return {path: body for path, body in blocks if path.startswith(prefixes)}
+
+
+def test_readme_methods_plug_in_without_editing_the_package(tmp_path):
+    """README's "Adding a method": a policy and a storage from a user's own package, composed with a layout."""
+    files = readme_files(("my_methods/", "my_conf/"))
+    assert {"my_methods/every_other.py", "my_methods/half.py", "my_conf/policy/every_other.yaml",
+            "my_conf/storage/half.yaml"} <= set(files)
+    for path, body in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(body)
+    search = f"hydra.searchpath=[file://{tmp_path}/my_conf]"
+    out = kvc(tmp_path, *FAST, "policy=every_other", search, env={"PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    rec = records(tmp_path)[-1]
+    assert (rec["cache"], rec["policy"], rec["storage"]) == ("every_other", "every_other", "dense")
+    assert rec["metrics"]["tokens_held_mean"] == 32  # every other token of a 64-token window
+    out = kvc(tmp_path, *FAST, "storage=half", "policy=every_other", "layout=cla", search,
               env={"PYTHONPATH": str(tmp_path)})
     assert out.returncode == 0, out.stderr
-    rec = records(tmp_path)[0]
-    assert rec["cache"] == "every_other"
-    assert rec["metrics"]["compression_ratio"] > 0.9  # half the tokens of a fp32 cache
+    rec = records(tmp_path)[-1]
+    assert rec["cache"] == "half+every_other+cla" and rec["metrics"]["shared_layers"] == 2
+    # float16 K/V (+ int32 positions) on an fp32 model, half the tokens, half the layers' stores
+    assert 3.0 < rec["metrics"]["compression_ratio"] < 4.0
 
 
-def test_hub_id_offline_says_to_pass_a_local_path(tmp_path):
-    out = kvc(tmp_path, *FAST, "model=local", "model.source=HuggingFaceTB/SmolLM2-135M", env={"HF_HUB_OFFLINE": "1"})
-    assert out.returncode == 1
-    assert "Offline, pass a local path" in out.stderr
+def test_whole_cache_escape_hatch(tmp_path):
+    (tmp_path / "my_cache.py").write_text(
+        "from kvcompress.cache import FullCache\n\n\n"
+        "class Mine(FullCache):\n"
+        "    pass  # a user's class implementing the whole cache interface (here: the full cache)\n")
+    (tmp_path / "conf" / "cache").mkdir(parents=True)
+    (tmp_path / "conf" / "cache" / "mine.yaml").write_text("_target_: my_cache.Mine\n")
+    search = f"hydra.searchpath=[file://{tmp_path}/conf]"
+    out = kvc(tmp_path, *FAST, "cache=mine", search, env={"PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    rec = records(tmp_path)[-1]
+    assert rec["cache"] == "mine" and rec["policy"] is None
+    out = kvc(tmp_path, *FAST, "cache=mine", "policy=h2o", search, env={"PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 1 and "cannot be combined with policy=h2o" in out.stderr
