@@ -1,14 +1,17 @@
-"""PyTorch references of the kernels, with the kernels' exact semantics (and the CPU path).
+"""PyTorch references of the kernels, with the kernels' semantics (and the CPU path).
 
-Attention over a side is computed in chunks of tokens with an online softmax, so even the reference
-never holds full-precision K/V for more than ``chunk`` tokens at once:
+Attention over a side longer than ``chunk`` tokens is computed chunk by chunk with an online softmax, so
+the reference never holds full-precision K/V for more than ``chunk`` tokens at once:
 ``m = max_t s_t``, ``l = sum_t exp(s_t - m)``, ``acc = sum_t exp(s_t - m) v_t``, ``out = acc / l``,
 merged across chunks by rescaling with ``exp(m_old - m_new)``. Scores are ``q . k * scale`` in fp32 with
 K/V first rounded to the query's dtype (as a dequantize-then-attend path does).
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kvcompress.kernels.layout import Packed
@@ -34,29 +37,29 @@ def pack(codes: Tensor, bits: int) -> Tensor:
 
 
 def dequant_prefix(side: Packed, lo: int, hi: int) -> Tensor:
-    """Prefix tokens [lo, hi) in fp32: ``zero + code * scale`` or ``(code - 2**(bits-1)) * scale``."""
-    g = side.group_size
-    codes = unpack(side.codes[:, :, lo:hi], side.bits).float()
+    """Prefix tokens [lo, hi) in fp32: ``zero + code * scale`` or ``(code - 2**(bits-1)) * scale``, per group
+    (per-channel groups need lo and hi on group boundaries)."""
+    g, codes = side.group_size, unpack(side.codes[:, :, lo:hi], side.bits)
     if side.axis == "token":
-        def expand(t: Tensor) -> Tensor:
-            return t[:, :, lo:hi].float().repeat_interleave(g, dim=-1)
+        grouped, at = codes.unflatten(-1, (-1, g)), (slice(lo, hi), Ellipsis, None)
     else:
-        def expand(t: Tensor) -> Tensor:
-            return t[:, :, lo // g: -(-hi // g)].float().repeat_interleave(g, dim=2)[:, :, lo % g: lo % g + hi - lo]
-    scale = expand(side.scale)
+        grouped, at = codes.unflatten(2, (-1, g)), (slice(lo // g, hi // g), None, Ellipsis)
+    scale = side.scale[(slice(None), slice(None), *at)].float()
     if side.symmetric:
-        return (codes - 2 ** (side.bits - 1)) * scale
-    return torch.addcmul(expand(side.zero), codes, scale)
+        x = (grouped.float() - 2 ** (side.bits - 1)) * scale
+    else:
+        x = torch.addcmul(side.zero[(slice(None), slice(None), *at)].float(), grouped.float(), scale)
+    return x.flatten(-2) if side.axis == "token" else x.flatten(2, 3)
 
 
 def side_tokens(side: Packed, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
-    """Tokens [lo, hi) of a side, (B, H, hi - lo, D), rounded to ``dtype`` then fp32."""
+    """Tokens [lo, hi) of a side, (B, H, hi - lo, D) in ``dtype`` (as a dequantize-then-attend path holds them)."""
     parts, n_q = [], side.n_q
     if lo < n_q:
         parts.append(dequant_prefix(side, lo, min(hi, n_q)).to(dtype))
     if hi > n_q:
         parts.append(side.res[:, :, max(lo - n_q, 0): hi - n_q].to(dtype))
-    return (parts[0] if len(parts) == 1 else torch.cat(parts, 2)).float()
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
 
 def row_positions(q_pos: Tensor, rows: int) -> Tensor:
@@ -65,26 +68,40 @@ def row_positions(q_pos: Tensor, rows: int) -> Tensor:
     return q_pos[:, torch.arange(rows, device=q_pos.device) % Tq]
 
 
+def aligned_chunk(chunk: int, *sides: Packed) -> int:
+    """``chunk`` rounded down to whole per-channel groups of every side (at least one group)."""
+    g = math.lcm(*(s.group_size for s in sides if s.codes is not None and s.axis == "channel"), 1)
+    return max(chunk // g, 1) * g
+
+
 def attend_rows(rows: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed, scale: float,
                 chunk: int = 4096) -> Tensor:
-    """rows (B, G, M, Dk) over sides with G heads; k_pos (B, T) or (B, G, T). Returns (B, G, M, Dv)."""
+    """rows (B, G, M, Dk) over sides with G heads; k_pos (B, T) or (B, G, T). Returns (B, G, M, Dv).
+
+    Up to ``chunk`` tokens: one scaled-dot-product attention over the dequantized tokens (the eager path's
+    cost and rounding); longer histories: chunk by chunk with the online softmax, in fp32.
+    """
     B, G, M, _ = rows.shape
     T, dtype = k.length, rows.dtype
     qp = row_positions(q_pos, M)[:, None, :, None]  # (B, 1, M, 1)
     kp = (k_pos if k_pos.dim() == 3 else k_pos[:, None])[:, :, None]  # (B, 1|G, 1, T)
+    chunk = aligned_chunk(chunk, k, v)
+    if T <= chunk:
+        return F.scaled_dot_product_attention(rows, side_tokens(k, 0, T, dtype), side_tokens(v, 0, T, dtype),
+                                              attn_mask=kp <= qp, scale=scale)
     q = rows.float()
     m = torch.full((B, G, M, 1), FLOOR, device=rows.device)
     norm = torch.zeros_like(m)
     acc = torch.zeros((B, G, M, v.dim), device=rows.device)
     for lo in range(0, T, chunk):
         hi = min(lo + chunk, T)
-        s = (q @ side_tokens(k, lo, hi, dtype).transpose(-1, -2)) * scale
+        s = (q @ side_tokens(k, lo, hi, dtype).float().transpose(-1, -2)) * scale
         s = s.masked_fill(kp[..., lo:hi] > qp, float("-inf"))
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         p = torch.exp(s - m_new)
         alpha = torch.exp(m - m_new)
         norm = norm * alpha + p.sum(-1, keepdim=True)
-        acc = acc * alpha + p @ side_tokens(v, lo, hi, dtype)
+        acc = acc * alpha + p @ side_tokens(v, lo, hi, dtype).float()
         m = m_new
     return (acc / norm).to(dtype)
 
