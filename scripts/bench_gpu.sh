@@ -4,7 +4,9 @@
 #   1. setup    KVC_TORCH=torch bash scripts/setup.sh (a CUDA torch; SKIP_SETUP=1 skips it)
 #   2. tests    the compiled Triton kernels and the CUDA-graph decode step against their references
 #   3. speed    kvc eval=speed: decode tok/s of full / int8 / int4 / KIVI-2 / latent 0.5 / H2O 25%
-#               at contexts 1k, 4k, 8k (8176: SmolLM2's 8192 positions minus the decoded tokens), batch 1 and 16
+#               at contexts 1k, 4k, 8k (8176: SmolLM2's 8192 positions minus the decoded tokens), batch 1 and 16,
+#               on the eager path, and the full cache also on the graph path (eval.decode_path=graph: its
+#               static-capacity form, captured as a CUDA graph; fails, recorded, where no static form is wired)
 #   4. throughput  kvc eval=throughput at one KV budget (KV_BUDGET bytes, default 2 GB, context 4k):
 #               full / int4 / KIVI-2, the batch each fits and its decode tok/s
 #   5. engine   scripts/bench_engine.py on CUDA: engine (eager and captured static step) vs transformers,
@@ -53,6 +55,7 @@ KVC=(.venv/bin/kvc -m model=smollm2-135m device=cuda dtype=bfloat16 results_dir=
 SPEED=(eval=speed eval.context=1024,4096,8176 eval.batch_size=1,16 eval.decode_tokens=16 eval.repeats=2
        eval.prefill_chunk=2048)
 phase speed_dense_int 90 "${KVC[@]}" "${SPEED[@]}" storage=dense,int8,int4
+phase speed_graph 40 "${KVC[@]}" "${SPEED[@]}" storage=dense eval.decode_path=graph
 phase speed_latent 40 "${KVC[@]}" "${SPEED[@]}" storage=latent storage.rank_fraction=0.5
 phase speed_kivi2 35 "${KVC[@]}" "${SPEED[@]}" storage=kivi storage.bits=2
 phase speed_h2o 45 "${KVC[@]}" "${SPEED[@]}" policy=h2o policy.budget=0.25
@@ -70,7 +73,9 @@ out = Path(os.environ["OUT"])
 recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines() if x.strip()] \
     if (out / "records.jsonl").is_file() else []
 ok = [r for r in recs if r.get("status") == "ok"]
-name = lambda r: r["cache"] + (f" {r['storage_params'].get('bits')}-bit" if r.get("storage") == "kivi" else "")
+path = lambda r: (r.get("metrics") or {}).get("decode_path") or r.get("eval_params", {}).get("decode_path") or "eager"
+name = lambda r: (r["cache"] + (f" {r['storage_params'].get('bits')}-bit" if r.get("storage") == "kivi" else "")
+                  + ("" if path(r) == "eager" else f" [{path(r)}]"))
 sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 lines = [f"# GPU benchmark: {os.environ['GPU']}", "",
          f"`bash scripts/bench_gpu.sh` at commit {sha}; SmolLM2-135M bf16; records in `records.jsonl`, "
@@ -78,13 +83,13 @@ lines = [f"# GPU benchmark: {os.environ['GPU']}", "",
          "| cache | context | batch | decode tok/s | vs full | min..max | noisy | kv MB | path |", "|---|---|---|---|---|---|---|---|---|"]
 speed = [r for r in ok if r["eval"] == "speed"]
 full = {(r["eval_params"]["context"], r["eval_params"]["batch_size"]): r["metrics"]["decode_tokens_per_s"]
-        for r in speed if r["cache"] == "full"}
+        for r in speed if r["cache"] == "full" and path(r) == "eager"}
 for r in sorted(speed, key=lambda r: (r["eval_params"]["context"], r["eval_params"]["batch_size"], name(r))):
     m, c, b = r["metrics"], r["eval_params"]["context"], r["eval_params"]["batch_size"]
     rel = f"{m['decode_tokens_per_s'] / full[(c, b)]:.2f}x" if (c, b) in full else ""
     lines.append(f"| {name(r)} | {c} | {b} | {m['decode_tokens_per_s']:.1f} | {rel} | "
                  f"{m.get('decode_tokens_per_s_min', 0):.1f}..{m.get('decode_tokens_per_s_max', 0):.1f} | "
-                 f"{m.get('noisy', '')} | {m['kv_bytes'] / 1e6:.1f} | {m.get('decode_path', '')} |")
+                 f"{m.get('noisy', '')} | {m['kv_bytes'] / 1e6:.1f} | {path(r)} |")
 tput = [r for r in ok if r["eval"] == "throughput"]
 if tput:
     lines += ["", f"## Throughput at a KV budget (eval=throughput)", "",
