@@ -58,6 +58,12 @@ def test_a_compressed_cache_fits_more_rows(stories):
     assert int4["kv_bytes"] <= 200_000
 
 
+def test_budget_can_count_allocated_bytes(stories):
+    m = run(stories, ComposedCache(QuantizedStore(bits=4, group_size=8)), kv_budget_bytes=200_000,
+            budget_counts="allocated")
+    assert m["kv_bytes_allocated"] <= 200_000 and m["batch_size"] >= 1
+
+
 def test_budget_below_one_row_names_the_setting(stories):
     with pytest.raises(ValueError, match="eval.kv_budget_bytes"):
         run(stories, FullCache(), kv_budget_bytes=10)
@@ -69,6 +75,7 @@ def test_budget_below_one_row_names_the_setting(stories):
     (dict(kv_budget_bytes=True), "eval.kv_budget_bytes"),
     (dict(auto_fraction=1.5), "eval.auto_fraction"),
     (dict(probe_batch=0), "eval.probe_batch"),
+    (dict(budget_counts="bytes"), "eval.budget_counts"),
     (dict(context=10**7), "eval.context"),
 ])
 def test_bad_settings_name_the_setting(stories, kw, setting):

@@ -2,6 +2,7 @@
 
 This is how compressed caches win in serving (KIVI, H2O): the same memory holds more rows. Bytes per row
 are measured, never computed: one untimed pass at ``probe_batch`` rows gives ``kv_bytes / probe_batch``
+(``budget_counts=allocated``: ``kv_bytes_allocated``, spare buffer capacity included)
 after ``context + decode_tokens - 1`` tokens (the most a row holds here), the batch is
 ``min(max_batch, floor(budget / bytes_per_row))``, and an untimed pass at that batch verifies
 ``kv_bytes <= budget`` (shrinking ``B <- floor(B * budget / kv_bytes)`` if the cache is not linear in rows).
@@ -21,6 +22,7 @@ from kvcompress.eval.ppl import text_windows
 from kvcompress.eval.speed import decode_rates, spread, time_prefill_decode, timed_passes
 
 VERIFY_TRIES = 4
+COUNTS = ("held", "allocated")  # kv_bytes (the tensors held) or kv_bytes_allocated (their whole buffers)
 POOL = 64  # distinct text windows; larger batches repeat them (the work per row is the same)
 
 
@@ -42,12 +44,6 @@ def free_device_bytes(device: torch.device, fraction: float) -> int:
     return int(torch.cuda.mem_get_info(device)[0] * fraction)
 
 
-def reserved_bytes(cache) -> int | None:
-    """Bytes the cache has allocated (capacity included), when it can say."""
-    tensors = getattr(cache, "reserved_tensors", None)
-    return None if tensors is None else sum(t.nbytes for t in tensors())
-
-
 @dataclass
 class Throughput(Evaluation):
     context: int = 1024
@@ -59,6 +55,7 @@ class Throughput(Evaluation):
     prefill_chunk: int | None = 256
     repeats: int = 2
     dataset: str = "wikitext2"
+    budget_counts: str = "held"
 
     def check(self, spec: ModelSpec, data_dir: Path) -> None:
         check_dataset(self.dataset, data_dir)
@@ -74,6 +71,7 @@ class Throughput(Evaluation):
         require(self.probe_batch >= 1, "eval.probe_batch", ">= 1", self.probe_batch)
         require(self.max_batch >= 1, "eval.max_batch", ">= 1", self.max_batch)
         require(self.repeats >= 1, "eval.repeats", ">= 1", self.repeats)
+        require(self.budget_counts in COUNTS, "eval.budget_counts", f"one of {COUNTS}", self.budget_counts)
         require(self.prefill_chunk is None or self.prefill_chunk >= 1, "eval.prefill_chunk", ">= 1 or null",
                 self.prefill_chunk)
 
@@ -82,9 +80,9 @@ class Throughput(Evaluation):
         return pool.repeat(-(-batch // pool.shape[0]), 1)[:batch]
 
     def _held(self, ctx: EvalContext, tokens: torch.Tensor) -> int:
-        """kv_bytes after one untimed prefill + decode pass over ``tokens``."""
+        """Bytes counted against the budget after one untimed prefill + decode pass over ``tokens``."""
         time_prefill_decode(ctx.model, tokens, ctx.cache, self.decode_tokens, self.prefill_chunk)
-        return ctx.cache.kv_bytes()
+        return ctx.cache.kv_bytes() if self.budget_counts == "held" else ctx.cache.kv_bytes_allocated()
 
     def run(self, ctx: EvalContext) -> dict[str, float]:
         auto = self.kv_budget_bytes == "auto"
@@ -107,7 +105,6 @@ class Throughput(Evaluation):
             raise RuntimeError(f"no batch fits kv_budget_bytes={budget} after {VERIFY_TRIES} tries (last {held})")
         passes = timed_passes(ctx, tokens, self.decode_tokens, self.repeats, self.prefill_chunk, warmup=False)
         rate = spread("decode_tokens_per_s", decode_rates(passes, batch))
-        reserved = reserved_bytes(ctx.cache)
         return {
             "batch_size": batch,
             "batch_limit": "max_batch" if batch == self.max_batch else "kv_budget",
@@ -117,7 +114,6 @@ class Throughput(Evaluation):
             "kv_budget_used": held / budget,
             **rate,
             "decode_tokens_per_s_per_row": rate["decode_tokens_per_s"] / batch,
-            **({} if reserved is None else {"kv_reserved_bytes": reserved}),
             "decode_path": "eager",  # compared at equal memory, every cache on its own eager step
             **ctx.cache.memory_report(),
         }
