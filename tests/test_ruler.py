@@ -237,7 +237,8 @@ def test_bad_input_is_refused_before_weights_load(tmp_path):
         Ruler(lengths=[256], haystack=str(tmp_path / "missing.txt")).check(spec, DATA)
     with pytest.raises(ValueError, match="eval.haystack must be a dataset with a local file"):
         Ruler(lengths=[256], haystack="hamlet").check(spec, tmp_path)
-    for bad, name in ((dict(protocol="sideways"), "eval.protocol"), (dict(samples=0), "eval.samples"),
+    for bad, name in ((dict(tasks="vt"), "eval.tasks"), (dict(protocol="sideways"), "eval.protocol"),
+                      (dict(samples=0), "eval.samples"),
                       (dict(bootstrap=-1), "eval.bootstrap"), (dict(max_new_tokens=0), "eval.max_new_tokens")):
         with pytest.raises(ValueError, match=name):
             Ruler(**{"lengths": [256], **bad}).check(spec, DATA)

@@ -76,8 +76,10 @@ class Ruler(Evaluation):
         return self.max_new_tokens or ALL_TASKS[task].max_new_tokens
 
     def check(self, spec: ModelSpec, data_dir: Path) -> None:
-        unknown = [t for t in self.tasks if t not in ALL_TASKS] if isinstance(self.tasks, list) else self.tasks
-        if not self.tasks or unknown:
+        require(isinstance(self.tasks, list) and len(self.tasks) >= 1, "eval.tasks", "a non-empty list of tasks",
+                self.tasks)
+        unknown = [t for t in self.tasks if t not in ALL_TASKS]
+        if unknown:
             raise ValueError(f"eval.tasks: unknown task(s) {unknown}; valid tasks: {', '.join(ALL_TASKS)}")
         require(self.protocol in PROTOCOLS, "eval.protocol", " | ".join(PROTOCOLS), self.protocol)
         require(self.max_new_tokens is None or self.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1 or null",
