@@ -153,8 +153,8 @@ def quant_inputs(seed=0):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_quantize_reference_is_bit_exact(bits, symmetric):
-    x = quant_inputs()
-    for g in (4, 16):
+    inputs = ((4, quant_inputs()), (16, quant_inputs()), (8, quant_inputs().half()), (8, quant_inputs(1).bfloat16()))
+    for g, x in inputs:  # fp16 / bf16: the residual dtypes a storage quantizes from
         want = quantize(x, QuantConfig(bits, g, "token", symmetric))
         codes, scale, zero = kernels.quantize_tokens(x, bits, g, symmetric, backend="torch")
         assert torch.equal(codes, want.codes) and torch.equal(scale, want.scale)
