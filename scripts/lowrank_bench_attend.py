@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from kvcompress.cache import ComposedCache, FullCache
 from kvcompress.cache.base import ModelSpec
-from kvcompress.cache.full import FullCache
-from kvcompress.cache.lowrank.cache import LowRankCache
+from kvcompress.cache.storage.latent.store import LatentStore
 from kvcompress.engine.rope import RotaryEmbedding
 
 SPEC = ModelSpec("smollm2-135m-shapes", num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, max_position=8192)
@@ -94,7 +94,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ctx = SyntheticCalibration(tmp)
         for name, kw in VARIANTS.items():
-            cache = FullCache() if kw is None else LowRankCache(**kw)
+            cache = FullCache() if kw is None else ComposedCache(storage=LatentStore(**kw))
             cache.setup(SPEC)
             cache.calibrate(ctx)
             caches[name] = cache

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from kvcompress.cache.lowrank.calibrate import PCASettings, explained, load_or_fit  # noqa: E402
+from kvcompress.cache.storage.latent.calibrate import PCASettings, explained, load_or_fit  # noqa: E402
 from kvcompress.engine.loaders import load, read_config, resolve_source  # noqa: E402
 from kvcompress.eval.calibration import Calibration  # noqa: E402
 from kvcompress.run import CONF_DIR  # noqa: E402

@@ -9,6 +9,7 @@ adjacent-pair table (markdown) that results/sharing/README.md quotes.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kvcompress.cache.sharing.similarity import LayerSimilarity, newest_saved  # noqa: E402
+from kvcompress.cache.layout.similarity import LayerSimilarity  # noqa: E402
 
 
 def plot(sim: LayerSimilarity, out: Path) -> None:
@@ -43,6 +44,13 @@ def table(sim: LayerSimilarity) -> str:
     return "\n".join(rows)
 
 
+def newest_saved(model: str = "") -> Path | None:
+    """The most recent similarity file (of ``model``) in $KVC_CALIBRATION_DIR or the kvc default calibration folder."""
+    folder = Path(os.environ.get("KVC_CALIBRATION_DIR", "~/.cache/kvcompress/calibration")).expanduser()
+    files = sorted(folder.glob(f"similarity-{model}*.pt"), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file", nargs="?", type=Path)
@@ -50,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     path = args.file or newest_saved()
     if path is None:
-        raise SystemExit("no similarity-*.pt in the calibration folder; run `kvc cache=cla cache.groups=auto` first")
+        raise SystemExit("no similarity-*.pt in the calibration folder; run `kvc layout=cla layout.groups=auto` first")
     sim = LayerSimilarity.load(path)
     plot(sim, args.out)
     print(f"<!-- {path.name} -> {args.out} -->")

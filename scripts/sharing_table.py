@@ -11,8 +11,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from kvcompress.cache.sharing.groups import auto_groups, describe, uniform_groups
-from kvcompress.cache.sharing.similarity import LayerSimilarity, newest_saved
+from sharing_heatmap import newest_saved
+
+from kvcompress.cache.layout.groups import auto_groups, describe, uniform_groups
+from kvcompress.cache.layout.similarity import LayerSimilarity
 from kvcompress.engine.config import ModelConfig
 from kvcompress.engine.loaders import read_config, resolve_source
 from kvcompress.report.table import latest, load
@@ -102,7 +104,8 @@ def label(r: dict, sim: LayerSimilarity | None, layers: int) -> dict:
         start = f" from layer {p['start_layer']}" if p.get("start_layer") else ""
         how = (f"auto {p['share_fraction']} ({p.get('auto_metric', 'ppl')})" if p.get("groups") == "auto"
                else f"group size {p['group_size']}{start}")
-        return {"cache": "CLA", "setting": how, "storage": storage, "groups": groups_of(p, sim, layers),
+        groups = m.get("layer_groups") or groups_of(p, sim, layers)  # newer records name their groups
+        return {"cache": "CLA", "setting": how, "storage": storage, "groups": groups,
                 "layers shared / merged": f"{int(m['shared_layers'])} shared"}
     return {"cache": "MiniCache", "setting": f"from layer {p['start_layer']}, threshold {p['threshold']:.2f}",
             "storage": storage, "layers shared / merged": f"{m['merged_fraction']:.0%} of pair tokens merged"}
@@ -155,7 +158,7 @@ def devices(records: list[dict]) -> str:
 def main(folder: str = "results/sharing") -> None:
     path = Path(folder)
     records = latest(load(path / "records.jsonl"))
-    sim = newest_similarity()
+    sim = similarity_of(records)
     config = read_config(resolve_source(MODEL), MODEL)
     speed_notes = SPEED_NOTES.format(g2=kv_projection_share(config, 2), n2=consumers(config, 2),
                                      g3=kv_projection_share(config, 3), n3=consumers(config, 3))
@@ -168,8 +171,11 @@ def main(folder: str = "results/sharing") -> None:
     (path / "README.md").write_text("\n".join(lines))
 
 
-def newest_similarity() -> LayerSimilarity | None:
-    path = newest_saved()
+def similarity_of(records: list[dict]) -> LayerSimilarity | None:
+    """The calibration the ``groups=auto`` rows used: named by their records (``calibration_file``), else (older
+    records) the newest saved one made for this model; None when there is none here."""
+    named = [r["metrics"]["calibration_file"] for r in records if r["metrics"].get("calibration_file")]
+    path = Path(named[-1]) if named and Path(named[-1]).is_file() else newest_saved(MODEL)
     return LayerSimilarity.load(path) if path else None
 
 

@@ -70,11 +70,12 @@ def story_with_tokens(tokenizer, n: int) -> Path:
     raise AssertionError("no exact cut")
 
 
-@pytest.mark.parametrize("cache_args", [{}, {"cache": "h2o", "cache.budget": 40, "cache.recent": 8}])
+@pytest.mark.parametrize("cache_args", [{}, {"policy": "h2o", "policy.budget": 40, "policy.recent": 8}])
 def test_rolling_word_perplexity_equals_eval_ppl(tmp_path, cache_args):
     """One document, windows of 128 (BOS + 127 tokens), chunk 16, batch 2: the same as eval=ppl with max_windows
     null on that text, also with a compressed cache in the loop."""
-    lm = KVCompressLM(model="stories260k", device="cpu", window=128, chunk=16, batch_size=2, **cache_args)
+    lm = KVCompressLM(model="stories260k", device="cpu", window=128, chunk=16, batch_size=2, rolling="ppl",
+                      **cache_args)
     text = story_with_tokens(lm.tokenizer, 4 * 127)
     path = tmp_path / "doc.txt"
     path.write_text(text)
@@ -94,7 +95,7 @@ def test_local_tasks_end_to_end_through_simple_evaluate():
 
     tm = TaskManager(include_path=str(harness.TASKS_DIR), include_defaults=False)
     assert set(harness.LOCAL_TASKS) <= set(tm.all_tasks)
-    args = "model=stories260k,cache=streaming,cache.budget=64,chunk=64,batch_size=4"
+    args = "model=stories260k,policy=streaming,policy.budget=64,chunk=64,batch_size=4"
     out = simple_evaluate(model="kvcompress", model_args=args,
                           tasks=list(harness.LOCAL_TASKS), limit=1, task_manager=tm, device="cpu", bootstrap_iters=0)
     m = flatten(out["results"])
@@ -106,7 +107,7 @@ def test_local_tasks_end_to_end_through_simple_evaluate():
 def test_kvc_eval_lm_eval_records_task_metrics(tmp_path):
     cmd = [sys.executable, "-m", "kvcompress.run", "model=stories260k", "eval=lm_eval",
            "eval.limit={kvc_tinystories_cloze:1}", "eval.chunk=64", "eval.tasks=[kvc_tinystories_cloze]",
-           "cache=kivi", "cache.group_size=8", "progress=false",
+           "storage=kivi", "storage.group_size=8", "progress=false",
            f"results_dir={tmp_path}/results", f"hydra.run.dir={tmp_path}/run"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -130,10 +131,10 @@ def test_unknown_task_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    ({"cache": "nope"}, r"(?s)cache/nope.*full"),                    # unknown strategy: the choices are listed
-    ({"nonsense": 1}, r"nonsense"),                             # unknown key
-    ({"cache": "h2o", "cache.nonsense": 1}, r"cache.nonsense"),  # unknown strategy option
-    ({"cache": "int8", "cache.bits": 3}, r"bits"),              # impossible setting: the strategy's own check
+    ({"policy": "nope"}, r"(?s)policy/nope.*h2o"),                 # unknown method: the choices are listed
+    ({"nonsense": 1}, r"nonsense"),                                # unknown key
+    ({"policy": "h2o", "policy.nonsense": 1}, r"policy.nonsense"),  # unknown option of a method
+    ({"storage": "int8", "storage.bits": 3}, r"storage=int8: bits"),  # impossible setting: the storage's own check
     ({"rolling": "sliding"}, r"rolling must be ppl \| lm_eval"),
     ({"window": 4096}, r"window must be in \[2, max_length=512\]"),
 ])

@@ -14,17 +14,17 @@ from kvcompress.report.cli import main as kvc_report
 from kvcompress.report.jobs import check_metrics, objectives
 
 FAST = ["model=stories260k", "eval.dataset=tinystories", "eval.window=64", "eval.max_windows=2", "progress=false"]
-CACHES = {  # test-only cache presets, added to Hydra's search path
-    "stream16": "_target_: kvcompress.cache.evict.streaming.StreamingCache\nbudget: 16\nsinks: 4\n",
-    "bad": "_target_: kvcompress.cache.evict.streaming.StreamingCache\nbudget: 16\nsinks: 32\n",  # sinks >= budget
+POLICIES = {  # test-only policy presets, added to Hydra's search path
+    "stream16": "_target_: kvcompress.cache.policy.streaming.StreamingLLM\nbudget: 16\nsinks: 4\n",
+    "bad": "_target_: kvcompress.cache.policy.streaming.StreamingLLM\nbudget: 16\nsinks: 32\n",  # sinks >= budget
 }
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def kvc_m(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    conf = tmp / "conf" / "cache"
+    conf = tmp / "conf" / "policy"
     conf.mkdir(parents=True, exist_ok=True)
-    for name, text in CACHES.items():
+    for name, text in POLICIES.items():
         (conf / f"{name}.yaml").write_text(text)
     cmd = [sys.executable, "-m", "kvcompress.run", "-m", *FAST, f"hydra.searchpath=[file://{tmp / 'conf'}]",
            f"results_dir={tmp}/results", f"hydra.sweep.dir={tmp}/sweep", *args]
@@ -71,7 +71,7 @@ def offline_runs(folder: Path) -> list[Path]:
 
 
 def test_sweep_summary_failures_wandb_resume_force(tmp_path):
-    out = kvc_m(tmp_path, "cache=full,stream16,bad", "logger=wandb")
+    out = kvc_m(tmp_path, "policy=none,stream16,bad", "logger=wandb")
     assert out.returncode == 0, out.stderr[-3000:]
     recs = records(tmp_path)
     assert [(r["cache"], r["status"]) for r in recs] == [("full", "ok"), ("stream16", "ok"), ("bad", "failed")]
@@ -117,19 +117,19 @@ def test_sweep_summary_failures_wandb_resume_force(tmp_path):
     assert any(r.WhichOneof("record_type") == "artifact" for r in summary_run)
 
     # re-run: ok jobs are skipped, the failed one runs again; logger=none logs nothing
-    out = kvc_m(tmp_path, "cache=full,stream16,bad", "logger=none")
+    out = kvc_m(tmp_path, "policy=none,stream16,bad", "logger=none")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("kvc: skip") == 2
     assert [(r["cache"], r["status"]) for r in records(tmp_path)[3:]] == [("bad", "failed")]
     assert len(list((tmp_path / "sweep").rglob("offline-run-*"))) == 4
     # force=true runs a finished job again
-    out = kvc_m(tmp_path, "cache=stream16", "force=true")
+    out = kvc_m(tmp_path, "policy=stream16", "force=true")
     assert out.returncode == 0 and "kvc: skip" not in out.stdout
     assert [(r["cache"], r["status"]) for r in records(tmp_path)[4:]] == [("stream16", "ok")]
 
 
 def test_submitit_local_two_job_sweep(tmp_path):
-    out = kvc_m(tmp_path, "hydra/launcher=submitit_local", "cache=full,stream16")
+    out = kvc_m(tmp_path, "hydra/launcher=submitit_local", "policy=none,stream16")
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted((r["cache"], r["status"]) for r in records(tmp_path)) == [("full", "ok"), ("stream16", "ok")]
     assert len(list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))) == 2
@@ -164,7 +164,8 @@ def test_report_from_records(tmp_path, capsys):
     lines = [json.dumps(r) for r in recs]
     (tmp_path / "records.jsonl").write_text("\n".join(lines) + '\n{"status": "ok", "mod')  # a torn last line
     assert kvc_report([str(tmp_path)]) == 0
-    assert "7 run(s) (1 failed)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "7 run(s) (1 failed)" in said and "1 corrupt line(s)" in said  # the torn line is reported, not hidden
     table = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert len(table) == 7
     by = {(r["cache"], r["eval_params"], r["compression_ratio"]): r for r in table}
@@ -187,7 +188,9 @@ def test_report_from_records(tmp_path, capsys):
 def test_nan_ppl_fails_and_objectives():
     with pytest.raises(FloatingPointError, match="ppl is nan"):
         check_metrics({"ppl": float("nan")})
-    check_metrics({"ppl": 3.0, "decode_tokens_per_s": float("nan")})
+    with pytest.raises(FloatingPointError, match="decode_tokens_per_s is nan"):
+        check_metrics({"ppl": 3.0, "decode_tokens_per_s": float("nan")})  # any non-finite metric fails the run
+    check_metrics({"ppl": 3.0, "kv_bytes": 0, "compression_ratio": float("nan")})  # documented: nothing held
     assert objectives(record("h2o", 10.5, 2.0)) == (10.5, 2.0)
     assert objectives(record("h2o", None, 2.0, status="failed")) is None
 
@@ -216,9 +219,11 @@ def test_presets_compose():
     for point in points:
         for bench in benches:
             job = compose("experiment=compare_all", f"+experiment/point={point}", f"+experiment/bench={bench}")
-            cache = job.hydra.runtime.choices.cache
-            default = OmegaConf.load(Path(CONF_DIR) / "cache" / f"{cache}.yaml")
-            assert job.cache._target_ == default._target_ and job.hydra.runtime.choices.eval == bench
+            for axis in ("storage", "policy", "layout"):
+                choice = job.hydra.runtime.choices[axis]
+                default = OmegaConf.load(Path(CONF_DIR) / axis / f"{choice}.yaml")
+                assert job[axis]._target_ == default._target_
+            assert job.hydra.runtime.choices.eval == bench
     ps = compose("experiment=pareto_search")
     assert ps.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert list(ps.hydra.sweeper.direction) == ["minimize", "maximize"] and ps.hydra.sweeper.max_failure_rate == 1
@@ -231,20 +236,19 @@ def test_presets_compose():
 def test_optuna_pareto_search_end_to_end(tmp_path):
     """A few trials of the multi-objective search on stories260K: records, Optuna's Pareto front, the summary.
 
-    int8 storage is impossible on this model (head_dim 8 < group 64): those trials fail, are recorded, and the
-    search goes on (the sampler is seeded, so the trials are the same every run)."""
+    bitsandbytes storage is impossible on this model (head_dim 8 < its smallest block, 32): those trials fail, are
+    recorded, and the search goes on (the sampler is seeded, so the trials are the same every run)."""
     import yaml
 
     out = kvc_m(tmp_path, "experiment=pareto_search", *FAST, "hydra.sweeper.n_trials=4",
-                "hydra.sweeper.sampler.n_startup_trials=4", "cache=choice(streaming,h2o)",
-                "cache.budget=choice(0.25,0.5)",
-                "cache.storage=choice(dense,int8)")
+                "hydra.sweeper.sampler.n_startup_trials=4", "policy=choice(streaming,h2o)",
+                "policy.budget=choice(0.25,0.5)", "storage=choice(dense,bnb_nf4)", "layout=per_layer")
     assert out.returncode == 0, out.stderr[-3000:]
     recs = records(tmp_path)
     ok = [r for r in recs if r["status"] == "ok"]
     failed = [r for r in recs if r["status"] != "ok"]
-    assert len(recs) == 4 and ok and failed and {r["cache"] for r in recs} <= {"streaming", "h2o"}
-    assert all(r["cache_params"]["storage"] == "int8" and "must divide head_dim" in r["error"] for r in failed)
+    assert len(recs) == 4 and ok and failed and {r["policy"] for r in recs} <= {"streaming", "h2o"}
+    assert all(r["storage"] == "bnb_nf4" and "must divide head_dim" in r["error"] for r in failed)
     front = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())["solutions"]
     observed = {(round(r["metrics"]["ppl"], 6), round(r["metrics"]["compression_ratio"], 6)) for r in ok}
     assert front and all((round(s["values"][0], 6), round(s["values"][1], 6)) in observed for s in front)

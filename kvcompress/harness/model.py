@@ -81,7 +81,10 @@ class KVCompressLM(TemplateLM):
 
             if device := _device(overrides.pop("device", None)):
                 overrides["device"] = device
-            _built = build(compose(overrides), str(overrides.get("cache", "full")), lengths)
+            from kvcompress.job import cache_fields
+
+            cfg = compose(overrides)
+            _built = build(cfg, cache_fields(cfg)["cache"], lengths)
         elif overrides:
             raise ValueError(f"kvcompress: unknown options {sorted(overrides)} for a pre-loaded model")
         else:

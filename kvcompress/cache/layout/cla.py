@@ -99,4 +99,7 @@ class CLA(Layout):
             view.append(k, v, pos, rope)
 
     def report(self) -> dict[str, float | str]:
-        return {"shared_layers": sum(len(g) - 1 for g in self.groups), "layer_groups": describe(self.groups)}
+        out = {"shared_layers": sum(len(g) - 1 for g in self.groups), "layer_groups": describe(self.groups)}
+        if self.similarity is not None and self.similarity.path is not None:
+            out["calibration_file"] = str(self.similarity.path)
+        return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,9 +33,10 @@ class LayerSimilarity:
     value_cos: Tensor        # (L, L) mean cosine of values
     pair_dnll: Tensor        # (L-1,) NLL increase when layer i+1 reads layer i's cache
     base_nll: float          # NLL with the full cache
+    path: Path | None = field(default=None, compare=False)  # where it was loaded from or saved to (not saved)
 
     def save(self, path: Path) -> None:
-        artifacts.save({"format": FORMAT_VERSION, **asdict(self)}, path)
+        artifacts.save({"format": FORMAT_VERSION, **{k: v for k, v in asdict(self).items() if k != "path"}}, path)
 
     @classmethod
     def load(cls, path: Path) -> LayerSimilarity:
@@ -75,8 +76,10 @@ def load_or_measure(ctx: CalibrationContext, share_pair: Callable[[int], KVCache
         sim = LayerSimilarity.load(path)
         if sim.key == ctx.key:
             log(f"[sharing] layer similarity from {path}")
+            sim.path = path
             return sim
     sim = measure(ctx, share_pair, base, log)
     sim.save(path)
     log(f"[sharing] layer similarity saved to {path}")
+    sim.path = path
     return sim
