@@ -85,6 +85,14 @@ def setup_cache(cache: KVCache, spec, cfg: DictConfig) -> None:
         raise ValueError(f"{combo}: {e}") from e
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; valid choices here: auto, cpu")
+    return torch.device(name)
+
+
 @dataclass
 class Prepared:
     model: Any
@@ -99,7 +107,6 @@ def prepare(cfg: DictConfig, check=None) -> Prepared:
     weights load; then load the model and calibrate the cache if it wants data."""
     from kvcompress.engine.loaders import DTYPES, load, read_config, resolve_source
     from kvcompress.eval.calibration import Calibration
-    from kvcompress.run import resolve_device
 
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {cfg.dtype!r}; valid choices: {', '.join(DTYPES)}")

@@ -39,14 +39,6 @@ OmegaConf.register_new_resolver("kvc_shared", lambda: str(default_shared_dir()),
 OmegaConf.register_new_resolver("kvc_data", lambda: str(default_data_dir()), replace=True)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available; valid choices here: auto, cpu")
-    return torch.device(name)
-
-
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
