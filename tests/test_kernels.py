@@ -190,6 +190,21 @@ def test_triton_quant_attention_equals_reference(layout, Tq, per_head):
 
 
 @interpreter
+def test_triton_token_splits_merge_to_the_reference():
+    """Flash-decoding: 3 splits of 64 tokens merged by the combine kernel; row 0 sees nothing in two of them."""
+    from kvcompress.kernels import triton_attention
+
+    kcfg, vcfg, n_qk, n_qv = LAYOUTS[0]
+    q, q_pos, k, v, k_pos = case(Tq=2, T=150)
+    q_pos[0] = torch.tensor([40, 41])
+    (ks, _), (vs, _) = sides(k, v, 128, 136, kcfg, vcfg)
+    rows = q.reshape(2, 2, -1, 16)
+    want = reference.attend_rows(rows, q_pos, k_pos, ks, vs, 0.25)
+    got = triton_attention.attend_rows(rows, q_pos, k_pos, ks, vs, 0.25, block_t=16, n_split=3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@interpreter
 @pytest.mark.parametrize("G", [1, 2])
 def test_triton_latent_attention_equals_reference(G):
     q, q_pos, _, _, k_pos = case(Tq=1)

@@ -5,10 +5,11 @@ the packed bytes, unpacks ``(byte >> (d % per) * bits) & mask``, dequantizes wit
 scale/zero in registers, and keeps an online softmax (m, l, acc) for the query rows of its head
 (GQA: all query heads of a KV head, and all query tokens, are rows of one tile). Nothing but the
 bytes held is read; full-precision K/V never exist outside a BLOCK_T tile. Splits (flash-decoding)
-are merged in PyTorch: ``out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s``.
+are merged by a second small kernel: ``out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s``.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -94,6 +95,28 @@ def _decode_attn(Q, QPOS, KPOS, ACC, MX, LS,
     tl.store(ACC + row[:, None] * DV + dv[None, :], acc, mask=mmask[:, None] & dvmask[None, :])
 
 
+@triton.jit
+def _combine(ACC, MX, LS, OUT, n_split, M, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Merge the splits of one (row, head): out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s."""
+    pid = tl.program_id(0)
+    m, dv = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_DV)
+    mmask = m < M
+    top = tl.full([BLOCK_M], -1e30, tl.float32)
+    for s in range(n_split):
+        top = tl.maximum(top, tl.load(MX + (pid * n_split + s) * M + m, mask=mmask, other=-1e30))
+    num = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    for s in range(n_split):
+        row = (pid * n_split + s) * M + m
+        w = tl.exp(tl.load(MX + row, mask=mmask, other=-1e30) - top)
+        den += w * tl.load(LS + row, mask=mmask, other=0.0)
+        acc = tl.load(ACC + row[:, None] * DV + dv[None, :], mask=mmask[:, None] & (dv < DV)[None, :], other=0.0)
+        num += w[:, None] * acc
+    out = num / tl.where(mmask, den, 1.0)[:, None]  # padding rows: no 0 / 0
+    tl.store(OUT + (pid * M + m[:, None]) * DV + dv[None, :], out.to(OUT.dtype.element_ty),
+             mask=mmask[:, None] & (dv < DV)[None, :])
+
+
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -112,24 +135,29 @@ def _side_args(side: Packed, like: Tensor) -> tuple[list, tuple]:
     return ptrs + list(strides), consts
 
 
+@functools.lru_cache(maxsize=8)
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _splits(device: torch.device, programs: int, blocks: int) -> int:
     """Enough token splits for ~2 programs per SM (one on the CPU interpreter)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(blocks, math.ceil(2 * sms / programs)))
+    return max(1, min(blocks, math.ceil(2 * _sms(device) / programs)))
 
 
 def attend_rows(rows: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed, scale: float,
-                block_t: int = 64) -> Tensor:
-    """Same contract as ``reference.attend_rows``: rows (B, G, M, Dk) -> (B, G, M, Dv)."""
+                block_t: int = 64, n_split: int | None = None) -> Tensor:
+    """Same contract as ``reference.attend_rows``: rows (B, G, M, Dk) -> (B, G, M, Dv). ``n_split`` overrides
+    the number of token splits (by default about two programs per SM)."""
     B, G, M, DK = rows.shape
     T, DV, dev = k.length, v.dim, rows.device
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     q_pos = q_pos.contiguous()
     kp = k_pos.contiguous()
     kp_strides = (kp.stride(0), kp.stride(1)) if kp.dim() == 3 else (kp.stride(0), 0)
-    n_split = _splits(dev, B * G, triton.cdiv(T, block_t))
+    n_split = n_split or _splits(dev, B * G, triton.cdiv(T, block_t))
     per_split = triton.cdiv(triton.cdiv(T, n_split), block_t) * block_t
     n_split = triton.cdiv(T, per_split)
     acc = torch.empty((B, G, n_split, M, DV), device=dev, dtype=torch.float32)
@@ -145,7 +173,6 @@ def attend_rows(rows: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed
         *k_const, *v_const,
         BLOCK_M=_block(M), BLOCK_T=block_t, BLOCK_DK=_block(DK), BLOCK_DV=_block(DV),
         PREC="ieee" if rows.dtype == torch.float32 else "tf32")
-    top = mx.amax(2, keepdim=True)
-    w = torch.exp(mx - top)
-    out = (acc * w[..., None]).sum(2) / (ls * w).sum(2)[..., None]
-    return out.to(rows.dtype)
+    out = torch.empty((B, G, M, DV), device=dev, dtype=rows.dtype)
+    _combine[(B * G,)](acc, mx, ls, out, n_split, M, DV, BLOCK_M=_block(M), BLOCK_DV=_block(DV))
+    return out
