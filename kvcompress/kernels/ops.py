@@ -50,6 +50,8 @@ def latent_attention(qc: Tensor, q_pos: Tensor, k_pos: Tensor, ck: Tensor | Pack
     cv = cv if isinstance(cv, Packed) else dense(cv)
     B, Hq, Tq, d = qc.shape
     H, G = k_basis.shape[0], ck.heads
+    if G == 1 and k_pos.dim() == 3 and k_pos.shape[1] > 1:
+        raise ValueError("latents shared by all heads (G = 1) need positions per row (B, T), not per head")
     qa = torch.einsum("bhtd,hdr->bhtr", qc.reshape(B, H, Hq // H * Tq, d), k_basis.to(qc.dtype))
     rows = qa.reshape(B, G, H // G * Hq // H * Tq, -1)
     mixed = _attend_rows(rows, q_pos, k_pos, ck, cv, d**-0.5 if scale is None else scale, backend)
