@@ -96,7 +96,7 @@ def decoder(ctx: EvalContext, batch: int, capacity: int, want: str = "eager") ->
     static = static_form(ctx.cache, capacity)
     if static is None or (want == "auto" and ctx.model.device.type != "cuda"):
         require(want == "auto", "eval.decode_path", "eager or auto for a cache without a static-capacity form "
-                "(today only the full cache has one)", want)
+                "(a cache offers one through static_form(capacity), meant first for the dense full cache)", want)
         return Decoder(ctx.cache)
     static.setup(ctx.model.config.spec())
     static.reset(batch)
