@@ -73,6 +73,22 @@ def take(state: Tensor, idx: Tensor) -> Tensor:
     return state.gather(-1, idx.expand(state.shape[0], heads, *mid, idx.shape[-1]))
 
 
+def follow(state: Tensor, old_pos: Tensor, new_pos: Tensor) -> Tensor:
+    """Per-token state (B, H', ..., K) of the tokens at ``old_pos`` (B, 1|Hkv, K) moved to the slots of a store
+    now holding ``new_pos`` (B, T) or (B, 1|Hkv, T), by position (a held position is unique per row and head);
+    slots no old token moved to (invisible padding) get 0. For stores whose ``keep`` pads ragged rows or heads."""
+    new_pos = new_pos if new_pos.dim() == 3 else new_pos[:, None]
+    heads = max(old_pos.shape[1], new_pos.shape[1])
+    old = old_pos.long().expand(old_pos.shape[0], heads, -1)
+    new = new_pos.long().expand(new_pos.shape[0], heads, -1).contiguous()
+    order = old.argsort(-1)
+    ranked = old.gather(-1, order).contiguous()
+    loc = torch.searchsorted(ranked, new).clamp_max(old.shape[-1] - 1)
+    found = ranked.gather(-1, loc) == new
+    moved = take(state, order.gather(-1, loc))
+    return moved * found.reshape(*found.shape[:2], *([1] * (moved.dim() - 3)), found.shape[-1])
+
+
 def fit(state: Tensor | None, length: int) -> Tensor | None:
     """Pad per-token state with zeros up to ``length`` tokens (new tokens have no score yet)."""
     if state is None or state.shape[-1] >= length:

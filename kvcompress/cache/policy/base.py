@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache.base import PAD_POSITION, ModelSpec
-from kvcompress.cache.buffers import fit, take
+from kvcompress.cache.buffers import fit, follow, take
 from kvcompress.cache.checks import fail, int_at_least, is_int, is_number, one_of
 from kvcompress.cache.storage.base import TokenStore
 
@@ -189,7 +189,10 @@ class EvictionPolicy(Policy):
             idx = idx[:, 0]
         store.keep(idx)
         if self.state[owner] is not None:
-            self.state[owner] = take(fit(self.state[owner], held), idx)
+            state = take(fit(self.state[owner], held), idx)
+            if store.length != idx.shape[-1]:  # the store padded ragged rows or heads (a MiniCache pair pads its
+                state = follow(state, take(pos, idx), store.positions())  # retained and merged parts apart)
+            self.state[owner] = state
         self.evictions += 1
 
     def priority(self, score: Tensor, pos: Tensor, budget: int, protect: int) -> Tensor:
