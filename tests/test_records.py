@@ -310,6 +310,21 @@ def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
     assert artifacts.load(path) == {"v": 1} and [p.name for p in tmp_path.iterdir()] == ["sim.pt"]
 
 
+# -- item 11: tests that need ../shared skip with a reason without it ------------------------------------------
+def test_tests_skip_without_shared(tmp_path):
+    """Without the shared folder, tests that read it (a model config copied from it, the stories260K fixture) are
+    skipped with the reason, not failed with FileNotFoundError."""
+    from conftest import REPO
+
+    tests = ["tests/test_run.py::test_impossible_settings_fail_before_weights_load", "tests/test_evict_eval.py"]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests], cwd=REPO,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "KVC_SHARED_DIR": str(tmp_path / "absent")})
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "failed" not in out.stdout.splitlines()[-1] and "skipped" in out.stdout.splitlines()[-1]
+    assert f"needs the shared data and models in {tmp_path / 'absent'}" in out.stdout
+
+
 # -- items 2 and 10: GGUF conversions follow their source; a truncated GGUF names itself ------------------------
 def write_gguf(path: Path, seed: int) -> None:
     """A tiny random llama GGUF (fp32 tensors, no tokenizer): 2 layers, hidden 16, 2 heads, 1 kv head."""
