@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kvcompress.cache.checks import is_int
+
 
 def uniform_groups(num_layers: int, size: int, start: int = 0) -> list[list[int]]:
     """Consecutive groups of ``size`` layers from layer ``start`` on (the last one may be shorter)."""
@@ -24,7 +26,7 @@ def check_groups(groups: Sequence[Sequence[int]], num_layers: int) -> list[list[
             raise ValueError(f"groups must be a list of non-empty lists of layer indices, got group {g!r}")
         g = list(g)
         for layer in g:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+            if not is_int(layer) or not 0 <= layer < num_layers:
                 raise ValueError(f"group {g}: layer index {layer!r} is outside [0, {num_layers - 1}]")
         if g[0] != min(g):
             raise ValueError(f"group {g}: its producer (the first layer listed) must be its earliest layer; "

@@ -3,6 +3,9 @@ layer to the last; the total over layers equals layers x budget.
 """
 from __future__ import annotations
 
+import math
+
+from kvcompress.cache.checks import number_in
 from kvcompress.cache.policy.snapkv import SnapKV
 
 
@@ -12,9 +15,7 @@ class PyramidKV(SnapKV):
     """
 
     def __init__(self, budget: int | float = 512, beta: float = 20.0, **kwargs):
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 1:
-            raise ValueError(f"policy.beta must be a number >= 1, got {beta!r}")
-        self.beta = float(beta)
+        self.beta = number_in("policy.beta", beta, 1, math.inf)
         super().__init__(budget=budget, **kwargs)
 
     def layer_budget(self, owner: int, budget: int) -> int:

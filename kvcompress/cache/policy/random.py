@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kvcompress.cache.checks import fail, is_int
 from kvcompress.cache.policy.base import EvictionPolicy
 from kvcompress.cache.storage.base import TokenStore
 
@@ -12,8 +13,8 @@ class RandomPolicy(EvictionPolicy):
     """Uniform random scores (seeded per batch), with the same sinks / recent protection as any policy."""
 
     def __init__(self, budget: int | float = 512, seed: int = 0, **kwargs):
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"policy.seed must be an int, got {seed!r}")
+        if not is_int(seed):
+            fail("policy.seed", "an int", seed)
         self.seed = seed
         super().__init__(budget=budget, **kwargs)
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvcompress.cache.buffers import fit
+from kvcompress.cache.checks import fail, int_at_least, one_of
 from kvcompress.cache.policy.base import EvictionPolicy
 from kvcompress.cache.storage.base import TokenStore
 
@@ -23,12 +24,10 @@ class SnapKV(EvictionPolicy):
 
     def __init__(self, budget: int | float = 512, sinks: int = 0, recent: int | float | None = None,
                  window: int = 32, kernel: int = 7, pooling: str = "max", **kwargs):
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"policy.window must be an int >= 1, got {window!r}")
-        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"policy.kernel must be an odd int >= 1, got {kernel!r}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"policy.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        int_at_least("policy.window", window, 1)
+        if int_at_least("policy.kernel", kernel, 1) % 2 == 0:
+            fail("policy.kernel", "an odd int >= 1", kernel)
+        one_of("policy.pooling", pooling, POOLINGS)
         if recent is None:
             recent = min(window, budget - sinks) if isinstance(budget, int) else window
         self.window, self.kernel, self.pooling = window, kernel, pooling
