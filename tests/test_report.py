@@ -116,3 +116,39 @@ def test_harness_table_reads_corrupt_lines(tmp_path, capsys):
     with pytest.warns(UserWarning, match="records.jsonl:2"):
         assert main([str(tmp_path)]) == 0
     assert "| full | 1.000 | ok |" in capsys.readouterr().out
+
+
+def test_front_labels_do_not_overlap(tmp_path, monkeypatch):
+    """Front points close together get their labels nudged apart (and never clipped at the axes)."""
+    import matplotlib.axes
+
+    from kvcompress.report import plots
+
+    table = rows([rec("full", 2.0, 1.0), rec("int8", 2.01, 1.02), rec("int4", 2.02, 1.04), rec("kivi", 12.0, 8.0)])
+    placed = []
+    original = matplotlib.axes.Axes.annotate
+
+    def spy(self, text, xy, **kw):
+        placed.append((text, kw["xytext"], kw.get("annotation_clip")))
+        return original(self, text, xy, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", spy)
+    plots.ratio_plot(table, tmp_path / "r.png")
+    near = [dy for text, (_, dy), _ in placed if text != "kivi"]
+    assert len(placed) == 4 and len(set(near)) == 3  # the three crowded labels sit at different heights
+    assert all(clip is False for *_, clip in placed)
+
+
+def test_kvc_lm_eval_defaults():
+    """lm-eval's own windowing by default (comparable with its hf model); no CUDA device asked for without CUDA."""
+    import inspect
+
+    import torch
+
+    from kvcompress.harness.__main__ import default_device
+    from kvcompress.harness.model import KVCompressLM
+
+    assert inspect.signature(KVCompressLM.__init__).parameters["rolling"].default == "lm_eval"
+    args = ["--model", "kvcompress", "--tasks", "kvc_passkey"]
+    assert default_device(args) == (args if torch.cuda.is_available() else [*args, "--device", "cpu"])
+    assert default_device([*args, "--device", "cuda:1"]) == [*args, "--device", "cuda:1"]
