@@ -150,6 +150,27 @@ def test_committed_results_dir_needs_publish(repo, monkeypatch):
     assert unpublished(cfg(results_dir="results/new"), overrides=[]) is None
 
 
+def test_kvc_does_not_add_to_committed_results(repo):
+    """A preset's committed results_dir is left alone without publish=true; naming it on purpose writes."""
+    from conftest import REPO
+
+    conf = repo / "extra" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text(f"# @package _global_\nresults_dir: {repo}/results/x\n")
+    fast = ["model=stories260k", "eval.dataset=tinystories", "eval.window=64", "eval.max_windows=1", "progress=false",
+            f"hydra.searchpath=[file://{repo / 'extra'}]", "experiment=mine", f"hydra.run.dir={repo}/run"]
+    kvc = lambda *a: subprocess.run([sys.executable, "-m", "kvcompress.run", *fast, *a], cwd=REPO,
+                                    capture_output=True, text=True, timeout=300)
+    before = (repo / "results/x/records.jsonl").read_text()
+    out = kvc()
+    assert out.returncode != 0 and "publish=true" in out.stderr
+    assert (repo / "results/x/records.jsonl").read_text() == before
+    assert json.loads((repo / "run" / "record.json").read_text())["status"] == "failed"  # still recorded
+    out = kvc("publish=true")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((repo / "results/x/records.jsonl").read_text().splitlines()[-1])["status"] == "ok"
+
+
 def test_sweep_that_skips_everything_keeps_sweep_json(tmp_path):
     from kvcompress.report.callback import SweepReport
 
