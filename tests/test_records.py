@@ -422,3 +422,12 @@ def test_text_is_read_with_universal_newlines(tmp_path):
     path = tmp_path / "crlf.txt"
     path.write_bytes(b" = Title = \r\n text\r\nmore\rend")
     assert load_text(str(path), tmp_path) == " = Title = \n text\nmore\nend"
+
+
+def test_too_short_calibration_text_names_the_setting(stories, tmp_path):
+    from kvcompress.eval.calibration import Calibration
+
+    text = tmp_path / "short.txt"
+    text.write_text("Once upon a time.")
+    with pytest.raises(ValueError, match=r"calibration.dataset='.*short.txt' \(calibration.window=64\): the text has"):
+        Calibration(stories[0], stories[1], tmp_path, str(text), 256, 64, tmp_path, progress=False)

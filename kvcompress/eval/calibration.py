@@ -68,7 +68,10 @@ class Calibration:
         self.model, self.chunk, self.progress = model, chunk, progress
         self.rope = model.rope  # lets a cache calibrate on post-RoPE keys (lowrank keys=post_rope)
         n = max(1, math.ceil(tokens / window))
-        self.windows = text_windows(tokenizer, load_text(dataset, data_dir), window, n).to(model.device)
+        try:
+            self.windows = text_windows(tokenizer, load_text(dataset, data_dir), window, n).to(model.device)
+        except ValueError as e:  # a too-short text names the setting, not only the token count
+            raise ValueError(f"calibration.dataset={dataset!r} (calibration.window={window}): {e}") from e
         self.cache_dir = str(Path(cache_dir).expanduser())
         h = hashlib.sha256(weights_fingerprint(model).encode())
         h.update(self.windows.cpu().numpy().tobytes())
