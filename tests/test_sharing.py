@@ -257,7 +257,9 @@ def prompt(n, seed):
 
 BATCH_CACHES = {"cla": lambda: cla(group_size=2), "minicache": lambda: minicache(start_layer=1, threshold=1.8),
                 "cla_int4": lambda: cla(QuantizedStore(bits=4, group_size=16), groups=[[1, 2, 3]]),
-                "minicache_h2o": lambda: minicache(policy=H2O(budget=12), start_layer=1, threshold=1.8)}
+                "minicache_h2o": lambda: minicache(policy=H2O(budget=12), start_layer=1, threshold=1.8),
+                "minicache_h2o_per_head": lambda: minicache(policy=H2O(budget=12, per_head=True), start_layer=1,
+                                                            threshold=1.8)}
 
 
 @torch.inference_mode()
