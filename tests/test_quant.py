@@ -81,7 +81,7 @@ def test_constant_groups_do_not_divide_by_zero():
 @pytest.mark.parametrize("bad, msg", [(dict(bits=3), "bits must be one of (2, 4, 8), got 3"),
                                       (dict(group_size=0), "storage.group_size must be an int >= 1, got 0"),
                                       (dict(key_group_size=-2), "storage.key_group_size must be an int >= 1"),
-                                      (dict(key_axis="head"), "axis (key_axis / value_axis) must be one of"),
+                                      (dict(key_axis="head"), "storage.key_axis / value_axis must be one of"),
                                       (dict(residual=-1), "storage.residual must be an int >= 0"),
                                       (dict(residual_dtype="int8"), "unknown storage.residual_dtype 'int8'; valid "
                                                                     "choices: float16, bfloat16, float32, model"),

@@ -34,11 +34,11 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
-            raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
+            raise ValueError(f"storage.bits must be one of {BITS}, got {self.bits!r}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+            raise ValueError(f"storage.group_size must be a positive integer, got {self.group_size!r}")
         if self.axis not in AXES:
-            raise ValueError(f"axis (key_axis / value_axis) must be one of {AXES}, got {self.axis!r}")
+            raise ValueError(f"storage.key_axis / value_axis must be one of {AXES}, got {self.axis!r}")
 
     def check_head_dim(self, head_dim: int, name: str = "group_size") -> None:
         per_byte = 8 // self.bits
