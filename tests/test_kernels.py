@@ -13,6 +13,7 @@ import sys
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 if "triton" not in sys.modules and not CUDA:
@@ -201,6 +202,33 @@ def test_triton_token_splits_merge_to_the_reference():
     rows = q.reshape(2, 2, -1, 16)
     want = reference.attend_rows(rows, q_pos, k_pos, ks, vs, 0.25)
     got = triton_attention.attend_rows(rows, q_pos, k_pos, ks, vs, 0.25, block_t=16, n_split=3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def capacity(side: Packed, extra_q: int, extra_r: int) -> Packed:
+    """The side's tensors in larger buffers whose spare slots hold junk (a static-capacity storage)."""
+    def grow(t: Tensor | None, n: int) -> Tensor | None:
+        if t is None:
+            return None
+        shape = (*t.shape[:2], n, t.shape[3])
+        junk = torch.randint(0, 255, shape, dtype=torch.uint8) if t.dtype == torch.uint8 else torch.randn(shape) * 9
+        return torch.cat([t, junk.to(t.dtype)], 2)
+    per = 1 if side.axis == "token" else side.group_size
+    return Packed(grow(side.codes, extra_q), grow(side.scale, extra_q // per), grow(side.zero, extra_q // per),
+                  grow(side.res, extra_r), side.bits, side.group_size, side.axis)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
+def test_device_lengths_over_capacity_buffers(backend):
+    """Capacity buffers with junk (visible positions!) beyond the lengths: only the held tokens count."""
+    kcfg, vcfg, n_qk, n_qv = LAYOUTS[0]
+    q, q_pos, k, v, k_pos = case(Tq=1)
+    (ks, _), (vs, _) = sides(k, v, n_qk, n_qv, kcfg, vcfg)
+    want = kernels.quant_attention(q, q_pos, k_pos, ks, vs, backend="torch")
+    kc, vc = capacity(ks, 16, 8), capacity(vs, 8, 16)  # both 61 token slots, 37 held
+    pos = torch.cat([k_pos, torch.zeros(2, 24, dtype=k_pos.dtype)], 1)  # junk slots at position 0: visible
+    lengths = torch.tensor([n_qk, n_qv, 37], dtype=torch.int32)
+    got = kernels.quant_attention(q, q_pos, pos, kc, vc, backend=backend, lengths=lengths)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -16,24 +16,26 @@ from kvcompress.kernels.layout import Packed, dense
 
 
 def _attend_rows(rows: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed, scale: float,
-                 backend: str | None) -> Tensor:
+                 backend: str | None, lengths: Tensor | None = None) -> Tensor:
     if resolve(rows.device, backend) == "triton":
         from kvcompress.kernels import triton_attention
-        return triton_attention.attend_rows(rows, q_pos, k_pos, k, v, scale)
-    return reference.attend_rows(rows, q_pos, k_pos, k, v, scale)
+        return triton_attention.attend_rows(rows, q_pos, k_pos, k, v, scale, lengths=lengths)
+    return reference.attend_rows(rows, q_pos, k_pos, k, v, scale, lengths=lengths)
 
 
 def quant_attention(q: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed, scale: float | None = None,
-                    backend: str | None = None) -> Tensor:
+                    backend: str | None = None, lengths: Tensor | None = None) -> Tensor:
     """softmax(q K^T * scale, masked by position) V over packed K/V sides; (B, Hq, Tq, D).
 
     Equals dequantize-then-``attention`` within fp tolerance; K/V are read as stored (codes, scales, zeros,
-    residual), so the bytes moved per step are the bytes held.
+    residual), so the bytes moved per step are the bytes held. ``lengths`` (int32 [n_q of K, n_q of V, T] on
+    the device) marks the sides as static-capacity buffers of which only that many tokens are held: the
+    Triton launch then reads the lengths on the device and can be captured (a static-capacity storage).
     """
     B, Hq, Tq, D = q.shape
     H = k.heads
     rows = q.reshape(B, H, Hq // H * Tq, D)
-    out = _attend_rows(rows, q_pos, k_pos, k, v, D**-0.5 if scale is None else scale, backend)
+    out = _attend_rows(rows, q_pos, k_pos, k, v, D**-0.5 if scale is None else scale, backend, lengths)
     return out.reshape(B, Hq, Tq, v.dim)
 
 

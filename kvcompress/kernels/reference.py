@@ -74,13 +74,27 @@ def aligned_chunk(chunk: int, *sides: Packed) -> int:
     return max(chunk // g, 1) * g
 
 
+def trim(side: Packed, n_q: int, length: int) -> Packed:
+    """The first ``n_q`` prefix tokens and ``length - n_q`` residual tokens of capacity buffers."""
+    if side.codes is None:
+        return Packed(res=side.res[:, :, :length])
+    rows = n_q if side.axis == "token" else n_q // side.group_size
+    zero = None if side.zero is None else side.zero[:, :, :rows]
+    res = side.res[:, :, : length - n_q] if length > n_q else None
+    return Packed(side.codes[:, :, :n_q], side.scale[:, :, :rows], zero, res, side.bits, side.group_size, side.axis)
+
+
 def attend_rows(rows: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed, scale: float,
-                chunk: int = 4096) -> Tensor:
+                chunk: int = 4096, lengths: Tensor | None = None) -> Tensor:
     """rows (B, G, M, Dk) over sides with G heads; k_pos (B, T) or (B, G, T). Returns (B, G, M, Dv).
 
     Up to ``chunk`` tokens: one scaled-dot-product attention over the dequantized tokens (the eager path's
-    cost and rounding); longer histories: chunk by chunk with the online softmax, in fp32.
+    cost and rounding); longer histories: chunk by chunk with the online softmax, in fp32. ``lengths``
+    (n_q of K, n_q of V, T) on the device: the sides are capacity buffers holding that many tokens.
     """
+    if lengths is not None:
+        n_qk, n_qv, T = (int(x) for x in lengths.tolist())
+        k, v, k_pos = trim(k, n_qk, T), trim(v, n_qv, T), k_pos[..., :T]
     B, G, M, _ = rows.shape
     T, dtype = k.length, rows.dtype
     qp = row_positions(q_pos, M)[:, None, :, None]  # (B, 1, M, 1)

@@ -47,7 +47,7 @@ def _side_tile(C, S, Z, R, c_sb, c_sh, c_st, s_sb, s_sh, s_st, r_sb, r_sh, r_st,
 
 
 @triton.jit
-def _decode_attn(Q, QPOS, KPOS, ACC, MX, LS,
+def _decode_attn(Q, QPOS, KPOS, ACC, MX, LS, LENS,
                  KC, KS, KZ, KR, VC, VS, VZ, VR,
                  q_sb, q_sh, q_sm, qp_sb, kp_sb, kp_sh,
                  kc_sb, kc_sh, kc_st, ks_sb, ks_sh, ks_st, kr_sb, kr_sh, kr_st,
@@ -56,7 +56,9 @@ def _decode_attn(Q, QPOS, KPOS, ACC, MX, LS,
                  K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_AXIS: tl.constexpr, K_SYM: tl.constexpr,
                  V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_AXIS: tl.constexpr, V_SYM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 PREC: tl.constexpr):
+                 PREC: tl.constexpr, DEV_LEN: tl.constexpr):
+    if DEV_LEN:  # lengths read on the device: one compiled (or captured) launch serves every step
+        n_qk, n_qv, T = tl.load(LENS), tl.load(LENS + 1), tl.load(LENS + 2)
     pid, split = tl.program_id(0), tl.program_id(1)
     b, h = pid // H, pid % H
     m = tl.arange(0, BLOCK_M)
@@ -148,11 +150,12 @@ def _splits(device: torch.device, programs: int, blocks: int) -> int:
 
 
 def attend_rows(rows: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed, scale: float,
-                block_t: int = 64, n_split: int | None = None) -> Tensor:
+                block_t: int = 64, n_split: int | None = None, lengths: Tensor | None = None) -> Tensor:
     """Same contract as ``reference.attend_rows``: rows (B, G, M, Dk) -> (B, G, M, Dv). ``n_split`` overrides
-    the number of token splits (by default about two programs per SM)."""
+    the number of token splits (by default about two programs per SM). ``lengths``: see ``ops.quant_attention``;
+    the launch then depends only on the buffers' capacities, so it can be captured in a CUDA graph."""
     B, G, M, DK = rows.shape
-    T, DV, dev = k.length, v.dim, rows.device
+    T, DV, dev = max(k.length, v.length), v.dim, rows.device
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     q_pos = q_pos.contiguous()
     kp = k_pos.contiguous()
@@ -166,13 +169,13 @@ def attend_rows(rows: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed
     k_args, k_const = _side_args(k, rows)
     v_args, v_const = _side_args(v, rows)
     _decode_attn[(B * G, n_split)](
-        rows, q_pos, kp, acc, mx, ls, *k_args[:4], *v_args[:4],
+        rows, q_pos, kp, acc, mx, ls, q_pos if lengths is None else lengths, *k_args[:4], *v_args[:4],
         rows.stride(0), rows.stride(1), rows.stride(2), q_pos.stride(0), *kp_strides,
         *k_args[4:], *v_args[4:],
         G, M, q_pos.shape[1], T, k.n_q, v.n_q, per_split, n_split, scale, DK, DV,
         *k_const, *v_const,
         BLOCK_M=_block(M), BLOCK_T=block_t, BLOCK_DK=_block(DK), BLOCK_DV=_block(DV),
-        PREC="ieee" if rows.dtype == torch.float32 else "tf32")
+        PREC="ieee" if rows.dtype == torch.float32 else "tf32", DEV_LEN=lengths is not None)
     out = torch.empty((B, G, M, DV), device=dev, dtype=rows.dtype)
     _combine[(B * G,)](acc, mx, ls, out, n_split, M, DV, BLOCK_M=_block(M), BLOCK_DV=_block(DV))
     return out
