@@ -265,6 +265,37 @@ def test_kernels_in_an_interpreter_subprocess():
 cuda = pytest.mark.skipif(not (CUDA and INTERP is False), reason="needs CUDA and triton")
 
 
+def on_cuda(side: Packed) -> Packed:
+    return Packed(*(None if t is None else t.cuda() for t in (side.codes, side.scale, side.zero, side.res)),
+                  side.bits, side.group_size, side.axis)
+
+
+@cuda
+def test_cuda_graph_replays_attention_with_device_lengths():
+    """Captured once over capacity buffers; each replay reads the lengths written into device memory."""
+    kcfg, vcfg, n_qk, n_qv = LAYOUTS[0]
+    q, q_pos, k, v, k_pos = case(Tq=1)
+    (ks, _), (vs, _) = sides(k, v, n_qk, n_qv, kcfg, vcfg)
+    kc, vc = on_cuda(capacity(ks, 16, 8)), on_cuda(capacity(vs, 8, 16))
+    pos = torch.cat([k_pos, torch.zeros(2, 24, dtype=k_pos.dtype)], 1).cuda()
+    q, q_pos = q.cuda(), q_pos.cuda()
+    lengths = torch.tensor([n_qk, n_qv, 37], dtype=torch.int32, device="cuda")
+    run = lambda: kernels.quant_attention(q, q_pos, pos, kc, vc, backend="triton", lengths=lengths)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for lens in ([n_qk, n_qv, 37], [16, 21, 29], [8, 8, 20]):
+        lengths.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        want = kernels.quant_attention(q, q_pos, pos, kc, vc, backend="torch", lengths=lengths)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
 @cuda
 @pytest.mark.parametrize("layout", range(len(LAYOUTS)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -275,9 +306,7 @@ def test_cuda_quant_attention_equals_reference(layout, dtype):
     kcfg64 = QuantConfig(kcfg.bits, 16 if kcfg.axis == "channel" else 32, kcfg.axis, kcfg.symmetric)
     vcfg64 = QuantConfig(vcfg.bits, 16 if vcfg.axis == "channel" else 64, vcfg.axis, vcfg.symmetric)
     (ks, _), (vs, _) = sides(k, v, n_q, n_q, kcfg64, vcfg64)
-    to = lambda s: Packed(*(None if t is None else t.cuda() for t in (s.codes, s.scale, s.zero, s.res)),  # noqa: E731
-                          s.bits, s.group_size, s.axis)
-    args = (q.cuda().to(dtype), q_pos.cuda(), k_pos.cuda(), to(ks), to(vs))
+    args = (q.cuda().to(dtype), q_pos.cuda(), k_pos.cuda(), on_cuda(ks), on_cuda(vs))
     want = kernels.quant_attention(*args, backend="torch").float()
     got = kernels.quant_attention(*args, backend="triton").float()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
