@@ -30,6 +30,8 @@ def label(r: dict) -> str:
     storage, policy = r.get("storage", "dense"), r.get("policy", "none")
     if storage == "dense" and policy == "none":
         return "full"
+    bits = (r.get("storage_params") or {}).get("bits")
+    storage = f"{storage}-{bits}" if bits and storage != "dense" else storage
     parts = [p for p in (policy if policy != "none" else "", storage if storage != "dense" else "") if p]
     budget = (r.get("policy_params") or {}).get("budget")
     return " + ".join(parts) + (f" {budget:g}" if policy != "none" and budget is not None else "")
@@ -60,6 +62,9 @@ def markdown(records: list[dict]) -> str:
         row += [interval(m, f"{q}/accuracy") for q in PROTOCOLS]
         row += [" / ".join(f"{m.get(f'{q}/{t}/all/acc', float('nan')):.2f}" for q in PROTOCOLS) for t in ts]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"{p['samples']} samples per cell: the intervals are wide, and two caches whose intervals overlap "
+              "are not told apart by this run. Policies compress once at prefill end (`policy.when` in the records); "
+              "their ratio counts the question and answer tokens held after compression."]
     full = next((r for r in records if label(r) == "full"), None)
     if full is not None:
         lines += ["", "Is each task informative on this model (full cache, query-aware, >= "
@@ -78,8 +83,8 @@ def plot(records: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for q, marker in zip(PROTOCOLS, ("o", "s"), strict=True):
-        xs = [r["metrics"]["compression_ratio"] for r in records]
+    for q, marker, shift in zip(PROTOCOLS, ("o", "s"), (-0.02, 0.02), strict=True):
+        xs = [r["metrics"]["compression_ratio"] + shift for r in records]  # side by side, not on top
         ys = [r["metrics"][f"{q}/accuracy"] for r in records]
         err = [[y - r["metrics"][f"{q}/accuracy/ci_low"] for y, r in zip(ys, records, strict=True)],
                [r["metrics"][f"{q}/accuracy/ci_high"] - y for y, r in zip(ys, records, strict=True)]]
