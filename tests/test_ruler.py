@@ -297,3 +297,12 @@ def test_qa_prompt_from_hub_rows(hay, stories, monkeypatch):
     assert len(s.prompt.units) == 480 and s.metric == "part" and s.references == ["shade 294", "294"]
     context, question = stories[1].decode(s.prompt.context), stories[1].decode(s.prompt.question)
     assert paragraphs[42] in context and context.count("Document ") >= 3 and "box 42?" in question
+
+
+def test_a_length_too_short_for_a_task_fails_before_any_decoding(stories, monkeypatch):
+    called = []
+    monkeypatch.setattr(ruler_eval, "answer", lambda *a, **k: called.append(1))
+    ev = Ruler(tasks=["niah_single_1", "niah_multiquery"], lengths=[300], samples=1, haystack=str(HAY))
+    with pytest.raises(ValueError, match="eval.lengths: 300 is too short for task niah_multiquery"):
+        ev.run(context(stories, FullCache()))
+    assert not called

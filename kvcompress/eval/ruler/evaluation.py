@@ -113,16 +113,16 @@ class Ruler(Evaluation):
         scores: dict[tuple[str, str, int], list[float]] = {}
         skipped: dict[str, float] = {}
         memory: dict[str, float] = {}
-        batches = -(-self.samples // self.batch_size) * len(self.lengths) * len(self.tasks) * len(self.protocols())
-        bar = tqdm(total=batches, desc="ruler", disable=not ctx.progress, leave=False)
-        for task in self.tasks:
+        generated: dict[str, dict[int, list[Sample]]] = {}
+        for task in self.tasks:  # every prompt first: a length too short for a task fails before any decoding
             try:
-                samples = {n: self.make_samples(hay, task, n, ctx.seed) for n in self.lengths}
+                generated[task] = {n: self.make_samples(hay, task, n, ctx.seed) for n in self.lengths}
             except QAUnavailable as e:
                 log.warning("eval=ruler: skipping task %s: %s", task, e)
                 skipped[f"skipped/{task}"] = 1.0
-                bar.update(batches // len(self.tasks))
-                continue
+        batches = -(-self.samples // self.batch_size) * len(self.lengths) * len(generated) * len(self.protocols())
+        bar = tqdm(total=batches, desc="ruler", disable=not ctx.progress, leave=False)
+        for task, samples in generated.items():
             for protocol in self.protocols():
                 for n in self.lengths:
                     for lo in range(0, self.samples, self.batch_size):
