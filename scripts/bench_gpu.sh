@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One-command GPU benchmark for issue 14 (about 7 minutes on one H100/H200, 9 at most: every phase has its own
-# time limit, so a slow phase is cut short, its finished records kept and its cut noted in phases.txt):
+# One-command GPU benchmark for issue 14 (about 7 minutes on one H100/H200, 10.5 if every phase hits its cap:
+# each phase has its own time limit, so a slow one is cut short, its finished records kept, the cut in phases.txt):
 #   1. setup    KVC_TORCH=torch bash scripts/setup.sh (a CUDA torch; SKIP_SETUP=1 skips it)
-#   2. tests    the compiled Triton kernels and the CUDA-graph decode step against their references
+#   2. tests    the compiled Triton kernels and the CUDA-graph decode step against their references;
+#      kernels  one layer's decode attention: full-precision SDPA vs packed int8/int4/KIVI-2/latent by the
+#               Triton kernel and by the reference (dequantize, then SDPA), ms and GB/s (kernels.{json,md})
 #   3. speed    kvc eval=speed: decode tok/s of full / int8 / int4 / KIVI-2 / latent 0.5 / H2O 25%
 #               at contexts 1k, 4k, 8k (8176: SmolLM2's 8192 positions minus the decoded tokens), batch 1 and 16,
 #               on the eager path, and the full cache also on the graph path (eval.decode_path=graph: its
@@ -64,6 +66,7 @@ else
   esac
   echo "bench_gpu: $GPU (peak ${PEAK:-unknown} GB/s)"
   phase tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_static.py
+  phase kernels 40 $PY -m kvcompress.kernels.bench --out "$OUT"
 fi
 
 KVC=(.venv/bin/kvc -m "${MODEL[@]}" results_dir="$OUT" progress=false)
@@ -123,6 +126,9 @@ if failed:
     where = lambda p: f"context {p.get('context')}" + (f" batch {p['batch_size']}" if "batch_size" in p else "")
     lines += ["", "## Failed runs", ""] + [f"- {name(r)} {r['eval']} {where(r.get('eval_params') or {})}: "
                                           f"{r.get('error')}" for r in failed]
+if (out / "kernels.md").is_file():
+    lines += ["", "## Decode attention per layer (python -m kvcompress.kernels.bench)", "",
+              (out / "kernels.md").read_text()]
 engine = sorted((out / "engine").glob("*.md"))
 if engine:
     lines += ["", "## Engine vs transformers (scripts/bench_engine.py)", "", engine[0].read_text()]

@@ -162,6 +162,15 @@ def test_quantize_reference_is_bit_exact(bits, symmetric):
         assert (zero is None and want.zero is None) or torch.equal(zero, want.zero)
 
 
+def test_microbenchmark_runs_every_storage(tmp_path):
+    from kvcompress.kernels import bench
+
+    rows = bench.main(["--device", "cpu", "--dtype", "float32", "--contexts", "160", "--batches", "1",
+                       "--backends", "torch", "--repeats", "1", "--out", str(tmp_path)])
+    assert {r["storage"] for r in rows} == set(bench.STORAGES) and all(r["ms"] > 0 for r in rows)
+    assert "| kivi2 | torch | 160 | 1 |" in (tmp_path / "kernels.md").read_text()
+
+
 def test_dispatch(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("KVC_KERNELS", "auto")
