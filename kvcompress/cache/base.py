@@ -92,6 +92,15 @@ class KVCache(ABC):
         """False lets the engine skip this layer's k/v projections (a layer that reads another layer's store)."""
         return True
 
+    def replay_wanted(self) -> bool:
+        """True when the strategy scores the prompt by a second pass over it (KVzip's context reconstruction):
+        after prefill the engine then calls ``replay(True)``, feeds the prompt again at the following positions,
+        and calls ``replay(False)``; the pass leaves no tokens behind and costs a second prefill."""
+        return False
+
+    def replay(self, on: bool) -> None:
+        """Begin (True) or end (False) the replay pass (see ``replay_wanted``)."""
+
     # -- accounting: always the real tensors, never a formula --------------------------------
     def kv_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors())
@@ -143,6 +152,10 @@ class CalibrationContext(Protocol):
 
     def nll(self, cache: KVCache) -> float:
         """Mean next-token NLL of the calibration text with ``cache`` in the loop."""
+        ...
+
+    def retrieval_nll(self, cache: KVCache) -> float:
+        """Mean NLL of recalling random spans planted in calibration text (synthetic passkey prompts; DuoAttention)."""
         ...
 
 

@@ -96,7 +96,24 @@ def prefill(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache
         logits = model(tokens[:, lo:hi], pos[:, lo:hi], cache, select=select)[:, 0]
         last = torch.where(rows[:, None], logits, last)
     require_finite(torch.isfinite(last).all(), "prefill")
+    replay_prompt(model, tokens, pos, cache, chunk)
     return last, lengths
+
+
+@torch.inference_mode()
+def replay_prompt(model: Transformer, tokens: Tensor, pos: Tensor, cache: KVCache, chunk: int | None = None) -> None:
+    """If the cache asks (``replay_wanted``: KVzip), feed the prompt ``tokens`` at ``pos`` (B, T) once more, right
+    after itself (each row's real positions shifted by its length), for the cache to observe; it keeps none of it."""
+    if not cache.replay_wanted():
+        return
+    real = pos < PAD_POSITION
+    again = torch.where(real, pos + real.sum(1, keepdim=True), pos)
+    chunk = chunk or tokens.shape[1]
+    cache.replay(True)
+    for lo in range(0, tokens.shape[1], chunk):
+        hi = min(lo + chunk, tokens.shape[1])
+        model(tokens[:, lo:hi], again[:, lo:hi], cache, select=torch.zeros_like(again[:, 0]))
+    cache.replay(False)
 
 
 @torch.inference_mode()

@@ -100,6 +100,12 @@ class Calibration:
             ]
         return self._samples
 
+    def retrieval_nll(self, cache: KVCache) -> float:
+        """Mean NLL of recalling random spans planted in the calibration windows (synthetic passkey prompts)."""
+        from kvcompress.eval.retrieval_probe import retrieval_nll
+
+        return retrieval_nll(self.model, self.windows, cache, self.chunk)
+
     def nll(self, cache: KVCache) -> float:
         """Mean next-token NLL of the calibration windows with ``cache`` in the loop."""
         total, count = 0.0, 0

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvcompress.cache.base import KVCache, ModelSpec
-from kvcompress.engine.generate import positions_like
+from kvcompress.engine.generate import positions_like, replay_prompt
 from kvcompress.engine.model import Transformer
 from kvcompress.eval.base import EvalContext, Evaluation, require
 from kvcompress.eval.data import check_dataset, load_text
@@ -38,6 +38,7 @@ def continuation_nll(model: Transformer, tokens: torch.Tensor, cache: KVCache, c
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         logits = model(tokens[:, lo:hi], positions_like(tokens[:, lo:hi], lo), cache,
                        select=torch.full((B,), hi - lo - 1, device=dev))
+    replay_prompt(model, tokens[:, :context], positions_like(tokens[:, :context]), cache, chunk)  # KVzip only
     first = F.cross_entropy(logits[:, -1].float(), tokens[:, context], reduction="sum")
     total = first.double()
     for i in range(context, T - 1):

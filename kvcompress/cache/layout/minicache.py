@@ -166,6 +166,10 @@ class PairSide(TokenStore):
     def keep(self, idx: Tensor) -> None:
         self.pair.keep(idx)
 
+    # a merged direction is shared by both layers, and keep re-packs the pair's parts: no per-side value rewrite
+    # (CaM) and no padded per-head counts (AdaKV, DuoAttention)
+    values_writable = pads_heads = False
+
     def positions(self) -> Tensor:
         return self.read()[2] if self.pair.pending[self.side] is not None or self.pair.held else torch.empty(0, 0)
 

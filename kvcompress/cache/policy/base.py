@@ -45,6 +45,22 @@ class Policy:
     def check(self, spec: ModelSpec, storage: TokenStore) -> None:
         self.spec = spec
 
+    def calibrate(self, ctx) -> None:
+        """One-off, data-dependent preparation (DuoAttention's head split); ``ctx`` is a CalibrationContext."""
+
+    wants_queries = False  # True: ``observe_queries`` gets the queries of every layer reading a store
+
+    def observe_queries(self, owner: int, q: Tensor, q_pos: Tensor, rope) -> None:
+        """Rotated queries (B, Hq, n, D) at ``q_pos`` (B, n) of a layer reading the store (Expected Attention)."""
+
+    def replay_wanted(self) -> bool:
+        """True: the engine feeds the prompt once more (KVzip's reconstruction pass) before decoding; the composed
+        cache shows the pass to ``observe`` only, then drops its tokens again (``remap``)."""
+        return False
+
+    def start_replay(self) -> None:
+        """The replay pass begins (no step counting, no before/after_attend until it ends)."""
+
     def reset(self, batch_size: int, owners: list[int]) -> None:
         pass
 
@@ -187,6 +203,7 @@ class EvictionPolicy(Policy):
         idx = self.priority(score, pos, budget, protect).topk(budget, dim=-1).indices.sort(-1).values
         if idx.shape[1] == 1:
             idx = idx[:, 0]
+        self.merge_evicted(owner, store, idx)
         store.keep(idx)
         if self.state[owner] is not None:
             state = take(fit(self.state[owner], held), idx)
@@ -222,6 +239,9 @@ class EvictionPolicy(Policy):
     def queries_needed(self, owner: int, steps: int) -> int:
         """How many trailing queries the method scores with (0: it needs no attention weights)."""
         return 0
+
+    def merge_evicted(self, owner: int, store: TokenStore, idx: Tensor) -> None:
+        """Before ``store.keep(idx)``: fold what is about to go into what stays (CaM). Default: drop it."""
 
     def group_weights(self, weights: Tensor) -> Tensor:
         """(B, Hq, n, T) -> (B, Hkv, n, T) per KV head, or (B, 1, n, T) when heads share a selection."""

@@ -28,6 +28,8 @@ class TokenStore(ABC):
     """One layer's tokens for B rows. Positions are (B, T), or (B, Hkv, T) once heads keep different tokens."""
 
     ragged_heads = True  # can keep different tokens per KV head (per-head eviction); a property where it depends
+    values_writable = True  # ``update_values`` works (token merging: CaM)
+    pads_heads = True  # ``keep`` + ``hide`` can hold a different number of tokens per KV head (AdaKV, DuoAttention)
     group_calibration = False  # calibrate(ctx, groups) fits one calibration per group of layers (layout=xkv)
 
     def __init__(self, keys: str = "post_rope"):

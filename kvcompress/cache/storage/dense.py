@@ -24,6 +24,9 @@ class DenseStore(TokenStore):
         self.k.replace(gather_tokens(self.k.view(), idx))
         self.v.replace(gather_tokens(self.v.view(), idx))
 
+    def update_values(self, v: Tensor) -> None:
+        self.v.replace(v.to(self.v.data.dtype))
+
     def payload_tensors(self) -> list[Tensor]:
         return self.k.tensors() + self.v.tensors()
 

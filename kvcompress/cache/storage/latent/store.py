@@ -56,6 +56,8 @@ def _check_rank_spec(name: str, r: Rank) -> None:
 class LatentStore(TokenStore):
     """Stores a calibrated rank-r latent per token (plus ``rope_dims`` uncompressed rotary dims per head)."""
 
+    values_writable = False  # values live in a (possibly joint) latent: no ``update_values`` (CaM)
+
     def __init__(self, rank: Rank = None, rank_fraction: float | None = 0.5, energy: float = 0.95,
                  key_rank: Rank = None, value_rank: Rank = None, joint_kv: bool = False, per_head: bool = False,
                  rope_dims: int = 0, rope_select: str = "high", nope: bool = False, keys: str = "pre_rope",

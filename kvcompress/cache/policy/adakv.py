@@ -1,0 +1,91 @@
+"""AdaKV (Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation"): one top-k over
+the scores of *all* KV heads of a store, so heads whose attention is spread keep more tokens and peaked heads fewer.
+
+With per-head scores s[h, i] (any scorer, ``policy/scorer=``), a store's budget B per head and H KV heads:
+
+    safeguard   every head first keeps its own top floor(alpha * B) tokens (the paper's alpha = 0.2),
+    selection   the rest of the H * B slots go to the largest s[h, i] over every (h, i) of the row,
+
+so each row keeps exactly H * B tokens, head h keeping B_h of them (sum_h B_h = H * B). Sinks, the recent window
+and the step's new tokens are protected in every head.
+
+Memory: storages hold one slot count per store, so every head holds max_h B_h slots and the
+max_h B_h - B_h extra slots of a head are copies made invisible (``store.hide``). ``kv_bytes`` counts them: the
+cost against a truly ragged layout is the factor H * max_h B_h / (H * B), reported per run as ``padding_fraction``
+(padding slots / all slots held, at the last eviction); the worst case is max_h B_h = H * B - (H - 1) * alpha * B.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvcompress.cache.base import PAD_POSITION, ModelSpec
+from kvcompress.cache.checks import fail, number_in
+from kvcompress.cache.policy.base import EvictionPolicy
+from kvcompress.cache.policy.wrapper import ScorerWrapper, keep_per_head
+from kvcompress.cache.storage.base import TokenStore
+
+
+class AdaKV(ScorerWrapper):
+    """Head-adaptive budgets over any scorer's per-head scores (``scorer``; the YAML default is SnapKV)."""
+
+    scorer_per_head = True
+
+    def __init__(self, scorer: EvictionPolicy | None = None, alpha: float = 0.2, **kwargs):
+        self.alpha = number_in("policy.alpha", alpha, 0.0, 1.0)
+        if kwargs.pop("per_head", True) is not True:
+            fail("policy.per_head", "true for adakv (it allocates budgets per KV head)", False)
+        super().__init__(scorer, per_head=True, **kwargs)
+
+    def check(self, spec: ModelSpec, storage: TokenStore) -> None:
+        if spec.num_kv_heads > 1 and not storage.ragged_heads:
+            raise ValueError(f"policy=adakv keeps a different number of tokens per KV head, so the storage must hold "
+                             f"ragged heads; {type(storage).__name__} with these settings cannot "
+                             "(a latent across heads: set storage.per_head=true)")
+        super().check(spec, storage)
+
+    def reset(self, batch_size: int, owners: list[int]) -> None:
+        super().reset(batch_size, owners)
+        self.padding: dict[int, tuple[int, int]] = {}
+
+    def evict(self, owner: int, store: TokenStore, protect: int = 0) -> None:
+        held, budget = store.length, self.target(owner)
+        if held <= budget:
+            return
+        heads = self.spec.num_kv_heads
+        pos = store.positions()
+        pos = (pos[:, None] if pos.dim() == 2 else pos).expand(-1, heads, -1)
+        score = self.score(owner, store, pos).expand(-1, heads, -1)
+        prio = self.head_priority(score, pos, budget, protect)
+        keep = torch.zeros_like(prio, dtype=torch.bool)
+        best = top_slots(prio, pos, min(heads * budget, prio[0].numel()))
+        keep.view(keep.shape[0], -1).scatter_(1, best, True)
+        keep &= pos < PAD_POSITION
+        self.state[owner] = keep_per_head(store, keep, self.state[owner])
+        slots = store.length * keep.shape[0] * keep.shape[1]
+        self.padding[owner] = (slots - int(keep.sum()), slots)  # invisible slots, all slots
+        self.evictions += 1
+
+    def head_priority(self, score: Tensor, pos: Tensor, budget: int, protect: int) -> Tensor:
+        """The base priority (protected +inf, padding -inf) with each head's top floor(alpha * budget) lifted too."""
+        prio = self.priority(score, pos, budget, protect)
+        n_safe = min(int(self.alpha * budget), prio.shape[-1])
+        if n_safe:
+            top = prio.topk(n_safe, dim=-1).indices
+            lifted = torch.zeros_like(prio, dtype=torch.bool).scatter_(-1, top, True)
+            prio = prio.masked_fill(lifted & (pos < PAD_POSITION), float("inf"))
+        return prio
+
+    def report(self) -> dict[str, float]:
+        pad, slots = (sum(x) for x in zip(*self.padding.values(), strict=True)) if self.padding else (0, 0)
+        return {**super().report(), **({"padding_fraction": pad / slots} if slots else {})}
+
+
+def top_slots(prio: Tensor, pos: Tensor, k: int) -> Tensor:
+    """Per row, the flat (head * T + slot) indices of the k best entries of ``prio`` (B, H, T); ties go to the later
+    position, then the lower head, so the choice never depends on slot layout (another row's padding)."""
+    h = prio.shape[1]
+    tie = (pos.long() * h + (h - 1 - torch.arange(h, device=pos.device))[:, None]).flatten(1)
+    first = torch.argsort(tie, dim=1, descending=True, stable=True)
+    second = torch.argsort(prio.flatten(1).gather(1, first), dim=1, descending=True, stable=True)
+    return first.gather(1, second[:, :k])

@@ -1,0 +1,49 @@
+"""ChunkKV (Liu et al., 2025, "ChunkKV: Semantic-Preserving KV Cache Compression"): keep contiguous chunks of
+tokens instead of single tokens, so a kept phrase stays whole.
+
+The held slots (in position order) are cut into chunks of ``chunk`` tokens; a chunk's score is the sum of the
+scorer's token scores s_i over it (heads averaged unless ``per_head``):  S_c = sum_{i in c} s_i.
+Chunks are kept best-first; the budget's remainder takes the best tokens of the next chunk, so a row keeps exactly
+the budget (protected sinks / recent tokens come first, as in every policy).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvcompress.cache.base import PAD_POSITION
+from kvcompress.cache.checks import int_at_least
+from kvcompress.cache.policy.base import EvictionPolicy
+from kvcompress.cache.policy.wrapper import ScorerWrapper
+from kvcompress.cache.storage.base import TokenStore
+
+
+class ChunkKV(ScorerWrapper):
+    """Chunk scores = sums of any scorer's token scores (``scorer``; the YAML default is SnapKV)."""
+
+    def __init__(self, scorer: EvictionPolicy | None = None, chunk: int = 10, **kwargs):
+        self.chunk = int_at_least("policy.chunk", chunk, 1)
+        super().__init__(scorer, **kwargs)
+
+    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
+        s = self.scorer.score(owner, store, pos).float()
+        if not self.per_head and s.shape[1] > 1:
+            s = s.mean(1, keepdim=True)
+        s = s.expand(-1, max(s.shape[1], pos.shape[1]), -1)
+        return chunk_priority(s.nan_to_num(0.0, 0.0, 0.0).masked_fill(pos >= PAD_POSITION, 0.0), self.chunk)
+
+
+def chunk_priority(s: Tensor, chunk: int) -> Tensor:
+    """(B, H, T) token scores -> priorities ordering tokens by their chunk's summed score, then by their own:
+    n_chunks - rank(chunk) + rank-in-chunk / chunk, so every token of a better chunk comes first."""
+    b, h, t = s.shape
+    n = math.ceil(t / chunk)
+    x = F.pad(s, (0, n * chunk - t)).view(b, h, n, chunk)
+    order = torch.argsort(x.sum(-1), dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=s.device).expand_as(order))
+    within = torch.argsort(torch.argsort(x, dim=-1, stable=True), dim=-1).float() / chunk  # 0 .. (chunk-1)/chunk
+    prio = (n - rank).float()[..., None] + within
+    return prio.view(b, h, n * chunk)[..., :t]

@@ -1,0 +1,66 @@
+"""KVzip (Kim et al., 2025, "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction"): score each
+context token by the attention it receives while the model *reconstructs* the context, so the compressed cache
+serves any later question, not only the one in the prompt.
+
+After prefill the engine feeds the prompt once more, right after itself (``KVCache.replay_wanted``: the cost is a
+second prefill, recorded as ``replay_tokens``). With w[h, q, i] the softmax weight of replay query q of query
+head h on held context token i (the replay attends to the context and to its own earlier tokens),
+
+    score[g, i] = max over the query heads h of KV head g and over every replay query q of w[h, q, i],
+
+then the replayed tokens are dropped and the context is compressed once (``when=prefill`` or ``both``). Departures
+from the paper: the replay is the context alone (the engine has no tokenizer, so no "Repeat the previous
+context:" instruction), in one pass rather than 2k-token chunks; heads share a selection unless ``per_head``
+(``policy=adakv policy/scorer=kvzip`` gives the paper's head-adaptive budgets within a layer). Without a replay
+(an evaluation that drives the model itself) the max is taken over the last 32 prompt queries (``when=decode``:
+over every query), so the explicit-softmax weights of a whole prompt are computed only in the replay.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from kvcompress.cache.buffers import fit
+from kvcompress.cache.policy.base import EvictionPolicy
+from kvcompress.cache.storage.base import TokenStore
+
+FALLBACK = 32
+
+
+class KVzip(EvictionPolicy):
+    """Max attention over the replay's queries; ``sinks`` defaults to 4 as in the paper's code."""
+
+    replays = True
+
+    def __init__(self, budget: int | float = 512, sinks: int = 4, **kwargs):
+        super().__init__(budget=budget, sinks=sinks, **kwargs)
+
+    def replay_wanted(self) -> bool:
+        return self.when != "decode" and not self.never_evicts and not any(self.compressed.values())
+
+    def reset(self, batch_size: int, owners: list[int]) -> None:
+        super().reset(batch_size, owners)
+        self.replaying = False
+
+    def start_replay(self) -> None:
+        self.replaying = True
+        for owner in self.state:
+            self.state[owner] = None  # the score is the reconstruction's attention alone
+
+    def start_step(self, steps: int, pos) -> None:
+        super().start_step(steps, pos)
+        self.replaying = False  # steps are not counted during the replay: the first one after it ends it
+
+    def queries_needed(self, owner: int, steps: int) -> int:
+        # every replay query; otherwise the last FALLBACK queries (a cheap score should no replay follow)
+        return steps if self.replaying or self.when == "decode" else min(steps, FALLBACK)
+
+    def observe(self, owner: int, weights: Tensor, pos: Tensor) -> None:
+        b, hq, n, t = weights.shape
+        hkv = self.spec.num_kv_heads
+        w = weights.float().view(b, hkv, hq // hkv, n, t).amax((2, 3))  # (B, Hkv, T)
+        old = fit(self.state[owner], t)
+        self.state[owner] = w if old is None else old.maximum(w)
+
+    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
+        s = fit(self.state[owner], store.length)
+        return s if s is not None else pos.float().new_zeros(pos.shape)
