@@ -35,6 +35,7 @@ TINY_EVAL = {"dataset": "tinystories", "window": 64, "max_windows": 2, "context"
              "samples": 1, "decode_tokens": 4, "repeats": 1, "warmup": "false", "lengths": "[256]",
              "depths": "[0.5]", "trials": 1, "limit": 2, "bootstrap": 10, "prefill_chunk": 32, "max_batch": 4,
              "probe_batch": 1, "kv_budget_bytes": 2000000, "max_gen_toks": 8}
+TINY_BY_EVAL = {"ruler": {"tasks": "[niah_single_1]", "lengths": "[384]"}}  # over TINY_EVAL, per evaluation
 TINY = {"model": "stories260k", "progress": "false", "calibration.tokens": 256, "calibration.window": 64}
 
 
@@ -68,13 +69,19 @@ def examples(text: str) -> list[Example]:
     return out
 
 
-def eval_keys(args: list[str]) -> set[str]:
-    """Keys every evaluation named in ``args`` (``eval=a,b``; default ppl) has in conf/eval/<name>.yaml."""
+def eval_names(args: list[str]) -> list[str]:
+    return next((a.split("=", 1)[1] for a in args if a.startswith("eval=")), "ppl").split(",")
+
+
+def tiny_eval(args: list[str]) -> dict[str, object]:
+    """Tiny settings for the evaluation(s) named in ``args`` (``eval=a,b``; default ppl): the keys that every one
+    of them has in conf/eval/<name>.yaml."""
     from omegaconf import OmegaConf
 
-    names = next((a.split("=", 1)[1] for a in args if a.startswith("eval=")), "ppl").split(",")
-    keys = [set(OmegaConf.load(REPO / "conf" / "eval" / f"{n}.yaml")) for n in names]
-    return set.intersection(*keys) if keys else set()
+    names = eval_names(args)
+    keys = set.intersection(*[set(OmegaConf.load(REPO / "conf" / "eval" / f"{n}.yaml")) for n in names])
+    tiny = {**TINY_EVAL, **(TINY_BY_EVAL.get(names[0], {}) if len(names) == 1 else {})}
+    return {f"eval.{k}": v for k, v in tiny.items() if k in keys}
 
 
 def with_overrides(args: list[str], overrides: dict[str, object]) -> list[str]:
@@ -98,7 +105,7 @@ def tiny_command(ex: Example, tmp: Path) -> list[str]:
     if program == "kvc-lm-eval":
         return [sys.executable, *PROGRAMS[program], *args, "--output_path", str(tmp / "lm_eval"), *ex.extra.split()]
     extra = dict(o.split("=", 1) for o in shlex.split(ex.extra))
-    tiny = {**TINY, **{f"eval.{k}": v for k, v in TINY_EVAL.items() if k in eval_keys(args)}}
+    tiny = {**TINY, **tiny_eval(args)}
     paths = {"results_dir": tmp / "results", "hydra.run.dir": tmp / "run", "hydra.sweep.dir": tmp / "sweep"}
     return [sys.executable, *PROGRAMS[program], *with_overrides(args, {**tiny, **paths, **extra})]
 
