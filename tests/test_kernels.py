@@ -242,6 +242,28 @@ def test_device_lengths_over_capacity_buffers(backend):
 
 
 @interpreter
+@torch.inference_mode()
+def test_triton_static_quant_cache_equals_its_reference():
+    """The static int4 cache on the kernels (quantize on append, attention with device lengths) vs the reference."""
+    from kvcompress.engine.generate import positions_like
+    from kvcompress.engine.static import StaticQuantKVCache
+    from tests.conftest import spec_of, tiny_model
+
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    out = []
+    for backend in ("torch", "triton"):
+        cache = StaticQuantKVCache(capacity=10, bits=4, group_size=8, backend=backend)
+        cache.setup(spec_of(model))
+        cache.reset(2)
+        logits = [model(tokens[:, :5], positions_like(tokens[:, :5]), cache)]
+        for i in (5, 6):
+            logits.append(model(tokens[:, i : i + 1], torch.full((2, 1), i), cache))
+        out.append(torch.cat(logits, 1))
+    torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)
+
+
+@interpreter
 @pytest.mark.parametrize("G", [1, 2])
 def test_triton_latent_attention_equals_reference(G):
     q, q_pos, _, _, k_pos = case(Tq=1)

@@ -82,11 +82,16 @@ def test_capacity_is_checked():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs CUDA")
+@pytest.mark.parametrize("kind", ["dense", "int4"])
 @torch.inference_mode()
-def test_cuda_graph_replay_equals_eager():
+def test_cuda_graph_replay_equals_eager(kind):
+    from kvcompress.engine.static import StaticQuantKVCache
+
+    make = (lambda: StaticKVCache(capacity=16, device="cuda")) if kind == "dense" else (
+        lambda: StaticQuantKVCache(capacity=16, group_size=8, device="cuda"))
     model = tiny_model().cuda()
     tokens = torch.randint(0, 97, (2, 8), device="cuda")
-    eager, graphed = StaticKVCache(capacity=16, device="cuda"), StaticKVCache(capacity=16, device="cuda")
+    eager, graphed = make(), make()
     prefill(model, eager, tokens)
     nxt = prefill(model, graphed, tokens)[:, -1:].argmax(-1)
     step = CapturedDecode(model, graphed, 2)
@@ -124,3 +129,37 @@ def test_speed_on_the_static_path_keeps_the_perplexity(stories):
         speed(stories, FullCache(), decode_path="graph")  # no static form
     with pytest.raises(ValueError, match="eval.decode_path"):
         speed(stories, FullCache(), decode_path="fast")
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (8, True)])
+@torch.inference_mode()
+def test_static_quant_cache_equals_the_quantized_storage(bits, symmetric):
+    from kvcompress.cache import ComposedCache
+    from kvcompress.cache.storage.quant.store import QuantizedStore
+    from kvcompress.engine.static import StaticQuantKVCache
+
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (2, 12))
+    eager = ComposedCache(QuantizedStore(bits=bits, group_size=8, symmetric=symmetric))
+    static = StaticQuantKVCache(capacity=20, bits=bits, group_size=8, symmetric=symmetric)
+    a, b = prefill(model, eager, tokens), prefill(model, static, tokens)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    nxt = a[:, -1:].argmax(-1)
+    torch.testing.assert_close(steps(model, static, nxt, 12, 5), steps(model, eager, nxt, 12, 5), atol=1e-5, rtol=1e-5)
+    per_slot = 16 * bits // 8 + 2 * (16 // 8) * (1 if symmetric else 2)  # codes, fp16 scales (and zeros)
+    held = 2 * 3 * 2 * 2 * 20 * per_slot  # K and V x layers x rows x kv heads x capacity
+    assert static.kv_bytes() == held + static.pos.nbytes + static.index.nbytes
+
+
+@torch.inference_mode()
+def test_static_quant_decode_step_traces_as_one_graph():
+    from kvcompress.engine.static import StaticQuantKVCache
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (1, 6))
+    eager, traced = StaticQuantKVCache(capacity=12, group_size=8), StaticQuantKVCache(capacity=12, group_size=8)
+    prefill(model, eager, tokens)
+    nxt = prefill(model, traced, tokens)[:, -1:].argmax(-1)
+    compiled = torch.compile(decode_step, fullgraph=True, backend="eager")
+    assert torch.equal(steps(model, traced, nxt, 6, 3, compiled), steps(model, eager, nxt, 6, 3))

@@ -169,7 +169,8 @@ def attend_rows(rows: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed
     k_args, k_const = _side_args(k, rows)
     v_args, v_const = _side_args(v, rows)
     _decode_attn[(B * G, n_split)](
-        rows, q_pos, kp, acc, mx, ls, q_pos if lengths is None else lengths, *k_args[:4], *v_args[:4],
+        rows, q_pos, kp, acc, mx, ls, q_pos if lengths is None else lengths.to(torch.int32).contiguous(),
+        *k_args[:4], *v_args[:4],
         rows.stride(0), rows.stride(1), rows.stride(2), q_pos.stride(0), *kp_strides,
         *k_args[4:], *v_args[4:],
         G, M, q_pos.shape[1], T, k.n_q, v.n_q, per_split, n_split, scale, DK, DV,
