@@ -7,7 +7,7 @@
 #               Triton kernel and by the reference (dequantize, then SDPA), ms and GB/s (kernels.{json,md})
 #   3. speed    kvc eval=speed: decode tok/s of full / int8 / int4 / KIVI-2 / latent 0.5 / H2O 25%
 #               at contexts 1k, 4k, 8k (8176: SmolLM2's 8192 positions minus the decoded tokens), batch 1 and 16,
-#               on the eager path, and the full cache also on the graph path (eval.decode_path=graph: its
+#               on the eager path, and full and int4 also on the graph path (eval.decode_path=graph: their
 #               static-capacity form, captured as a CUDA graph; fails, recorded, where no static form is wired)
 #   4. throughput  kvc eval=throughput at one KV budget (KV_BUDGET bytes, default 2 GB, context 4k):
 #               full / int4 / KIVI-2, the batch each fits and its decode tok/s
@@ -73,7 +73,7 @@ KVC=(.venv/bin/kvc -m "${MODEL[@]}" results_dir="$OUT" progress=false)
 SPEED=(eval=speed eval.context=$CONTEXTS eval.batch_size=$BATCHES eval.decode_tokens=16 eval.repeats=2
        eval.prefill_chunk=2048 eval.dataset=$DATA)
 phase speed_dense_int 90 "${KVC[@]}" "${SPEED[@]}" storage=dense,int8,int4
-phase speed_graph 40 "${KVC[@]}" "${SPEED[@]}" storage=dense eval.decode_path=graph
+phase speed_graph 60 "${KVC[@]}" "${SPEED[@]}" storage=dense,int4 eval.decode_path=graph
 phase speed_latent 40 "${KVC[@]}" "${SPEED[@]}" storage=latent storage.rank_fraction=0.5
 phase speed_kivi2 35 "${KVC[@]}" "${SPEED[@]}" storage=kivi storage.bits=2
 phase speed_h2o 45 "${KVC[@]}" "${SPEED[@]}" policy=h2o policy.budget=0.25
