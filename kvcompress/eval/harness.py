@@ -31,7 +31,7 @@ class LmEval(Evaluation):
     prefill_chunk: int | None = None
     window: int | None = None      # rolling-perplexity window, as eval=ppl; null = min(1024, max_position)
     bos: str | bool = "auto"
-    rolling: str = "ppl"           # ppl | lm_eval
+    rolling: str = "lm_eval"       # lm_eval (lm-eval's own windows) | ppl (eval=ppl's windows)
     max_gen_toks: int = 256
     include_path: str | None = None
     bootstrap_iters: int = 0       # > 0: stderr metrics too (slow)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from kvcompress.cache.base import KVCache
-from kvcompress.engine.generate import prefill
+from kvcompress.engine.generate import prefill, require_finite
 from kvcompress.engine.model import Transformer
 
 
@@ -45,6 +45,7 @@ def answer(model: Transformer, cache: KVCache, contexts: Sequence[Sequence[int]]
     n_out = torch.zeros(len(contexts), dtype=torch.long, device=device)
     done = torch.zeros(len(contexts), dtype=torch.bool, device=device)
     rows = torch.arange(len(contexts), device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
     for t in range(width + max_new_tokens):
         pick = logits.argmax(-1)
         answering = (t >= q_len) & ~done
@@ -56,7 +57,9 @@ def answer(model: Transformer, cache: KVCache, contexts: Sequence[Sequence[int]]
         step = t < q_len
         nxt = torch.where(step, q_tok[:, min(t, q_tok.shape[1] - 1)], pick)
         logits = model(nxt[:, None], pos[:, None], cache)[:, -1]
+        finite &= torch.isfinite(logits).all()  # device-side: read once, after the loop
         pos = pos + 1
+    require_finite(finite, "ruler decode")
     stop_set, answers = set(stop_ids), []
     for row, n in zip(out.tolist(), n_out.tolist(), strict=True):
         answers.append(row[: next((j for j, x in enumerate(row[:n]) if x in stop_set), n)])
