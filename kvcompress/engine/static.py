@@ -103,7 +103,7 @@ class StaticQuantKVCache(StaticKVCache):
     """
 
     def __init__(self, capacity: int, bits: int = 4, group_size: int = 64, symmetric: bool = False,
-                 residual_dtype: torch.dtype = torch.float16, device: torch.device | str | None = None,
+                 residual_dtype: torch.dtype | None = torch.float16, device: torch.device | str | None = None,
                  backend: str | None = None):
         super().__init__(capacity, device=device)
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
@@ -132,8 +132,8 @@ class StaticQuantKVCache(StaticKVCache):
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         for x, codes, scale, zero in ((k, self.k, self.ks, self.kz), (v, self.v, self.vs, self.vz)):
-            c, s, z = quantize_tokens(x.to(self.residual_dtype), self.bits, self.group_size, self.symmetric,
-                                      self.backend)
+            x = x if self.residual_dtype is None else x.to(self.residual_dtype)  # None: as it arrives (model)
+            c, s, z = quantize_tokens(x, self.bits, self.group_size, self.symmetric, self.backend)
             codes[layer].index_copy_(2, slots, c)
             scale[layer].index_copy_(2, slots, s)
             if zero is not None:
