@@ -92,7 +92,7 @@ class ThinKStore(TokenStore):
 
     # -- tokens -------------------------------------------------------------------------------
     def clear_payload(self) -> None:
-        if self.bits:
+        if self.bits and hasattr(self, "value_group"):
             cfg = lambda g, axis: QuantConfig(self.bits, g, axis)
             self.k = QuantPart(cfg(self.group_size, "channel"), self.residual, "float16")
             self.v = QuantPart(cfg(self.value_group, "token"), self.residual, "float16")
