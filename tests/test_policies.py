@@ -227,6 +227,9 @@ def test_cam_merge_by_hand():
     v = torch.tensor([[1.0, 0], [0, 1], [2, 2], [0, 0]])[None, None]
     out = merge_values(v, torch.tensor([[[2.0, 4, 1, 1]]]), torch.arange(4)[None, None], torch.tensor([[1, 3]]), 1)
     torch.testing.assert_close(out[0, 0], torch.tensor([[1.0, 0], [0.5, 1], [2, 2], [2, 2]]))
+    normalized = merge_values(v, torch.tensor([[[2.0, 4, 1, 1]]]), torch.arange(4)[None, None],
+                              torch.tensor([[1, 3]]), 1, normalize=True)  # weights 1 and p: (v_j + p v_e) / (1 + p)
+    torch.testing.assert_close(normalized[0, 0], torch.tensor([[1.0, 0], [0.5 / 1.5, 1 / 1.5], [2, 2], [1, 1]]))
 
 
 def test_duo_calibrates_once_and_reuses(model, tmp_path):

@@ -5,12 +5,16 @@ For an evicted token e with accumulated attention A_e (H2O's score) and its merg
 kept tokens after it, in position order), the merge probability is p_e = clamp(A_e / mean_{j in W_e} A_j, 0, 1),
 and every j in W_e receives
 
-    v_j <- v_j + p_e * v_e / |W_e|.
+    v_j <- v_j + p_e * v_e / |W_e|                                  (``normalize=false``: the paper's form)
+    v_j <- (v_j + sum_e p_e v_e / |W_e|) / (1 + sum_e p_e / |W_e|)   (``normalize=true``, default)
 
 The paper (and kvpress's CAMPress) draws the merge with probability p_e; this is its expectation (deterministic, so
-batch rows and repeated runs agree). Values are written back through ``TokenStore.update_values``: in place for
-dense storage, re-encoded from the held keys and the merged values for every other storage (a quantized store
-re-quantizes, so CaM costs one re-encode of the store per eviction there).
+batch rows and repeated runs agree). The additive form is meant for one eviction per decode step; compressing a
+prompt at once (``when=prefill``) adds dozens of values into each kept token and blows the values up (SmolLM2-135M,
+25% of 2,048 tokens: ppl 1845 against H2O's 25.7), so by default the kept value and the merged ones are averaged
+(weights 1 and p_e / |W_e|), which keeps the value scale. Values are written back through
+``TokenStore.update_values``: in place for dense storage, re-encoded from the held keys and the merged values for
+any other storage (a quantized store re-quantizes: one re-encode of the store per eviction).
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ from kvcompress.cache.storage.base import TokenStore
 class CaM(H2O):
     """H2O selection + merging of the evicted values (``window`` kept successors per evicted token)."""
 
-    def __init__(self, budget: int | float = 512, window: int = 32, **kwargs):
+    def __init__(self, budget: int | float = 512, window: int = 32, normalize: bool = True, **kwargs):
         self.window = int_at_least("policy.window", window, 1)
+        self.normalize = bool(normalize)
         super().__init__(budget=budget, **kwargs)
 
     def check(self, spec, storage: TokenStore) -> None:
@@ -45,11 +50,12 @@ class CaM(H2O):
         if acc is None:
             return
         _, v, pos = store.read()
-        v = merge_values(v.float(), acc.float(), pos if pos.dim() == 3 else pos[:, None], idx, self.window)
+        v = merge_values(v.float(), acc.float(), pos if pos.dim() == 3 else pos[:, None], idx, self.window,
+                         self.normalize)
         store.update_values(v)
 
 
-def merge_values(v: Tensor, acc: Tensor, pos: Tensor, idx: Tensor, window: int) -> Tensor:
+def merge_values(v: Tensor, acc: Tensor, pos: Tensor, idx: Tensor, window: int, normalize: bool = False) -> Tensor:
     """Values (B, Hkv, T, D) with every evicted real slot merged into its next ``window`` kept slots (slot order).
 
     ``acc`` (B, 1|Hkv, T) is the accumulated attention, ``pos`` (B, 1|Hkv, T), ``idx`` the kept slots (B, [H,] K)."""
@@ -72,4 +78,8 @@ def merge_values(v: Tensor, acc: Tensor, pos: Tensor, idx: Tensor, window: int) 
     contrib = (v * share[..., None])[..., None, :] * valid[..., None]  # (B, H, T, w, D)
     out = v.clone()
     out.scatter_add_(2, slots.flatten(2)[..., None].expand(-1, -1, -1, v.shape[-1]), contrib.flatten(2, 3))
+    if normalize:  # divide by 1 + the merged weights each kept slot received
+        mass = torch.ones(b, heads, t, device=v.device).scatter_add_(
+            2, slots.flatten(2), (share[..., None] * valid).flatten(2))
+        out = out / mass[..., None]
     return out

@@ -46,6 +46,11 @@ class ExpectedAttention(EvictionPolicy):
         super().reset(batch_size, owners)
         self.stats: dict[int, list[Tensor]] = {}
 
+    def before_attend(self, owner: int, store: TokenStore, steps: int) -> None:
+        super().before_attend(owner, store, steps)
+        if self.when == "prefill" and self.compressed[owner]:
+            self.stats.pop(owner, None)  # compressed for good: the statistics are freed
+
     def observe_queries(self, owner: int, q: Tensor, q_pos: Tensor, rope) -> None:
         if self.never_evicts or (self.when == "prefill" and self.compressed[owner]):
             return
