@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from kvcompress.cache import FullCache
+from kvcompress.cache.static import StaticKVCache
 from kvcompress.engine.generate import positions_like
 from kvcompress.engine.loaders import DTYPES, ensure_asset, load
-from kvcompress.engine.static import CapturedDecode, StaticKVCache
+from kvcompress.engine.static import CapturedDecode
 
 
 def sync(device):

@@ -245,8 +245,8 @@ def test_device_lengths_over_capacity_buffers(backend):
 @torch.inference_mode()
 def test_triton_static_quant_cache_equals_its_reference():
     """The static int4 cache on the kernels (quantize on append, attention with device lengths) vs the reference."""
+    from kvcompress.cache.static import StaticQuantKVCache
     from kvcompress.engine.generate import positions_like
-    from kvcompress.engine.static import StaticQuantKVCache
     from tests.conftest import spec_of, tiny_model
 
     model = tiny_model()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompress.cache import FullCache
+from kvcompress.cache import ComposedCache, FullCache
+from kvcompress.cache.policy.streaming import StreamingLLM
+from kvcompress.cache.static import StaticKVCache
 from kvcompress.engine.generate import positions_like
-from kvcompress.engine.static import CapturedDecode, StaticKVCache, decode_step
+from kvcompress.engine.static import CapturedDecode, decode_step
 from tests.conftest import spec_of, tiny_model
 
 
@@ -85,7 +87,7 @@ def test_capacity_is_checked():
 @pytest.mark.parametrize("kind", ["dense", "int4"])
 @torch.inference_mode()
 def test_cuda_graph_replay_equals_eager(kind):
-    from kvcompress.engine.static import StaticQuantKVCache
+    from kvcompress.cache.static import StaticQuantKVCache
 
     make = (lambda: StaticKVCache(capacity=16, device="cuda")) if kind == "dense" else (
         lambda: StaticQuantKVCache(capacity=16, group_size=8, device="cuda"))
@@ -98,13 +100,6 @@ def test_cuda_graph_replay_equals_eager(kind):
     assert step.captured
     got = steps(model, graphed, nxt, 8, 4, lambda m, t, p, c: step(t, p))
     torch.testing.assert_close(got, steps(model, eager, nxt, 8, 4), atol=1e-5, rtol=1e-5)
-
-
-class StaticFull(FullCache):
-    """The full cache declaring its static form (the hook the composed cache is to get)."""
-
-    def static_form(self, capacity: int) -> StaticKVCache:
-        return StaticKVCache(capacity)
 
 
 def speed(stories, cache, **kw):
@@ -120,13 +115,13 @@ def speed(stories, cache, **kw):
 
 
 def test_speed_on_the_static_path_keeps_the_perplexity(stories):
-    eager = speed(stories, StaticFull())
-    static = speed(stories, StaticFull(), decode_path="graph")
+    eager = speed(stories, FullCache())
+    static = speed(stories, FullCache(), decode_path="graph")
     assert eager["decode_path"] == "eager" and static["decode_path"] == "static"  # no CUDA graph on CPU
     assert abs(static["ppl"] - eager["ppl"]) < 1e-4 * eager["ppl"]
-    assert speed(stories, StaticFull(), decode_path="auto")["decode_path"] == "eager"  # auto: graph on CUDA only
-    with pytest.raises(ValueError, match="eval.decode_path"):
-        speed(stories, FullCache(), decode_path="graph")  # no static form
+    assert speed(stories, FullCache(), decode_path="auto")["decode_path"] == "eager"  # auto: graph on CUDA only
+    with pytest.raises(ValueError, match="eval.decode_path"):  # eviction changes shapes per step: no static form
+        speed(stories, ComposedCache(policy=StreamingLLM(budget=16)), decode_path="graph")
     with pytest.raises(ValueError, match="eval.decode_path"):
         speed(stories, FullCache(), decode_path="fast")
 
@@ -135,8 +130,8 @@ def test_speed_on_the_static_path_keeps_the_perplexity(stories):
 @torch.inference_mode()
 def test_static_quant_cache_equals_the_quantized_storage(bits, symmetric):
     from kvcompress.cache import ComposedCache
+    from kvcompress.cache.static import StaticQuantKVCache
     from kvcompress.cache.storage.quant.store import QuantizedStore
-    from kvcompress.engine.static import StaticQuantKVCache
 
     model = tiny_model()
     tokens = torch.randint(0, 97, (2, 12))
@@ -153,7 +148,7 @@ def test_static_quant_cache_equals_the_quantized_storage(bits, symmetric):
 
 @torch.inference_mode()
 def test_static_quant_decode_step_traces_as_one_graph():
-    from kvcompress.engine.static import StaticQuantKVCache
+    from kvcompress.cache.static import StaticQuantKVCache
 
     torch._dynamo.reset()
     model = tiny_model()
@@ -163,3 +158,21 @@ def test_static_quant_decode_step_traces_as_one_graph():
     nxt = prefill(model, traced, tokens)[:, -1:].argmax(-1)
     compiled = torch.compile(decode_step, fullgraph=True, backend="eager")
     assert torch.equal(steps(model, traced, nxt, 6, 3, compiled), steps(model, eager, nxt, 6, 3))
+
+
+def test_static_forms_follow_the_axes():
+    """Only identity policy and layout, and a storage that declares one, have a static form."""
+    from kvcompress.cache.layout.cla import CLA
+    from kvcompress.cache.static import StaticQuantKVCache
+    from kvcompress.cache.storage.quant.store import QuantizedStore
+
+    spec = spec_of(tiny_model())
+    def form(**axes):
+        cache = ComposedCache(**axes)
+        cache.setup(spec)
+        return cache.static_form(32)
+    assert isinstance(form(), StaticKVCache)
+    q = form(storage=QuantizedStore(bits=4, group_size=8))
+    assert isinstance(q, StaticQuantKVCache) and (q.bits, q.group_size) == (4, 8)
+    assert form(storage=QuantizedStore(bits=2, group_size=8, key_axis="channel", residual=16)) is None  # KIVI
+    assert form(policy=StreamingLLM(budget=16)) is None and form(layout=CLA(group_size=2)) is None

@@ -142,6 +142,13 @@ class ComposedCache(KVCache):
                 view.hide(valid)
             self.policy.remap(owner, idx)
 
+    def static_form(self, capacity: int) -> KVCache | None:
+        """The static-capacity equivalent (captured decode) when the policy and the layout are the identity and the
+        storage offers one; None otherwise (eviction and sharing change shapes per step: eager decode)."""
+        if type(self.policy) is not Policy or type(self.layout) is not Layout:
+            return None
+        return self.storage.static_form(capacity)
+
     # -- accounting ------------------------------------------------------------------------------
     def stores(self) -> list[TokenStore]:
         """Distinct views (a shared store counts once)."""

@@ -121,6 +121,10 @@ class TokenStore(ABC):
         """One-off tensors (projections, codebooks), reported apart from the per-batch bytes."""
         return []
 
+    def static_form(self, capacity: int):
+        """A whole static-capacity cache equivalent to this storage alone (captured decode), or None."""
+        return None
+
     def report(self) -> dict[str, float | str]:
         """Storage-specific figures for the record (ranks, calibration file, effective group sizes)."""
         return {}

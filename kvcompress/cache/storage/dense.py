@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from kvcompress.cache.buffers import GrowingBuffer, gather_tokens
+from kvcompress.cache.static import StaticKVCache
 from kvcompress.cache.storage.base import TokenStore
 
 
@@ -29,6 +30,9 @@ class DenseStore(TokenStore):
 
     def payload_tensors(self) -> list[Tensor]:
         return self.k.tensors() + self.v.tensors()
+
+    def static_form(self, capacity: int):
+        return StaticKVCache(capacity) if self.keys == "post_rope" else None
 
     def payload_reserved(self) -> list[Tensor]:
         return self.k.reserved() + self.v.reserved()

@@ -42,6 +42,8 @@ from kvcompress.cache.storage.latent.calibrate import (
     to_groups,
 )
 from kvcompress.cache.storage.latent.latents import Latents
+from kvcompress.kernels import from_part
+from kvcompress.kernels import latent_attention as latent_attention_kernel
 
 Rank = int | float | str | None
 
@@ -196,6 +198,14 @@ class LatentStore(TokenStore):
             return c, c
         return self.lat["key"].read(dtype), self.lat["value"].read(dtype)
 
+    def _stored_latents(self, dtype: torch.dtype):
+        """The latents as held: dense tensors, or the quantized parts as packed sides (read inside the kernel)."""
+        side = lambda lat: from_part(lat.quant) if lat.quant is not None else lat.read(dtype)
+        if "joint" in self.lat:
+            c = side(self.lat["joint"])
+            return c, c
+        return side(self.lat["key"]), side(self.lat["value"])
+
     def _keys(self, ck: Tensor, pos: Tensor, dtype: torch.dtype) -> Tensor:
         """Rotated full keys (B, Hkv, T, D) from key latents and the uncompressed rotary dims."""
         kc = self.proj["key"].decode_heads(ck)
@@ -223,8 +233,13 @@ class LatentStore(TokenStore):
             k, v, pos = self.read()
             return attention_tail_weights(q, k.to(q.dtype), v.to(q.dtype), q_pos, pos, n_weights)
         pos = self.positions()
-        ck, cv = self._latents(q.dtype)
         kp, H = self.proj["key"], self.spec.num_kv_heads
+        if self.pca.keys == "post_rope" and not self.pca.rope_dims and n_weights == 0:
+            # fused: U_k folded into the query, P applied to the stored (maybe quantized) latents, one up-projection
+            vp, (ck, cv) = self.proj["value"], self._stored_latents(q.dtype)
+            out = latent_attention_kernel(q, q_pos, pos, ck, cv, kp.head_basis(), vp.head_basis(), vp.head_mean())
+            return out, None
+        ck, cv = self._latents(q.dtype)
         if self.pca.keys == "post_rope" or self.nope:  # fold U_k into the query; rope dims attend as they are
             scores = absorbed_key_scores(q[..., self.comp_idx], ck, kp)
             if self.pca.rope_dims:

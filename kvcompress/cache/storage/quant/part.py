@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvcompress.cache.storage.quant.quantizer import QTensor, QuantConfig, dequantize, quantize
 from kvcompress.cache.buffers import GrowingBuffer, gather_tokens
 from kvcompress.cache.checks import DTYPES
+from kvcompress.cache.storage.quant.quantizer import QTensor, QuantConfig, dequantize, quantize
+from kvcompress.kernels import quantize_tokens
 
 RESIDUAL_DTYPES = DTYPES
 
@@ -62,11 +63,18 @@ class QuantPart:
         full = x if not self.n_res else torch.cat([self.res, x], 2)
         n = self.split(self.n_q + full.shape[2]) - self.n_q
         if n > 0:
-            q = quantize(full[:, :, :n], self.cfg)
+            q = self._quantize(full[:, :, :n])
             if self.mirror is not None:
                 dequantize(q, self.cfg, out=self.mirror.view()[:, :, self.n_q : self.n_q + n])
             self._push(q)
         self.res = self._own(full[:, :, n:])
+
+    def _quantize(self, x: Tensor) -> QTensor:
+        """Quantize-on-append: per-token groups through ``kernels.quantize_tokens`` (Triton on CUDA, bit for bit
+        ``quantize``); per-channel groups (they span tokens) through ``quantize``."""
+        if self.cfg.axis == "token":
+            return QTensor(*quantize_tokens(x, self.cfg.bits, self.cfg.group_size, self.cfg.symmetric))
+        return quantize(x, self.cfg)
 
     def _push(self, q: QTensor) -> None:
         self.codes.append(q.codes)

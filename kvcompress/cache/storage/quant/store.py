@@ -13,11 +13,12 @@ from __future__ import annotations
 from torch import Tensor
 
 from kvcompress.cache.base import ModelSpec
-from kvcompress.cache.buffers import gather_tokens
 from kvcompress.cache.checks import DTYPES, int_at_least, one_of
+from kvcompress.cache.static import StaticQuantKVCache
 from kvcompress.cache.storage.base import TokenStore
 from kvcompress.cache.storage.quant.part import QuantPart
 from kvcompress.cache.storage.quant.quantizer import QuantConfig
+from kvcompress.kernels import from_part, quant_attention
 
 DEFAULT_GROUP = 64
 
@@ -70,6 +71,23 @@ class QuantizedStore(TokenStore):
 
     def read_payload(self) -> tuple[Tensor, Tensor]:
         return self.k.read(self.dtype), self.v.read(self.dtype)
+
+    def attend(self, q: Tensor, q_pos: Tensor, n_weights: int = 0) -> tuple[Tensor, Tensor | None]:
+        """A decode step reads the packed codes, scales and residual directly (``kernels.quant_attention``: Triton
+        on CUDA, its PyTorch reference elsewhere), never a full-precision copy of the history. Prefill chunks,
+        steps whose attention weights a policy needs, pre-RoPE keys and ``dequant_cache`` dequantize, then attend."""
+        if q.shape[2] == 1 and n_weights == 0 and self.keys == "post_rope" and not self.dequant_cache:
+            return quant_attention(q, q_pos, self.positions(), from_part(self.k), from_part(self.v)), None
+        return super().attend(q, q_pos, n_weights)
+
+    def static_form(self, capacity: int):
+        """Per-token codes for K and V with one group size, no residual, post-RoPE keys: the static-capacity
+        quantized cache (captured decode); anything else decodes eagerly."""
+        k, v = self.configs["key"], self.configs["value"]
+        if (k.axis, v.axis) != ("token", "token") or k.group_size != v.group_size or self.residual \
+                or self.keys != "post_rope" or self.dequant_cache:
+            return None
+        return StaticQuantKVCache(capacity, k.bits, k.group_size, k.symmetric, DTYPES[self.residual_dtype])
 
     def keep_payload(self, idx: Tensor) -> None:
         B, H = self.k.res.shape[:2]
