@@ -4,7 +4,7 @@ Convention: a ``kvc``, ``kvc-report`` or ``kvc-lm-eval`` line in a fenced ``bash
 marker comment:
 
     kvc policy=h2o policy.budget=0.25 eval=fidelity      # doctest
-    kvc eval=speed eval.context=2048                      # doctest: eval.context=128
+    kvc eval=speed eval.context=2048                      # decode speed  # doctest: eval.context=128
     kvc model=local model.source=/path/to/folder          # no-doctest: needs your own checkpoint
 
 ``# doctest`` runs the command here on the stories260K model at tiny sizes: ``model=stories260k``, small
@@ -63,7 +63,7 @@ def examples(text: str) -> list[Example]:
         for part in line.split("&&"):
             part = part.strip()
             m = MARKER.search(part)
-            command = part[: m.start()].strip() if m else part.split("#", 1)[0].strip()
+            command = part.split("#", 1)[0].strip()  # a description may come before the marker: "# what  # doctest"
             if command and Path(shlex.split(command)[0]).name in PROGRAMS:
                 out.append(Example(n, command, m.group(1) if m else "", m.group(2).strip() if m else ""))
     return out
