@@ -117,6 +117,8 @@ def main(folder: str = "results/lowrank") -> None:
     energy = path / "energy.md"
     if energy.exists():
         lines += ["## Explained variance per layer", "", energy.read_text()]
+    lines += ["## Shared bases across layers (xKV-style)", "",
+              "Issue 17, a CPU-sized protocol: [xkv/README.md](xkv/README.md).", ""]
     (path / "README.md").write_text("\n".join(lines))
     print(f"wrote {path / 'README.md'}")
 
