@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The eviction tables on SmolLM2-135M (CPU). Records go to results/eviction/records.jsonl, then
 #   .venv/bin/python results/eviction/table.py > results/eviction/README.md
-# Usage: results/eviction/sweep.sh [ppl] [prefill_decode] [passkey] [speed]   (default: all four)
+# Usage: results/eviction/sweep.sh [ppl] [prefill_decode] [passkey] [speed] [policies]   (default: all)
 # One thread per process: the shared CPU was oversubscribed and multi-threaded BLAS only thrashed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 kvc() { .venv/bin/kvc "$@" progress=false; }
-stages=("${@:-ppl prefill_decode passkey speed}")
+stages=("${@:-ppl prefill_decode passkey speed policies}")
 for stage in ${stages[@]}; do
   case $stage in
     ppl)
@@ -21,6 +21,13 @@ for stage in ${stages[@]}; do
     passkey)
       kvc experiment=eviction_passkey cache=full
       kvc -m experiment=eviction_passkey ;;
+    policies)  # issue 16: every policy at 50% / 25%, 2,048-token prompt compressed once, the next 256 tokens scored
+      kvc experiment=eviction_policies policy=none publish=true
+      kvc -m experiment=eviction_policies publish=true
+      kvc -m experiment=eviction_policies policy=expected_attention policy.per_head=true publish=true
+      kvc -m experiment=eviction_policies policy=cam policy.normalize=false publish=true  # the paper's additive merge
+      kvc -m experiment=eviction_policies policy=duo_attention calibration.window=256 calibration.tokens=512 \
+        publish=true ;;
     speed)  # rounds interleaved: every cache of round (seed) 0, then of round 1; force=true re-measures
       for seed in 0 1; do
         kvc -m experiment=eviction_speed seed=$seed force=true

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,12 +17,13 @@ ORDER = ["full", "window", "streaming", "h2o", "snapkv", "pyramid", "tova", "kno
 ATTENTION = ("h2o", "snapkv", "tova")
 
 
-def load() -> list[dict]:
-    """Ok records, the last one of each config (a re-run replaces an earlier one)."""
+def load(axes: bool = False) -> list[dict]:
+    """Ok records, the last one of each config (a re-run replaces an earlier one): those of the ``cache=`` era
+    (sections 1-4), or with ``axes`` those of the three axes (a ``policy`` field: section 5)."""
     latest: dict[str, dict] = {}
     for line in (HERE / "records.jsonl").read_text().splitlines():
         r = json.loads(line)
-        if r["status"] == "ok" and r["model"] == "smollm2-135m":
+        if r["status"] == "ok" and r["model"] == "smollm2-135m" and bool(r.get("policy")) == axes:
             latest[r["config_hash"]] = r
     return list(latest.values())
 
@@ -170,6 +172,10 @@ def main() -> None:
         out += speed_rows(by_eval["speed"]) + [""]
     if rel:
         out += ["## Known relations on this model (computed from the tables above)", "", *rel, ""]
+    sys.path.insert(0, str(HERE))
+    from policies import section
+
+    out += section(load(axes=True))
     print("\n".join(out))
 
 
