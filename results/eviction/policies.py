@@ -122,15 +122,20 @@ def plot(cells: dict, budgets: list, full: float | None) -> None:
     names = [p for p in ORDER if any((p, b) in cells for b in budgets)]
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.4
+    top = 1.4 * full if full else 40.0  # off-scale bars (random, the additive CaM) are labelled with their value
     for i, b in enumerate(budgets):
         xs = [j + (i - 0.5) * width for j in range(len(names))]
-        ax.bar(xs, [cells[(p, b)]["ppl"] if (p, b) in cells else 0 for p in names], width, label=f"{b:.0%} kept")
+        ys = [cells[(p, b)]["ppl"] if (p, b) in cells else 0 for p in names]
+        ax.bar(xs, [min(y, top) for y in ys], width, label=f"{b:.0%} kept")
+        for x, y in zip(xs, ys, strict=True):
+            if y > top:
+                ax.text(x, top * 0.98, f"{y:.0f}", ha="center", va="top", fontsize=7, rotation=90)
     if full:
         ax.axhline(full, color="k", lw=1, ls="--", label="full cache")
     ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
     ax.set_ylabel("continuation ppl (lower is better)")
     lo = min(m["ppl"] for m in cells.values())
-    ax.set_ylim(lo * 0.9, None)
+    ax.set_ylim(lo * 0.9, top)
     ax.set_title("SmolLM2-135M, 2,048-token Hamlet prompt compressed once, next 256 tokens scored")
     ax.legend()
     fig.tight_layout()
