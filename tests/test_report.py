@@ -145,8 +145,8 @@ def test_kvc_lm_eval_defaults():
 
     import torch
 
+    from kvcompress.eval.lm_model import KVCompressLM
     from kvcompress.harness.__main__ import default_device
-    from kvcompress.harness.model import KVCompressLM
 
     assert inspect.signature(KVCompressLM.__init__).parameters["rolling"].default == "lm_eval"
     args = ["--model", "kvcompress", "--tasks", "kvc_passkey"]

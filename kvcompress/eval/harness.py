@@ -46,7 +46,7 @@ class LmEval(Evaluation):
         return TaskManager(include_path=paths, include_defaults=not only_ours, metadata={"data_dir": str(data_dir)})
 
     def check(self, spec: ModelSpec, data_dir: Path) -> None:
-        from kvcompress.harness.model import ROLLING
+        from kvcompress.eval.lm_model import ROLLING
 
         require(isinstance(self.tasks, list) and len(self.tasks) >= 1, "eval.tasks", "a non-empty list", self.tasks)
         limits = list(self.limit.values()) if isinstance(self.limit, dict) else [self.limit]
@@ -73,7 +73,7 @@ class LmEval(Evaluation):
     def run(self, ctx: EvalContext) -> dict[str, float]:
         from lm_eval import simple_evaluate
 
-        from kvcompress.harness.model import KVCompressLM
+        from kvcompress.eval.lm_model import KVCompressLM
 
         lm = KVCompressLM.from_context(ctx, batch_size=self.batch_size, chunk=self.chunk,
                                        prefill_chunk=self.prefill_chunk, window=self.window, bos=self.bos,

@@ -16,6 +16,6 @@ MODEL_NAME = "kvcompress"
 LOCAL_TASKS = ("kvc_wikitext2", "kvc_tinystories_cloze", "kvc_passkey")
 
 if MODEL_NAME not in model_registry:
-    model_registry.register(MODEL_NAME, target="kvcompress.harness.model:KVCompressLM")
+    model_registry.register(MODEL_NAME, target="kvcompress.harness.model:HarnessLM")
 
 __all__ = ["LOCAL_TASKS", "MODEL_NAME", "TASKS_DIR"]

@@ -7,11 +7,11 @@ and built by the same code (``kvcompress.job.prepare``), so every option, defaul
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+
+from kvcompress.eval.lm_model import Loaded
 
 
 def _render(value: Any) -> str:
@@ -43,20 +43,9 @@ def compose(overrides: dict[str, Any]) -> DictConfig:
         raise ValueError(f"kvcompress model_args {','.join(args)!r}: {e}") from e
 
 
-@dataclass
-class Built:
-    model: Any
-    tokenizer: Any
-    cache: Any
-    data_dir: Path
-    seed: int
-    name: str
-    cache_name: str
-
-
-def build(cfg: DictConfig, cache_name: str, check: Callable[[int], None] | None = None) -> Built:
+def build(cfg: DictConfig, cache_name: str, check: Callable[[int], object] | None = None) -> Loaded:
     """Validate (cache settings, then ``check(max_position)``, before weights load), load, calibrate: as ``kvc``."""
     from kvcompress.job import prepare
 
     run = prepare(cfg, None if check is None else lambda spec, _data_dir: check(spec.max_position))
-    return Built(run.model, run.tokenizer, run.cache, run.data_dir, int(cfg.seed), str(cfg.model.name), cache_name)
+    return Loaded(run.model, run.tokenizer, run.cache, str(cfg.model.name), cache_name)

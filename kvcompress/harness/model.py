@@ -1,43 +1,24 @@
-"""The ``kvcompress`` lm-eval model: the native engine with the chosen KV cache in the loop.
+"""The ``kvcompress`` model registered with lm-eval: model args -> a kvc config -> the evaluation layer's LM.
 
-    lm_eval --model kvcompress --model_args model=smollm2-135m,cache=h2o,cache.budget=256 --tasks ...
+    kvc-lm-eval --model kvcompress --model_args model=smollm2-135m,policy=h2o,policy.budget=256 --tasks ...
 
-Harness options (consumed here): ``batch_size``, ``chunk`` (tokens per forward step when scoring; 1 = exact
-decode semantics), ``prefill_chunk`` (prompt chunk in generation; default = chunk), ``window`` and ``bos``
-(rolling perplexity windows, as ``eval=ppl``), ``rolling`` (``lm_eval``, the default: lm-eval's own rolling
-windows, comparable with its ``hf`` model | ``ppl``: eval=ppl's disjoint windows), ``max_length``,
-``max_gen_toks``. Every other arg is a kvc Hydra override (``model``, ``cache``, ``cache.*``, ``dtype``,
-``device``, ``seed``, ``paths.*``, ``calibration.*``), composed from conf/ (see config.py).
+The LM's own options (``batch_size``, ``chunk``, ``prefill_chunk``, ``window``, ``bos``, ``rolling``,
+``max_length``, ``max_gen_toks``; ``kvcompress.eval.lm_model``) are taken out; every other arg is a kvc Hydra
+override (``model``, ``storage``, ``policy``, ``layout`` and their settings, ``dtype``, ``device``, ``seed``,
+``paths.*``, ``calibration.*``), composed from conf/ and built like ``kvc`` builds a run (``config.py``).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from lm_eval.api.model import TemplateLM
-from lm_eval.models.utils import Collator
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tqdm.auto import tqdm
 
-from kvcompress.cache.base import PAD_POSITION
-from kvcompress.engine.generate import Sampling, prefill, require_finite
-from kvcompress.eval.data import tokenize, wants_bos
+from kvcompress.eval.lm_model import KVCompressLM, length_checks
 
 log = logging.getLogger(__name__)
-ROLLING = ("ppl", "lm_eval")
-Pair = tuple[tuple[str, str], list[int], list[int]]
-
-
-def _batch_size(value: Any) -> int:
-    if isinstance(value, str) and value.startswith("auto"):
-        log.warning("kvcompress: batch_size=%s is not supported; using 8", value)
-        return 8
-    value = int(value)
-    if value < 1:
-        raise ValueError(f"kvcompress batch_size must be >= 1, got {value}")
-    return value
+LM_OPTIONS = set(inspect.signature(KVCompressLM.__init__).parameters) - {"self", "loaded"}
 
 
 def _device(value: str | None) -> str | None:
@@ -47,241 +28,16 @@ def _device(value: str | None) -> str | None:
     return value
 
 
-def _check(checks: list[tuple[bool, str, str, Any]]) -> None:
-    for ok, name, allowed, got in checks:
-        if not ok:
-            raise ValueError(f"kvcompress model_args: {name} must be {allowed}, got {got!r}")
+class HarnessLM(KVCompressLM):
+    """``--model kvcompress``: composes and builds the model and cache from model args, then scores as the LM."""
 
+    def __init__(self, **args: Any) -> None:
+        from kvcompress.harness.config import build, compose
+        from kvcompress.job import cache_fields
 
-class KVCompressLM(TemplateLM):
-    """lm-eval ``LM`` over kvcompress: loglikelihood, loglikelihood_rolling, generate_until."""
-
-    def __init__(self, batch_size: int | str = 8, max_batch_size: int | None = None, chunk: int = 16,
-                 prefill_chunk: int | None = None, window: int | None = None, bos: str | bool = "auto",
-                 rolling: str = "lm_eval", max_length: int | None = None, max_gen_toks: int = 256,
-                 _built: Any = None, **overrides: Any) -> None:
-        super().__init__()
-        self.batch = _batch_size(batch_size)
-        self.chunk, self.prefill_chunk = int(chunk), int(prefill_chunk or chunk)
-        self.bos, self.rolling, self.max_gen_toks = bos, rolling, int(max_gen_toks)
-        _check([(rolling in ROLLING, "rolling", " | ".join(ROLLING), rolling),
-                (bos in ("auto", True, False), "bos", "auto, true or false", bos),
-                (self.chunk >= 1 and self.prefill_chunk >= 1, "chunk / prefill_chunk", ">= 1", chunk),
-                (self.max_gen_toks >= 1, "max_gen_toks", ">= 1", max_gen_toks)])
-
-        def lengths(limit: int) -> None:  # needs the model's max_position; runs before weights load
-            self._max_length = int(max_length or limit)
-            self.window = int(window) if window is not None else min(1024, self._max_length)
-            _check([(2 <= self._max_length <= limit, "max_length", f"in [2, {limit}]", max_length),
-                    (2 <= self.window <= self._max_length, "window", f"in [2, max_length={self._max_length}]",
-                     window)])
-
-        if _built is None:
-            from kvcompress.harness.config import build, compose
-
-            if device := _device(overrides.pop("device", None)):
-                overrides["device"] = device
-            from kvcompress.job import cache_fields
-
-            cfg = compose(overrides)
-            _built = build(cfg, cache_fields(cfg)["cache"], lengths)
-        elif overrides:
-            raise ValueError(f"kvcompress: unknown options {sorted(overrides)} for a pre-loaded model")
-        else:
-            lengths(_built.model.config.max_position)
-        self.built = _built
-        self.model, self.tokenizer, self.cache = _built.model, _built.tokenizer, _built.cache
-        self._device = self.model.device
-        self.memory: dict[str, float] = {}
-
-    @classmethod
-    def from_context(cls, ctx, cache_name: str = "?", **options: Any) -> KVCompressLM:
-        """Wrap an already loaded model + cache (``eval=lm_eval`` inside ``kvc``)."""
-        from kvcompress.harness.config import Built
-
-        built = Built(ctx.model, ctx.tokenizer, ctx.cache, ctx.data_dir, ctx.seed, ctx.model.config.name, cache_name)
-        return cls(_built=built, **options)
-
-    # -- tokenization (same conventions as lm-eval's hf model) ------------------------------------
-    @property
-    def eot_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
-
-    @property
-    def prefix_token_id(self) -> int:
-        bos = self.tokenizer.bos_token_id
-        return bos if bos is not None else self.tokenizer.eos_token_id
-
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
-    @property
-    def tokenizer_name(self) -> str:
-        return self.tokenizer.name_or_path.replace("/", "__")
-
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        bos = self.tokenizer.bos_token
-        if add_special_tokens is None and bos and string.startswith(bos):
-            add_special_tokens = False
-        kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-        return self.tokenizer.encode(string, **kw)
-
-    # -- scoring ----------------------------------------------------------------------------------
-    def _note_memory(self) -> None:
-        report = self.cache.memory_report()
-        if report.get("kv_bytes_fp16", 0) >= self.memory.get("kv_bytes_fp16", -1):
-            self.memory = report
-
-    @torch.inference_mode()
-    def _score(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Feed input rows ``chunk`` tokens at a time through the cache (right-padded; pads sit at PAD_POSITION,
-        never attended). Returns (B, T-1) log-probs of each row's own next tokens, whether each was the argmax,
-        and (B, V) log-probs after each row's last token."""
-        dev = self.model.device
-        lengths = torch.tensor([len(r) for r in rows], device=dev)
-        T = int(lengths.max())
-        tokens = torch.zeros(len(rows), T, dtype=torch.long, device=dev)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = torch.as_tensor(r, device=dev)
-        pos = torch.arange(T, device=dev)[None].expand(len(rows), -1)
-        pos = torch.where(pos < lengths[:, None], pos, torch.full_like(pos, PAD_POSITION))
-        logp = torch.zeros(len(rows), T - 1, dtype=torch.float64, device=dev)
-        greedy = torch.zeros(len(rows), T - 1, dtype=torch.bool, device=dev)
-        last = torch.zeros(len(rows), self.model.config.vocab_size, dtype=torch.float64, device=dev)
-        self.cache.reset(len(rows))
-        finite = torch.ones((), dtype=torch.bool, device=dev)
-        for lo in range(0, T, self.chunk):
-            hi = min(lo + self.chunk, T)
-            raw = self.model(tokens[:, lo:hi], pos[:, lo:hi], self.cache)
-            finite &= (torch.isfinite(raw).all(-1) | (pos[:, lo:hi] == PAD_POSITION)).all()  # pads may be anything
-            lp = F.log_softmax(raw.float(), dim=-1)
-            n = min(hi, T - 1) - lo  # positions here whose next token is inside the row
-            if n > 0:
-                target = tokens[:, lo + 1 : lo + 1 + n]
-                logp[:, lo : lo + n] = lp[:, :n].gather(-1, target[..., None])[..., 0].double()
-                greedy[:, lo : lo + n] = lp[:, :n].argmax(-1) == target
-            ends = (lengths - 1 >= lo) & (lengths - 1 < hi)
-            at = (lengths - 1 - lo).clamp(0, hi - lo - 1)
-            last = torch.where(ends[:, None], lp[torch.arange(len(rows), device=dev), at].double(), last)
-        require_finite(finite, "kvcompress lm-eval scoring")
-        self._note_memory()
-        return logp, greedy, last
-
-    def _loglikelihood_tokens(self, requests: list[Pair], disable_tqdm: bool = False,
-                              **kwargs) -> list[tuple[float, bool]]:
-        """Sum of continuation log-probs (left-truncated to max_length like lm-eval's hf). Requests with the same
-        model input (context + continuation without its last token, e.g. one-token choices of one question) share
-        one row; rows are batched longest first."""
-        fulls = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
-        members: dict[tuple[int, ...], list[int]] = {}
-        for i, full in enumerate(fulls):
-            members.setdefault(tuple(full[:-1]), []).append(i)
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
-        order = Collator(list(members), sort_fn=lambda x: (-len(x), x))
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="kvcompress loglikelihood", leave=False)
-        for batch in order.get_batched(n=self.batch):
-            logp, greedy, last = self._score([list(x) for x in batch])
-            for row, inp in enumerate(batch):
-                n = len(inp)  # logp[row, j] scores inp[j + 1]; last[row] scores the token after inp
-                for i in members[inp]:
-                    k, tok = len(requests[i][2]), fulls[i][-1]
-                    ll = float(logp[row, n - k : n - 1].sum() + last[row, tok])
-                    answer = (ll, bool(greedy[row, n - k : n - 1].all()) and int(last[row].argmax()) == tok)
-                    out[i] = answer
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-                bar.update(len(members[inp]))
-        bar.close()
-        return out
-
-    def _ppl_windows(self, text: str) -> list[list[int]]:
-        """``eval=ppl`` windows of one text: BOS (when the model uses one) + window-1 tokens, disjoint; the last
-        may be shorter. Every token after a window's first is scored (all of them when the first is BOS)."""
-        bos = wants_bos(self.tokenizer, self.bos)
-        body = self.window - (bos is not None)
-        ids = tokenize(self.tokenizer, text)
-        head = [bos] if bos is not None else []
-        return [head + ids[i : i + body] for i in range(0, len(ids), body)]
-
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Whole-document log-likelihood. ``rolling=ppl``: eval=ppl's windowing (see _ppl_windows); ``rolling=
-        lm_eval``: lm-eval's own rolling windows (max_length, one token of context), as its hf model does."""
-        if self.rolling == "lm_eval":
-            results = []
-            for (text,) in (r.args for r in requests):
-                pairs = [((None, None), *make_disjoint_window(w)) for w in get_rolling_token_windows(
-                    self.tok_encode(text), self.prefix_token_id, self.max_length, 1)]
-                results.append(sum(ll for ll, _ in self._loglikelihood_tokens(pairs, disable_tqdm=True)))
-            return results
-        windows = [(i, w) for i, r in enumerate(requests) for w in self._ppl_windows(r.args[0]) if len(w) > 1]
-        totals = [0.0] * len(requests)
-        order = Collator(windows, sort_fn=lambda x: -len(x[1]))
-        for batch in tqdm(list(order.get_batched(n=self.batch)), disable=disable_tqdm, desc="kvcompress rolling",
-                          leave=False):
-            logp, _, last = self._score([w[:-1] for _, w in batch])
-            for row, (i, w) in enumerate(batch):
-                totals[i] += float(logp[row, : len(w) - 2].sum() + last[row, w[-1]])
-        for r, total in zip(requests, totals, strict=True):
-            self.cache_hook.add_partial("loglikelihood_rolling", r.args, total)
-        return totals
-
-    # -- generation -------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _generate(self, prompts: list[list[int]], until: list[str], max_new: int, sampling: Sampling) -> list[str]:
-        self.cache.reset(len(prompts))
-        logits, pos = prefill(self.model, prompts, self.cache, self.prefill_chunk)
-        eos = self.eot_token_id
-        rows: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        finite = torch.ones((), dtype=torch.bool, device=pos.device)
-        for step in range(max_new):
-            nxt = sampling.pick(logits).tolist()
-            for i, t in enumerate(nxt):
-                if done[i]:
-                    continue
-                if t == eos:
-                    done[i] = True
-                    continue
-                rows[i].append(t)
-                text = self.tokenizer.decode(rows[i])
-                done[i] = any(s and s in text for s in until)
-            if all(done) or step + 1 == max_new:
-                break
-            logits = self.model(torch.tensor(nxt, device=pos.device)[:, None], pos[:, None], self.cache)[:, -1]
-            finite &= torch.isfinite(logits).all()
-            pos = pos + 1
-        require_finite(finite, "kvcompress lm-eval generation")
-        self._note_memory()
-        texts = [self.tokenizer.decode(r) for r in rows]
-        for s in until:
-            texts = [t.split(s)[0] if s else t for t in texts]
-        return texts
-
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, do_sample=true) generation; stops at any ``until`` string, EOS or max_gen_toks."""
-        reqs = [(ctx, dict(kw)) for ctx, kw in (r.args for r in requests)]
-        order = Collator([(c, kw, self.tok_encode(c)) for c, kw in reqs], sort_fn=lambda x: -len(x[2]),
-                         group_fn=lambda x: x[1], group_by="gen_kwargs")
-        out: list[str] = []
-        bar = tqdm(total=len(reqs), disable=disable_tqdm, desc="kvcompress generate", leave=False)
-        for batch in order.get_batched(n=self.batch):
-            kw = dict(batch[0][1])
-            until = kw.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            eos_text = self.tokenizer.decode([self.eot_token_id])
-            until = until + ([eos_text] if eos_text not in until else [])
-            max_new = int(kw.pop("max_gen_toks", self.max_gen_toks))
-            temp = float(kw.pop("temperature", 0.0)) if kw.pop("do_sample", False) else 0.0
-            sampling = Sampling(temp, int(kw.pop("top_k", 0) or 0), float(kw.pop("top_p", 1.0) or 1.0))
-            keep = max(1, self.max_length - max_new)
-            prompts = [toks[-keep:] for _, _, toks in batch]
-            texts = self._generate(prompts, until, max_new, sampling)
-            for (ctx, gkw, _), text in zip(batch, texts, strict=True):
-                out.append(text)
-                self.cache_hook.add_partial("generate_until", (ctx, gkw), text)
-            bar.update(len(batch))
-        bar.close()
-        return order.get_original(out)
-
-    def get_model_info(self) -> dict:
-        return {"kvcompress_model": self.built.name, "kvcompress_cache": self.built.cache_name}
+        options = {k: args.pop(k) for k in list(args) if k in LM_OPTIONS}
+        if device := _device(args.pop("device", None)):
+            args["device"] = device
+        cfg = compose(args)
+        check = length_checks(options.get("max_length"), options.get("window"))  # before weights load
+        super().__init__(**options, loaded=build(cfg, cache_fields(cfg)["cache"], check))
