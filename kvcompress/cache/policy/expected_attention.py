@@ -10,7 +10,7 @@ expected unnormalised attention is the Gaussian moment generating function
     E[exp(q.k_i / sqrt(d))] = exp(mu'.k_i / sqrt(d) + k_i^T Sigma' k_i / (2 d)),
 
 normalised over the held keys (a softmax of the exponent, sinks left out), averaged over the query heads of a KV
-head, and multiplied by ||v_i|| (``vnorm``):  score_i = (softmax_i(z) + epsilon) * ||v_i||.
+head, and multiplied by ||v_i|| (``vnorm``):  score_i = (softmax_i(z) + epsilon) * ||v_i||; sinks score the maximum.
 """
 from __future__ import annotations
 
@@ -72,7 +72,9 @@ class ExpectedAttention(EvictionPolicy):
         drop = ~real | (pos < self.sinks)  # (B, 1|Hkv, T): padding and sinks take no part in the softmax
         z = z.masked_fill(drop.repeat_interleave(z.shape[1] // drop.shape[1], 1), float("-inf"))
         s = z.softmax(-1).nan_to_num(0.0).view(k.shape[0], k.shape[1], -1, k.shape[2]).mean(2)
-        return (s + self.epsilon) * v.float().norm(dim=-1) if self.vnorm else s
+        s = (s + self.epsilon) * v.float().norm(dim=-1) if self.vnorm else s
+        # sinks score the maximum (as kvpress pads them), so they stay under a wrapper with no sinks of its own
+        return torch.where((pos < self.sinks) & real, s.amax(-1, keepdim=True), s)
 
     def rope_mean(self, nxt: Tensor, d: int) -> Tensor:
         """Per row, the mean rotation matrix (B, D, D) over positions nxt .. nxt + future - 1."""
