@@ -26,6 +26,7 @@ for stage in ${stages[@]}; do
       kvc -m experiment=eviction_policies publish=true
       kvc -m experiment=eviction_policies policy=expected_attention policy.per_head=true publish=true
       kvc -m experiment=eviction_policies policy=cam policy.normalize=false publish=true  # the paper's additive merge
+      kvc -m experiment=eviction_policies policy=adakv policy/scorer=expected_attention,kvzip publish=true
       kvc -m experiment=eviction_policies policy=duo_attention calibration.window=256 calibration.tokens=512 \
         publish=true ;;
     speed)  # rounds interleaved: every cache of round (seed) 0, then of round 1; force=true re-measures
