@@ -25,6 +25,7 @@ and the storage's ``keep(idx)`` does the gathering (memory is really freed).
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor
@@ -38,9 +39,16 @@ WHEN = ("prefill", "decode", "both")
 
 
 class Policy:
-    """``policy=none``: keep every token. Every hook is a no-op; the composed cache is then the storage alone."""
+    """``policy=none``: keep every token. Every hook is a no-op; the composed cache is then the storage alone.
+
+    Eviction settings given to it (a sweep's shared ``policy.budget``) are ignored, with a note on stderr."""
 
     rerotate = False
+
+    def __init__(self, **ignored):
+        if ignored:
+            print(f"policy=none keeps every token; ignoring {', '.join(f'policy.{k}' for k in sorted(ignored))}",
+                  file=sys.stderr)
 
     def check(self, spec: ModelSpec, storage: TokenStore) -> None:
         self.spec = spec
