@@ -19,24 +19,23 @@ for part in "${parts[@]}"; do
   case $part in
     quant)
       $KVC storage=dense "${X[@]}" "${Q[@]}"
-      $KVC storage=kvquant storage.bits=4 storage.outlier_fraction=0.01 "${X[@]}" "${Q[@]}"
-      for f in 0.01 0; do $KVC storage=kvquant storage.bits=3 storage.outlier_fraction=$f "${X[@]}" "${Q[@]}"; done
-      $KVC storage=kvquant storage.bits=2 storage.outlier_fraction=0.01 "${X[@]}" "${Q[@]}"
-      for b in 2 4; do $KVC storage=kivi storage.bits=$b storage.residual=128 "${X[@]}" "${Q[@]}"; done ;;
+      for b in 4 3 2; do for f in 0.01 0; do
+        $KVC storage=kvquant storage.bits=$b storage.outlier_fraction=$f "${X[@]}" "${Q[@]}"
+      done; done
+      for br in "4 128" "2 128" "2 32"; do read -r b r <<< "$br"
+        $KVC storage=kivi storage.bits=$b storage.residual=$r "${X[@]}" "${Q[@]}"
+      done ;;
     think)
-      $KVC storage=think storage.prune_fraction=0.4 "${X[@]}" "${Q[@]}"
-      $KVC storage=think storage.prune_fraction=0.4 storage.bits=2 storage.residual=128 "${X[@]}" "${Q[@]}"
-      $KVC storage=think storage.prune_fraction=0.6 "${X[@]}" "${Q[@]}" ;;
+      for p in 0.4 0.6; do
+        $KVC storage=think storage.prune_fraction=$p "${X[@]}" "${Q[@]}"
+        $KVC storage=think storage.prune_fraction=$p storage.bits=2 storage.residual=128 "${X[@]}" "${Q[@]}"
+      done ;;
     gear)
-      $KVC storage=gear "${X[@]}" "${Q[@]}" ;;
+      for r in 0 128; do $KVC storage=gear storage.residual=$r "${X[@]}" "${Q[@]}"; done ;;
     xkv)
       $KVC storage=latent storage.rank_fraction=0.5 "${X[@]}" "${L[@]}"
       $KVC storage=latent storage.rank_fraction=0.5 layout=xkv layout.group_size=2 "${X[@]}" "${L[@]}" ;;
     extra)
-      for b in 4 2; do $KVC storage=kvquant storage.bits=$b storage.outlier_fraction=0 "${X[@]}" "${Q[@]}"; done
-      $KVC storage=kivi storage.bits=2 storage.residual=32 "${X[@]}" "${Q[@]}"
-      $KVC storage=think storage.prune_fraction=0.6 storage.bits=2 storage.residual=128 "${X[@]}" "${Q[@]}"
-      $KVC storage=gear storage.residual=128 "${X[@]}" "${Q[@]}"
       $KVC storage=latent storage.rank_fraction=0.75 "${X[@]}" "${L[@]}"
       $KVC storage=latent storage.rank_fraction=0.75 layout=xkv layout.group_size=2 "${X[@]}" "${L[@]}" ;;
   esac
