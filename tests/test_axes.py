@@ -224,7 +224,8 @@ def test_h2o_over_minicache_merges_and_scores_both_layers(model, calib_dir):
 
 
 def test_per_head_needs_ragged_storage(model, calib_dir):
-    cache = ComposedCache(axis("storage", "latent"), axis("policy", "snapkv", per_head=True), axis("layout", "per_layer"))
+    cache = ComposedCache(axis("storage", "latent"), axis("policy", "snapkv", per_head=True),
+                          axis("layout", "per_layer"))
     with pytest.raises(ValueError, match="per_head"):
         cache.setup(spec_of(model))
     cache = ComposedCache(axis("storage", "latent", per_head=True), axis("policy", "snapkv", per_head=True),
