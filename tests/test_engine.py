@@ -119,14 +119,14 @@ def test_kv_bytes_are_the_real_tensors():
     model, _ = tiny_pair()
     cache = full_cache(model, 2)
     forward_chunks(model, torch.randint(0, 97, (2, 21)), cache, chunk=5)
-    real = sum(t.nbytes for s in cache.stores for t in (s.k.view(), s.v.view(), s.pos.view()))
+    real = sum(t.nbytes for s in cache.stores() for t in (s.k.view(), s.v.view(), s.pos.view()))
     assert cache.kv_bytes() == real
     c = model.config
     assert cache.tokens_seen == 42
     assert cache.kv_bytes_fp16() == 2 * 2 * c.num_layers * c.num_kv_heads * c.head_dim * 42
     # fp32 K/V are twice the fp16 reference, plus 4-byte positions per token and layer
     assert cache.kv_bytes() == 2 * cache.kv_bytes_fp16() + 4 * 42 * c.num_layers
-    assert cache.reserved_bytes() >= cache.kv_bytes()
+    assert cache.kv_bytes_allocated() >= cache.kv_bytes()
 
 
 def test_unsupported_architecture_is_refused():
