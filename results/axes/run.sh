@@ -5,10 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 EVAL=(eval=ppl eval.dataset=wikitext2 eval.window=1024 eval.max_windows=2 eval.chunk=16 eval.batch_size=2)
-KVC=(.venv/bin/kvc "${EVAL[@]}" results_dir=results/axes publish=true progress=false)
+ARGS=("${EVAL[@]}" results_dir=results/axes publish=true progress=false)
+KVC=(.venv/bin/kvc "${ARGS[@]}")
 "${KVC[@]}" storage=kivi storage.bits=2 policy=h2o policy.budget=256 layout=minicache layout.start_layer=15
 "${KVC[@]}" storage=latent storage.rank_fraction=0.5 storage.joint_kv=true policy=snapkv policy.budget=0.5
 "${KVC[@]}" storage=int8 layout=cla layout.groups=auto layout.share_fraction=0.2 policy=streaming policy.budget=0.25
 # the Cartesian product in one line (a shared budget for both policies: 25% of the tokens)
-"${KVC[@]}" -m storage=dense,int4,kivi policy=none,h2o,snapkv layout=per_layer,cla policy.budget=0.25
+.venv/bin/kvc -m "${ARGS[@]}" storage=dense,int4,kivi policy=none,h2o,snapkv layout=per_layer,cla policy.budget=0.25
 .venv/bin/python results/axes/table.py
