@@ -93,6 +93,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _tokenizer_or_none(load_tokenizer, source):
+    """The tokenizer for the pre-load checks, or None where it cannot load yet (they then count bytes; loading
+    the model reports the real problem)."""
+    try:
+        return load_tokenizer(source)
+    except Exception:
+        return None
+
+
 @dataclass
 class Prepared:
     model: Any
@@ -103,9 +112,9 @@ class Prepared:
 
 
 def prepare(cfg: DictConfig, check=None) -> Prepared:
-    """Validate everything (cache settings against the model's dimensions, then ``check(spec)``) before any
-    weights load; then load the model and calibrate the cache if it wants data."""
-    from kvcompress.engine.loaders import DTYPES, load, read_config, resolve_source
+    """Validate everything (cache settings against the model's dimensions, then ``check(spec, data_dir,
+    tokenizer)``) before any weights load; then load the model and calibrate the cache if it wants data."""
+    from kvcompress.engine.loaders import DTYPES, load, load_tokenizer, read_config, resolve_source
     from kvcompress.eval.calibration import Calibration
 
     if cfg.dtype not in DTYPES:
@@ -117,8 +126,8 @@ def prepare(cfg: DictConfig, check=None) -> Prepared:
     config = read_config(source, cfg.model.name)
     setup_cache(cache, config.spec(), cfg)
     data_dir = Path(cfg.paths.data).expanduser()
-    if check is not None:
-        check(config.spec(), data_dir)
+    if check is not None:  # the tokenizer loads without the weights: checks may count a text's tokens
+        check(config.spec(), data_dir, _tokenizer_or_none(load_tokenizer, source))
     # -- everything above is validation; weights load below ----------------------------------------
     model, tokenizer = load(source, cfg.model.name, device, DTYPES[cfg.dtype])
     cal = cfg.calibration

@@ -298,7 +298,8 @@ def test_text_problems_fail_before_weights_load(tmp_path):
     text = tmp_path / "bin.txt"
     text.write_bytes(b"\x00\xff" * 100)
     out = subprocess.run([sys.executable, "-m", "kvcompress.run", "model=local", f"model.source={folder}",
-                          f"eval.dataset={text}", f"results_dir={tmp_path}/r", f"hydra.run.dir={tmp_path}/run"],
+                          f"eval.dataset={text}", "eval.window=64", f"results_dir={tmp_path}/r",
+                          f"hydra.run.dir={tmp_path}/run"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert f"text file {text} is binary" in out.stderr and "safetensors" not in out.stderr

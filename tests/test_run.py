@@ -130,3 +130,11 @@ def test_whole_cache_escape_hatch(tmp_path):
     assert rec["cache"] == "mine" and rec["policy"] is None
     out = kvc(tmp_path, *FAST, "cache=mine", "policy=h2o", search, env={"PYTHONPATH": str(tmp_path)})
     assert out.returncode == 1 and "cannot be combined with policy=h2o" in out.stderr
+
+
+def test_too_short_text_is_counted_in_tokens_before_weights_load(tmp_path):
+    """The tokenizer loads without the weights, so a text too short for one window is refused by its token count."""
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time there was a cat.\n")
+    out = kvc(tmp_path, *FAST, f"eval.dataset={short}")
+    assert out.returncode == 1 and "is too short" in out.stderr and "tokens, and this evaluation needs" in out.stderr

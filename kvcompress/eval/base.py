@@ -24,8 +24,9 @@ class EvalContext:
 class Evaluation(ABC):
     """One evaluation mode (``eval=<name>``). Subclasses are dataclasses of their settings."""
 
-    def check(self, spec: ModelSpec, data_dir: Path) -> None:
-        """Raise ValueError naming the setting and its range; runs before any weights load."""
+    def check(self, spec: ModelSpec, data_dir: Path, tokenizer=None) -> None:
+        """Raise ValueError naming the setting and its range; runs before any weights load. ``tokenizer`` (loaded
+        without the weights, when the run has one) lets a check count a text's tokens."""
 
     @abstractmethod
     def run(self, ctx: EvalContext) -> dict[str, float]:

@@ -45,7 +45,7 @@ class LmEval(Evaluation):
         only_ours = all(t.startswith("kvc_") for t in self.tasks) and not self.include_path  # skip lm-eval's index
         return TaskManager(include_path=paths, include_defaults=not only_ours, metadata={"data_dir": str(data_dir)})
 
-    def check(self, spec: ModelSpec, data_dir: Path) -> None:
+    def check(self, spec: ModelSpec, data_dir: Path, tokenizer=None) -> None:
         from kvcompress.eval.lm_model import ROLLING
 
         require(isinstance(self.tasks, list) and len(self.tasks) >= 1, "eval.tasks", "a non-empty list", self.tasks)

@@ -59,7 +59,7 @@ class Passkey(Evaluation):
     bos: str | bool = "auto"
     bootstrap: int = 1000            # resamples of prompts for the 95% intervals (0 = none)
 
-    def check(self, spec: ModelSpec, data_dir: Path) -> None:
+    def check(self, spec: ModelSpec, data_dir: Path, tokenizer=None) -> None:
         require(self.bootstrap >= 0, "eval.bootstrap", ">= 0", self.bootstrap)
         limit = spec.max_position - self.digits - 4
         require(len(self.lengths) >= 1 and all(128 <= n <= limit for n in self.lengths), "eval.lengths",

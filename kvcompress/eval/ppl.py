@@ -69,14 +69,14 @@ class Perplexity(Evaluation):
     bos: str | bool = "auto"
     bootstrap: int = 1000  # resamples of windows for the 95% interval of ppl (0 = none)
 
-    def check(self, spec: ModelSpec, data_dir: Path) -> None:
-        check_dataset(self.dataset, data_dir)
+    def check(self, spec: ModelSpec, data_dir: Path, tokenizer=None) -> None:
         require(self.bootstrap >= 0, "eval.bootstrap", ">= 0", self.bootstrap)
         require(2 <= self.window <= spec.max_position, "eval.window", f"in [2, {spec.max_position}]", self.window)
         require(1 <= self.chunk <= self.window, "eval.chunk", f"in [1, window={self.window}]", self.chunk)
         require(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
         require(self.max_windows is None or self.max_windows >= 1, "eval.max_windows", ">= 1 or null", self.max_windows)
         require(self.bos in ("auto", True, False), "eval.bos", "auto, true or false", self.bos)
+        check_dataset(self.dataset, data_dir, min_tokens=self.window - 1, tokenizer=tokenizer)  # a window (BOS aside)
 
     def run(self, ctx: EvalContext) -> dict[str, float]:
         windows = text_windows(ctx.tokenizer, load_text(self.dataset, ctx.data_dir), self.window, self.max_windows,

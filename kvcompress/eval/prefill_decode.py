@@ -59,8 +59,7 @@ class PrefillDecode(Evaluation):
     prefill_chunk: int | None = 512  # null = the whole context in one forward
     bos: str | bool = "auto"
 
-    def check(self, spec: ModelSpec, data_dir: Path) -> None:
-        check_dataset(self.dataset, data_dir)
+    def check(self, spec: ModelSpec, data_dir: Path, tokenizer=None) -> None:
         limit = spec.max_position - self.continuation
         require(2 <= self.context <= limit, "eval.context", f"in [2, max_position - continuation = {limit}]",
                 self.context)
@@ -70,6 +69,8 @@ class PrefillDecode(Evaluation):
         require(self.prefill_chunk is None or self.prefill_chunk >= 1, "eval.prefill_chunk", ">= 1 or null",
                 self.prefill_chunk)
         require(self.bos in ("auto", True, False), "eval.bos", "auto, true or false", self.bos)
+        check_dataset(self.dataset, data_dir, min_tokens=self.context + self.continuation - 1,
+                      tokenizer=tokenizer)
 
     def run(self, ctx: EvalContext) -> dict[str, float]:
         text = load_text(self.dataset, ctx.data_dir)

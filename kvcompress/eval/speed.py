@@ -135,7 +135,7 @@ class Speed(Evaluation):
     dataset: str = "wikitext2"
     decode_path: str = "eager"
 
-    def check(self, spec: ModelSpec, data_dir: Path) -> None:
+    def check(self, spec: ModelSpec, data_dir: Path, tokenizer=None) -> None:
         check_dataset(self.dataset, data_dir)
         require(self.decode_path in DECODE_PATHS, "eval.decode_path", f"one of {DECODE_PATHS}", self.decode_path)
         limit = spec.max_position - self.decode_tokens

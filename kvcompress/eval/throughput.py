@@ -57,7 +57,7 @@ class Throughput(Evaluation):
     dataset: str = "wikitext2"
     budget_counts: str = "held"
 
-    def check(self, spec: ModelSpec, data_dir: Path) -> None:
+    def check(self, spec: ModelSpec, data_dir: Path, tokenizer=None) -> None:
         check_dataset(self.dataset, data_dir)
         limit = spec.max_position - self.decode_tokens
         require(1 <= self.context <= limit, "eval.context", f"in [1, max_position - decode_tokens = {limit}]",

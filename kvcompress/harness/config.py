@@ -47,5 +47,5 @@ def build(cfg: DictConfig, cache_name: str, check: Callable[[int], object] | Non
     """Validate (cache settings, then ``check(max_position)``, before weights load), load, calibrate: as ``kvc``."""
     from kvcompress.job import prepare
 
-    run = prepare(cfg, None if check is None else lambda spec, _data_dir: check(spec.max_position))
+    run = prepare(cfg, None if check is None else lambda spec, _data_dir, _tokenizer: check(spec.max_position))
     return Loaded(run.model, run.tokenizer, run.cache, str(cfg.model.name), cache_name)

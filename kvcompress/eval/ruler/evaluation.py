@@ -75,7 +75,7 @@ class Ruler(Evaluation):
     def new_tokens(self, task: str) -> int:
         return self.max_new_tokens or ALL_TASKS[task].max_new_tokens
 
-    def check(self, spec: ModelSpec, data_dir: Path) -> None:
+    def check(self, spec: ModelSpec, data_dir: Path, tokenizer=None) -> None:
         require(isinstance(self.tasks, list) and len(self.tasks) >= 1, "eval.tasks", "a non-empty list of tasks",
                 self.tasks)
         unknown = [t for t in self.tasks if t not in ALL_TASKS]
