@@ -151,3 +151,27 @@ class TokenStore(ABC):
 
     def payload_reserved(self) -> list[Tensor]:
         return self.payload_tensors()
+
+
+class PartsStore(TokenStore):
+    """A store holding K and V as two parts (``self.k``, ``self.v``: quantized prefix + residual, GEAR blocks, ...),
+    each with ``read(dtype)``, ``keep(idx (B, H, T'))``, ``tensors()``, ``reserved()`` and ``res`` (recent tokens)."""
+
+    def read_payload(self) -> tuple[Tensor, Tensor]:
+        return self.k.read(self.dtype), self.v.read(self.dtype)
+
+    def keep(self, idx: Tensor) -> None:
+        if self.k.res is not None:  # nothing held yet: nothing to keep
+            super().keep(idx)
+
+    def keep_payload(self, idx: Tensor) -> None:
+        B, H = self.k.res.shape[:2]
+        full = idx[:, None].expand(B, H, idx.shape[-1]) if idx.dim() == 2 else idx
+        self.k.keep(full)
+        self.v.keep(full)
+
+    def payload_tensors(self) -> list[Tensor]:
+        return self.k.tensors() + self.v.tensors()
+
+    def payload_reserved(self) -> list[Tensor]:
+        return self.k.reserved() + self.v.reserved()

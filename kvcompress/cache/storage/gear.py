@@ -20,7 +20,7 @@ from torch import Tensor
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.buffers import gather_tokens
 from kvcompress.cache.checks import int_at_least, number_in, one_of
-from kvcompress.cache.storage.base import KEY_MODES, TokenStore
+from kvcompress.cache.storage.base import KEY_MODES, PartsStore
 from kvcompress.cache.storage.quant.quantizer import QTensor, QuantConfig, dequantize, quantize
 
 
@@ -107,7 +107,7 @@ class GearPart:
         return [t for b in self.buf.values() for t in b.reserved()] + ([self.res] if self.res is not None else [])
 
 
-class GEARStore(TokenStore):
+class GEARStore(PartsStore):
     def __init__(self, bits: int = 2, group_size: int = 32, block_size: int = 64, rank: int = 2,
                  outlier_fraction: float = 0.02, residual: int = 0, keys: str = "post_rope"):
         one_of("storage.bits", bits, (8, 4, 2))
@@ -147,25 +147,6 @@ class GEARStore(TokenStore):
         self.dtype = k.dtype
         self.k.append(k)
         self.v.append(v)
-
-    def read_payload(self) -> tuple[Tensor, Tensor]:
-        return self.k.read(self.dtype), self.v.read(self.dtype)
-
-    def keep_payload(self, idx: Tensor) -> None:
-        B, H = self.k.res.shape[:2]
-        full = idx[:, None].expand(B, H, idx.shape[-1]) if idx.dim() == 2 else idx
-        self.k.keep(full)
-        self.v.keep(full)
-
-    def keep(self, idx: Tensor) -> None:
-        if self.k.res is not None:
-            super().keep(idx)
-
-    def payload_tensors(self) -> list[Tensor]:
-        return self.k.tensors() + self.v.tensors()
-
-    def payload_reserved(self) -> list[Tensor]:
-        return self.k.reserved() + self.v.reserved()
 
     def report(self) -> dict[str, float | str]:
         return {"gear_outliers_per_block": float(getattr(self, "n_out", 0))}

@@ -143,7 +143,7 @@ class ThinKStore(TokenStore):
 
     def payload_reserved(self) -> list[Tensor]:
         if self.bits:
-            return self.k.reserved_tensors() + self.v.reserved_tensors()
+            return self.k.reserved() + self.v.reserved()
         return self.k.reserved() + self.v.reserved()
 
     def calibration_tensors(self) -> list[Tensor]:

@@ -48,5 +48,5 @@ class Latents:
 
     def reserved_tensors(self) -> list[Tensor]:
         if self.quant is not None:
-            return self.quant.reserved_tensors()
+            return self.quant.reserved()
         return [self.dense.data] if self.dense.data is not None else []

@@ -107,7 +107,7 @@ class QuantPart:
     def tensors(self) -> list[Tensor]:
         return [b.view() for b in self._buffers()] + ([self.res] if self.res is not None else [])
 
-    def reserved_tensors(self) -> list[Tensor]:
+    def reserved(self) -> list[Tensor]:
         return [b.data for b in self._buffers()] + ([self.res] if self.res is not None else [])
 
     # -- eviction ---------------------------------------------------------------------------

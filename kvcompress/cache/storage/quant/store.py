@@ -15,7 +15,7 @@ from torch import Tensor
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.checks import DTYPES, int_at_least, one_of
 from kvcompress.cache.static import StaticQuantKVCache
-from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.storage.base import PartsStore
 from kvcompress.cache.storage.quant.part import QuantPart
 from kvcompress.cache.storage.quant.quantizer import QuantConfig
 from kvcompress.kernels import from_part, quant_attention
@@ -23,7 +23,7 @@ from kvcompress.kernels import from_part, quant_attention
 DEFAULT_GROUP = 64
 
 
-class QuantizedStore(TokenStore):
+class QuantizedStore(PartsStore):
     """K and V quantized separately (own axis and group size), positions as int32.
 
     ``group_size`` counts channels for per-token groups and tokens for per-channel groups (null: 64);
@@ -69,9 +69,6 @@ class QuantizedStore(TokenStore):
         self.k.append(k)
         self.v.append(v)
 
-    def read_payload(self) -> tuple[Tensor, Tensor]:
-        return self.k.read(self.dtype), self.v.read(self.dtype)
-
     def attend(self, q: Tensor, q_pos: Tensor, n_weights: int = 0) -> tuple[Tensor, Tensor | None]:
         """A decode step reads the packed codes, scales and residual directly (``kernels.quant_attention``: Triton
         on CUDA, its PyTorch reference elsewhere), never a full-precision copy of the history. Prefill chunks,
@@ -88,22 +85,6 @@ class QuantizedStore(TokenStore):
                 or self.keys != "post_rope" or self.dequant_cache:
             return None
         return StaticQuantKVCache(capacity, k.bits, k.group_size, k.symmetric, DTYPES[self.residual_dtype])
-
-    def keep_payload(self, idx: Tensor) -> None:
-        B, H = self.k.res.shape[:2]
-        full = idx[:, None].expand(B, H, idx.shape[-1]) if idx.dim() == 2 else idx
-        self.k.keep(full)
-        self.v.keep(full)
-
-    def keep(self, idx: Tensor) -> None:
-        if self.k.res is not None:
-            super().keep(idx)
-
-    def payload_tensors(self) -> list[Tensor]:
-        return self.k.tensors() + self.v.tensors()
-
-    def payload_reserved(self) -> list[Tensor]:
-        return self.k.reserved_tensors() + self.v.reserved_tensors()
 
     def report(self) -> dict[str, float | str]:
         return {"key_group_size": self.configs["key"].group_size, "value_group_size": self.configs["value"].group_size}
