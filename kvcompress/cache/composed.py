@@ -143,11 +143,14 @@ class ComposedCache(KVCache):
             self.policy.remap(owner, idx)
 
     def static_form(self, capacity: int) -> KVCache | None:
-        """The static-capacity equivalent (captured decode) when the policy and the layout are the identity and the
-        storage offers one; None otherwise (eviction and sharing change shapes per step: eager decode)."""
-        if type(self.policy) is not Policy or type(self.layout) is not Layout:
+        """The static-capacity equivalent (captured decode), or None (eager decode). Under the identity layout:
+        the storage's form when the policy keeps everything, else the policy's form over the storage (a fixed
+        budget keeps a fixed shape). Sharing layouts change what a layer reads per step: eager."""
+        if type(self.layout) is not Layout:
             return None
-        return self.storage.static_form(capacity)
+        if type(self.policy) is Policy:
+            return self.storage.static_form(capacity)
+        return self.policy.static_form(self.storage, capacity)
 
     # -- accounting ------------------------------------------------------------------------------
     def stores(self) -> list[TokenStore]:

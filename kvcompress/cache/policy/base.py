@@ -95,6 +95,10 @@ class Policy:
         """Per-token state the policy holds (counted in ``kv_bytes``: it is real memory)."""
         return []
 
+    def static_form(self, storage: TokenStore, capacity: int):
+        """A static-capacity cache equal to this policy over ``storage`` (captured decode), or None: eager."""
+        return None
+
     def report(self) -> dict[str, float]:
         return {}
 
