@@ -242,9 +242,12 @@ def test_device_lengths_over_capacity_buffers(backend):
 
 
 @interpreter
+@pytest.mark.parametrize("settings", [dict(bits=4, group_size=8),
+                                      dict(bits=2, group_size=2, key_axis="channel", residual=2)])  # int4, KIVI-2
 @torch.inference_mode()
-def test_triton_static_quant_cache_equals_its_reference():
-    """The static int4 cache on the kernels (quantize on append, attention with device lengths) vs the reference."""
+def test_triton_static_quant_cache_equals_its_reference(settings):
+    """The static int4 / KIVI cache on the kernels (quantize on append, attention with device lengths: prefix and
+    residual counts) vs the reference."""
     from kvcompress.cache.static import StaticQuantKVCache
     from kvcompress.engine.generate import positions_like
     from tests.conftest import spec_of, tiny_model
@@ -253,7 +256,7 @@ def test_triton_static_quant_cache_equals_its_reference():
     tokens = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
     out = []
     for backend in ("torch", "triton"):
-        cache = StaticQuantKVCache(capacity=10, bits=4, group_size=8, backend=backend)
+        cache = StaticQuantKVCache(capacity=10, backend=backend, **settings)
         cache.setup(spec_of(model))
         cache.reset(2)
         logits = [model(tokens[:, :5], positions_like(tokens[:, :5]), cache)]

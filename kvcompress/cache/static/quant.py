@@ -1,66 +1,159 @@
-"""Quantized K/V in static-capacity buffers."""
+"""Quantized K/V in static-capacity buffers: the quantized storage's codes (int8/int4/int2 and KIVI), captured.
+
+Each of K and V is a ``StaticPart``: packed codes and fp16 scales (and zeros) for ``capacity`` tokens, and a
+full-precision residual of ``residual + gran`` slots (``gran`` = 1 for per-token groups, ``group_size`` for
+per-channel groups). After ``n`` tokens the quantized prefix holds ``split(n) = floor(max(n - residual, 0) /
+gran) * gran`` tokens and the residual the other ``n - split(n)``: the storage's own rule
+(``storage.quant.part``), so the codes are bit for bit the eager storage's.
+
+A single-token step is branch-free on the device: the token goes to residual slot ``n - 1 - split(n - 1)``;
+the first ``gran`` residual tokens are quantized every step and written at prefix slot ``split(n - 1)`` only
+where ``flush = split(n) > split(n - 1)`` (``torch.where`` against what is there), and the residual shifts left
+by ``gran`` under the same flag. Longer steps (prefill chunks, never captured) read the counts on the host.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.static.dense import StaticKVCache
-from kvcompress.kernels import Packed, quant_attention, quantize_tokens, resolve
+from kvcompress.cache.storage.quant.quantizer import QuantConfig, quantize
+from kvcompress.kernels import Packed, dense, quant_attention, quantize_tokens, resolve
+from kvcompress.kernels.reference import dequant_prefix
+
+
+class StaticPart:
+    """One of K or V for every layer: codes (L, B, H, Cq, D * bits / 8), scale/zero (L, B, H, Cq, D / g) per token
+    or (L, B, H, Cq / g, D) per channel, residual (L, B, H, residual + gran, D); ``Cq`` = capacity rounded up to
+    whole groups."""
+
+    def __init__(self, cfg: QuantConfig, residual: int, backend: str | None = None):
+        self.cfg, self.residual, self.backend = cfg, residual, backend
+        self.gran = cfg.token_granularity
+        self.codes = self.scale = self.zero = self.res = None
+
+    def split(self, n):
+        """Tokens of ``n`` in the quantized prefix (an int or a device tensor)."""
+        over = n - self.residual
+        return (over.clamp(min=0) if isinstance(over, Tensor) else max(over, 0)) // self.gran * self.gran
+
+    def allocate(self, lead: tuple[int, ...], capacity: int, D: int, res_dtype: torch.dtype, device) -> None:
+        cfg = self.cfg
+        slots = math.ceil(capacity / self.gran) * self.gran
+        rows = (slots, D // cfg.group_size) if cfg.axis == "token" else (slots // cfg.group_size, D)
+        self.codes = torch.zeros((*lead, slots, D * cfg.bits // 8), dtype=torch.uint8, device=device)
+        self.scale = torch.zeros((*lead, *rows), dtype=torch.float16, device=device)
+        self.zero = None if cfg.symmetric else torch.zeros_like(self.scale)
+        self.res = torch.zeros((*lead, self.residual + self.gran, D), dtype=res_dtype, device=device)
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.codes, self.scale, self.zero, self.res) if t is not None]
+
+    def quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Codes, scale, zero of ``x`` (B, H, T, D), T a whole number of groups: the storage's quantizer."""
+        if self.cfg.axis == "token":
+            return quantize_tokens(x, self.cfg.bits, self.cfg.group_size, self.cfg.symmetric, self.backend)
+        q = quantize(x, self.cfg)
+        return q.codes, q.scale, q.zero
+
+    def _put(self, layer: int, at: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None,
+             flush: Tensor | None = None) -> None:
+        """Write whole groups of codes at prefix slots ``at``; with ``flush`` (0-d bool) only where it is True."""
+        rows = at if self.cfg.axis == "token" else at[:: self.cfg.group_size] // self.cfg.group_size
+        for buf, new, idx in ((self.codes, codes, at), (self.scale, scale, rows), (self.zero, zero, rows)):
+            if buf is not None:
+                if flush is not None:
+                    new = torch.where(flush, new, buf[layer].index_select(2, idx))
+                buf[layer].index_copy_(2, idx, new)
+
+    def append(self, layer: int, x: Tensor, n: Tensor) -> None:
+        """Add x (B, H, T, D), already in the residual dtype; ``n`` (0-d, device) counts the tokens after it."""
+        T = x.shape[2]
+        if T == 1:
+            self._append_one(layer, x, n)
+            return
+        n_new = int(n)  # a multi-token step (prefill) is never captured: host counts are fine
+        q_old, q_new = self.split(n_new - T), self.split(n_new)
+        full = torch.cat([self.res[layer][:, :, : n_new - T - q_old], x], 2)
+        m = q_new - q_old
+        if m:
+            at = torch.arange(q_old, q_new, device=x.device)
+            self._put(layer, at, *self.quantize(full[:, :, :m]))
+        self.res[layer][:, :, : full.shape[2] - m] = full[:, :, m:]
+
+    def _append_one(self, layer: int, x: Tensor, n: Tensor) -> None:
+        res, g = self.res[layer], self.gran
+        q_old = self.split(n - 1)
+        flush = self.split(n) > q_old
+        res.index_copy_(2, (n - 1 - q_old).view(1), x)
+        at = q_old + torch.arange(g, device=x.device)  # q_old < capacity, both whole groups: in range
+        self._put(layer, at, *self.quantize(res[:, :, :g]), flush=flush)
+        res.copy_(torch.where(flush, torch.cat([res[:, :, g:], res[:, :, :g]], 2), res))
+
+    def side(self, layer: int) -> Packed:
+        """The layer's buffers as a kernel side (prefix capacity + residual; the counts come as ``lengths``)."""
+        c = self.cfg
+        zero = None if self.zero is None else self.zero[layer]
+        return Packed(self.codes[layer], self.scale[layer], zero, self.res[layer], c.bits, c.group_size, c.axis)
+
+    def tokens(self, layer: int, n: Tensor, capacity: int, dtype: torch.dtype) -> Tensor:
+        """All ``capacity`` slots in ``dtype``, branch-free: token t is prefix code t below ``split(n)``, else
+        residual slot ``t - split(n)`` (slots at or beyond n are junk the positions mask)."""
+        side, q = self.side(layer), self.split(n)
+        prefix = dequant_prefix(side, 0, side.codes.shape[2])[:, :, :capacity].to(dtype)
+        t = torch.arange(capacity, device=n.device)
+        res = side.res.index_select(2, (t - q).clamp(0, side.res.shape[2] - 1)).to(dtype)
+        return torch.where((t < q)[:, None], prefix, res)
 
 
 class StaticQuantKVCache(StaticKVCache):
-    """Per-token ``bits``-bit K and V in fixed buffers: packed codes (L, B, Hkv, capacity, D * bits / 8) and fp16
-    scale (and zero) (L, B, Hkv, capacity, D / g), exactly the quantized storage's codes (per-token groups, no
-    residual; tokens cast to ``residual_dtype`` first, as it does). New tokens are quantized on append
-    (``kernels.quantize_tokens``) and attention reads the codes (``kernels.quant_attention``): with Triton only
-    the held tokens' bytes, their count read on the device; the reference reads the capacity, empty slots masked.
+    """The quantized storage (``storage.quant.store.QuantizedStore``) in static-capacity buffers.
+
+    Settings mirror the storage's: ``bits``, ``group_size`` (channels per group for per-token groups, tokens
+    for per-channel ones; ``key_group_size`` / ``value_group_size`` override one side), ``key_axis`` /
+    ``value_axis`` (``token`` | ``channel``: KIVI keys), ``residual`` recent tokens in ``residual_dtype`` (None:
+    the model's). Attention reads the codes (``kernels.quant_attention``): with Triton only the held tokens'
+    bytes, their counts read on the device; the reference dequantizes the capacity, empty slots masked.
     """
 
     def __init__(self, capacity: int, bits: int = 4, group_size: int = 64, symmetric: bool = False,
                  residual_dtype: torch.dtype | None = torch.float16, device: torch.device | str | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, residual: int = 0, key_axis: str = "token", value_axis: str = "token",
+                 key_group_size: int | None = None, value_group_size: int | None = None):
         super().__init__(capacity, device=device)
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        self.residual_dtype, self.backend = residual_dtype, backend
+        self.residual_dtype, self.backend, self.residual = residual_dtype, backend, residual
+        self.parts: list[StaticPart] = []
+        self.configs = [QuantConfig(bits, key_group_size or group_size, key_axis, symmetric),
+                        QuantConfig(bits, value_group_size or group_size, value_axis, symmetric)]
 
     def setup(self, spec: ModelSpec) -> None:
-        D = spec.head_dim
-        if self.bits not in (2, 4, 8) or D % self.group_size or D % (8 // self.bits):
-            raise ValueError(f"bits={self.bits} must be 2, 4 or 8 and group_size={self.group_size} divide "
-                             f"head_dim={D}")
+        for name, cfg in zip(("key", "value"), self.configs, strict=True):
+            cfg.check_head_dim(spec.head_dim, f"{name}_group_size (or group_size)")
         super().setup(spec)
 
     def payload(self) -> list[Tensor]:
-        return [t for t in (self.k, self.v, self.ks, self.vs, self.kz, self.vz) if t is not None]
+        return [t for part in self.parts for t in part.tensors()]
 
     def allocate_payload(self, dtype: torch.dtype, device: torch.device) -> None:
         s = self.spec
-        lead = (s.num_layers, self.batch_size, s.num_kv_heads, self.capacity)
-        codes = (*lead, s.head_dim * self.bits // 8)
-        groups = (*lead, s.head_dim // self.group_size)
-        self.k, self.v = (torch.zeros(codes, dtype=torch.uint8, device=device) for _ in range(2))
-        self.ks, self.vs = (torch.zeros(groups, dtype=torch.float16, device=device) for _ in range(2))
-        self.kz = self.vz = None
-        if not self.symmetric:
-            self.kz, self.vz = (torch.zeros(groups, dtype=torch.float16, device=device) for _ in range(2))
+        self.parts = [StaticPart(cfg, self.residual, self.backend) for cfg in self.configs]
+        for part in self.parts:
+            part.allocate((s.num_layers, self.batch_size, s.num_kv_heads), self.capacity, s.head_dim,
+                          self.residual_dtype or dtype, device)
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        for x, codes, scale, zero in ((k, self.k, self.ks, self.kz), (v, self.v, self.vs, self.vz)):
-            x = x if self.residual_dtype is None else x.to(self.residual_dtype)  # None: as it arrives (model)
-            c, s, z = quantize_tokens(x, self.bits, self.group_size, self.symmetric, self.backend)
-            codes[layer].index_copy_(2, slots, c)
-            scale[layer].index_copy_(2, slots, s)
-            if zero is not None:
-                zero[layer].index_copy_(2, slots, z)
-
-    def side(self, codes: Tensor, scale: Tensor, zero: Tensor | None) -> Packed:
-        return Packed(codes, scale, zero, None, self.bits, self.group_size, "token")
+        """New tokens are always the next ones (``slots`` = index - T + [0, T)): each part places them itself."""
+        for part, x in zip(self.parts, (k, v), strict=True):
+            part.append(layer, x.to(part.res.dtype), self.index)
 
     def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
-        k = self.side(self.k[layer], self.ks[layer], None if self.kz is None else self.kz[layer])
-        v = self.side(self.v[layer], self.vs[layer], None if self.vz is None else self.vz[layer])
-        lengths = None
+        n, (k, v) = self.index, self.parts
         if resolve(q.device, self.backend) == "triton":
-            lengths = self.index.to(torch.int32).repeat(3)  # [n_q of K, n_q of V, T]: all held tokens are codes
-        return quant_attention(q, q_pos, self.pos, k, v, backend=self.backend, lengths=lengths)
+            lengths = torch.stack([k.split(n), v.split(n), n]).to(torch.int32)
+            return quant_attention(q, q_pos, self.pos, k.side(layer), v.side(layer), lengths=lengths,
+                                   backend=self.backend)
+        sides = (dense(part.tokens(layer, n, self.capacity, q.dtype)) for part in self.parts)
+        return quant_attention(q, q_pos, self.pos, *sides, backend=self.backend)

@@ -78,13 +78,14 @@ class QuantizedStore(PartsStore):
         return super().attend(q, q_pos, n_weights)
 
     def static_form(self, capacity: int):
-        """Per-token codes for K and V with one group size, no residual, post-RoPE keys: the static-capacity
-        quantized cache (captured decode); anything else decodes eagerly."""
-        k, v = self.configs["key"], self.configs["value"]
-        if (k.axis, v.axis) != ("token", "token") or k.group_size != v.group_size or self.residual \
-                or self.keys != "post_rope" or self.dequant_cache:
+        """The same codes in static-capacity buffers (captured decode), for post-RoPE keys without
+        ``dequant_cache`` (pre-RoPE keys are rotated at read time: eager)."""
+        if self.keys != "post_rope" or self.dequant_cache:
             return None
-        return StaticQuantKVCache(capacity, k.bits, k.group_size, k.symmetric, DTYPES[self.residual_dtype])
+        k, v = self.configs["key"], self.configs["value"]
+        return StaticQuantKVCache(capacity, k.bits, k.group_size, k.symmetric, DTYPES[self.residual_dtype],
+                                  residual=self.residual, key_axis=k.axis, value_axis=v.axis,
+                                  value_group_size=v.group_size)
 
     def report(self) -> dict[str, float | str]:
         return {"key_group_size": self.configs["key"].group_size, "value_group_size": self.configs["value"].group_size}
