@@ -106,3 +106,14 @@ def test_speed_records_the_spread_and_the_decode_path(stories):
         EvalContext(model, tok, cache, default_data_dir(), progress=False))
     assert m["decode_tokens_per_s_min"] <= m["decode_tokens_per_s"] <= m["decode_tokens_per_s_max"]
     assert m["noisy"] in (0, 1) and m["decode_path"] == "eager"
+
+
+def test_the_static_path_fits_its_reserved_capacity(stories):
+    """decode_path=graph measures the static form: its bytes are the whole capacity it reserves, and the batch
+    still fits the budget (on CPU the static step runs eagerly: path ``static``)."""
+    kivi = lambda: ComposedCache(QuantizedStore(bits=2, group_size=4, key_axis="channel", residual=8))
+    eager = run(stories, kivi(), kv_budget_bytes=200_000)
+    static = run(stories, kivi(), kv_budget_bytes=200_000, decode_path="graph")
+    assert static["decode_path"] == "static" and eager["decode_path"] == "eager"
+    assert static["kv_bytes"] <= 200_000 and static["batch_size"] >= 1
+    assert static["bytes_per_row"] >= eager["bytes_per_row"]  # capacity reserved up front, residual slots included

@@ -19,7 +19,15 @@ from kvcompress.cache.base import ModelSpec
 from kvcompress.eval.base import EvalContext, Evaluation, require
 from kvcompress.eval.data import check_dataset, load_text
 from kvcompress.eval.ppl import text_windows
-from kvcompress.eval.speed import decode_rates, spread, time_prefill_decode, timed_passes
+from kvcompress.eval.speed import (
+    DECODE_PATHS,
+    Decoder,
+    decode_rates,
+    decoder,
+    spread,
+    time_prefill_decode,
+    timed_passes,
+)
 
 VERIFY_TRIES = 4
 COUNTS = ("held", "allocated")  # kv_bytes (the tensors held) or kv_bytes_allocated (their whole buffers)
@@ -56,6 +64,7 @@ class Throughput(Evaluation):
     repeats: int = 2
     dataset: str = "wikitext2"
     budget_counts: str = "held"
+    decode_path: str = "eager"
 
     def check(self, spec: ModelSpec, data_dir: Path, tokenizer=None) -> None:
         check_dataset(self.dataset, data_dir)
@@ -71,6 +80,7 @@ class Throughput(Evaluation):
         require(self.probe_batch >= 1, "eval.probe_batch", ">= 1", self.probe_batch)
         require(self.max_batch >= 1, "eval.max_batch", ">= 1", self.max_batch)
         require(self.repeats >= 1, "eval.repeats", ">= 1", self.repeats)
+        require(self.decode_path in DECODE_PATHS, "eval.decode_path", f"one of {DECODE_PATHS}", self.decode_path)
         require(self.budget_counts in COUNTS, "eval.budget_counts", f"one of {COUNTS}", self.budget_counts)
         require(self.prefill_chunk is None or self.prefill_chunk >= 1, "eval.prefill_chunk", ">= 1 or null",
                 self.prefill_chunk)
@@ -79,10 +89,12 @@ class Throughput(Evaluation):
         """``batch`` rows of context + decode tokens: the pool's text windows, repeated as needed."""
         return pool.repeat(-(-batch // pool.shape[0]), 1)[:batch]
 
-    def _held(self, ctx: EvalContext, tokens: torch.Tensor) -> int:
-        """Bytes counted against the budget after one untimed prefill + decode pass over ``tokens``."""
-        time_prefill_decode(ctx.model, tokens, ctx.cache, self.decode_tokens, self.prefill_chunk)
-        return ctx.cache.kv_bytes() if self.budget_counts == "held" else ctx.cache.kv_bytes_allocated()
+    def _held(self, ctx: EvalContext, tokens: torch.Tensor) -> tuple[int, Decoder]:
+        """Bytes counted against the budget after one untimed prefill + decode pass over ``tokens``, on the decode
+        path asked for at that batch (a static form reserves its whole capacity: that is what it holds)."""
+        dec = decoder(ctx, tokens.shape[0], tokens.shape[1], self.decode_path)
+        time_prefill_decode(ctx.model, tokens, dec.cache, self.decode_tokens, self.prefill_chunk, step=dec.step)
+        return (dec.cache.kv_bytes() if self.budget_counts == "held" else dec.cache.kv_bytes_allocated()), dec
 
     def run(self, ctx: EvalContext) -> dict[str, float]:
         auto = self.kv_budget_bytes == "auto"
@@ -90,20 +102,20 @@ class Throughput(Evaluation):
         text = load_text(self.dataset, ctx.data_dir)
         pool = text_windows(ctx.tokenizer, text, self.context + self.decode_tokens, POOL, bos=False)
         pool = pool.to(ctx.model.device)
-        per_row = self._held(ctx, self._rows(pool, self.probe_batch)) / self.probe_batch
+        per_row = self._held(ctx, self._rows(pool, self.probe_batch))[0] / self.probe_batch
         batch = fit_batch(per_row, budget, self.max_batch)
         require(batch >= 1, "eval.kv_budget_bytes", f">= one row's cache ({per_row:.0f} bytes at context "
                 f"{self.context} + {self.decode_tokens} decode tokens)", budget)
         for _ in range(VERIFY_TRIES):
             tokens = self._rows(pool, batch)
-            held = self._held(ctx, tokens)  # also the warm-up at the real batch
+            held, dec = self._held(ctx, tokens)  # also the warm-up at the real batch
             if held <= budget:
                 break
             batch = shrink(batch, held, budget)
             require(batch >= 1, "eval.kv_budget_bytes", f">= one row's cache ({held} bytes held)", budget)
         else:
             raise RuntimeError(f"no batch fits kv_budget_bytes={budget} after {VERIFY_TRIES} tries (last {held})")
-        passes = timed_passes(ctx, tokens, self.decode_tokens, self.repeats, self.prefill_chunk, warmup=False)
+        passes = timed_passes(ctx, tokens, self.decode_tokens, self.repeats, self.prefill_chunk, False, dec)
         rate = spread("decode_tokens_per_s", decode_rates(passes, batch))
         return {
             "batch_size": batch,
@@ -114,6 +126,6 @@ class Throughput(Evaluation):
             "kv_budget_used": held / budget,
             **rate,
             "decode_tokens_per_s_per_row": rate["decode_tokens_per_s"] / batch,
-            "decode_path": "eager",  # compared at equal memory, every cache on its own eager step
-            **ctx.cache.memory_report(),
+            "decode_path": dec.path,
+            **dec.cache.memory_report(),
         }
