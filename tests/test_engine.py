@@ -4,6 +4,7 @@ import torch
 from conftest import tiny_pair
 
 from kvcompress.cache import PAD_POSITION, FullCache
+from kvcompress.cache.static import StaticKVCache
 from kvcompress.engine.generate import Sampling, forward_chunks, generate, positions_like, prefill
 
 VARIANTS = {
@@ -58,6 +59,27 @@ def test_chunked_prefill_and_decode_equal_one_forward(chunk):
     once = forward_chunks(model, tokens, full_cache(model, 3))
     stepped = forward_chunks(model, tokens, full_cache(model, 3), chunk=chunk)
     assert (once - stepped).abs().max() < 1e-5
+
+
+@torch.inference_mode()
+def test_positions_advanced_in_place_rotate_at_their_new_values():
+    """The rotary cos/sin are computed once per forward (``prepare``), never served from an earlier forward's
+    positions tensor whose values changed in place (a captured step's static buffer): the keys stored equal
+    those of fresh positions tensors, bit for bit."""
+    model, _ = tiny_pair()
+    tokens = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    reused, fresh = StaticKVCache(capacity=9), StaticKVCache(capacity=9)
+    for cache in (reused, fresh):
+        cache.setup(model.config.spec())
+        cache.reset(2)
+    pos = torch.zeros((2, 1), dtype=torch.long)
+    a, b = [], []
+    for i in range(9):
+        pos.fill_(i)
+        a.append(model(tokens[:, i : i + 1], pos, reused))
+    for i in range(9):
+        b.append(model(tokens[:, i : i + 1], torch.full((2, 1), i), fresh))
+    assert torch.equal(reused.k, fresh.k) and torch.equal(torch.cat(a, 1), torch.cat(b, 1))
 
 
 def test_padding_is_never_attended():

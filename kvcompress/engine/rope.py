@@ -44,10 +44,15 @@ class RotaryEmbedding:
         elif self.kind == "llama3":
             self.inv_freq = _llama3(self.inv_freq, self.scaling)
         self._dynamic_len = self.original_max
-        self._memo: tuple[Tensor, Tensor, Tensor] | None = None
+        self._pos: Tensor | None = None  # this forward's positions, and their cos/sin per dtype
+        self._memo: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
     def prepare(self, pos: Tensor) -> None:
-        """Called once per forward with the new positions (dynamic NTK grows its base as HF does)."""
+        """Called once per forward with its positions: every layer rotates its queries and new keys at them, so
+        their cos/sin are computed once (per dtype) until the next call. Refreshed every forward, so a positions
+        buffer reused with new values (a captured step's) is never served stale. Dynamic NTK grows its base as HF
+        does."""
+        self._pos, self._memo = pos, {}
         if self.kind != "dynamic":
             return
         seq_len = int(pos.max()) + 1
@@ -57,19 +62,20 @@ class RotaryEmbedding:
             base = self.base * ((factor * length / self.original_max) - (factor - 1)) ** (d / (d - 2))
             self.inv_freq = _inv_freq(d, base)
             self._dynamic_len = length
-            self._memo = None
 
     def cos_sin(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin of shape pos.shape + (D,), computed in fp32 then cast (as transformers does)."""
-        memo = self._memo
-        if memo is not None and memo[0] is pos and memo[1].dtype == dtype:
-            return memo[1], memo[2]
-        inv = self.inv_freq.to(pos.device)
-        freqs = pos.float()[..., None] * inv
+        this_forward = pos is self._pos
+        if this_forward and dtype in self._memo:
+            return self._memo[dtype]
+        if self.inv_freq.device != pos.device:  # once per device (and per dynamic-NTK rebase), not per forward
+            self.inv_freq = self.inv_freq.to(pos.device)
+        freqs = pos.float()[..., None] * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        self._memo = (pos, cos, sin)
-        return cos, sin
+        out = emb.cos().to(dtype), emb.sin().to(dtype)
+        if this_forward:
+            self._memo[dtype] = out
+        return out
 
     def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
         cos, sin = self.cos_sin(pos, x.dtype)

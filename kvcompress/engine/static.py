@@ -42,7 +42,6 @@ class CapturedDecode:
         self.captured = dev.type == "cuda" and getattr(model.rope, "kind", "default") != "dynamic"
         self.graph, self.logits = None, None
         if self.captured:
-            model.rope.inv_freq = model.rope.inv_freq.to(dev)  # no host-to-device copy inside the graph
             self._capture(warmup)
 
     @torch.inference_mode()
@@ -57,7 +56,6 @@ class CapturedDecode:
             for _ in range(warmup):
                 decode_step(self.model, self.tokens, self.pos, self.cache)
         torch.cuda.current_stream().wait_stream(stream)
-        self._forget_rotation()  # else the graph would bake in the warm-up's cos/sin instead of computing them
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = decode_step(self.model, self.tokens, self.pos, self.cache)
@@ -65,18 +63,11 @@ class CapturedDecode:
             self.cache.reset(self.tokens.shape[0])  # same batch: cleared in place, addresses kept
         for t, s in zip(self.cache.tensors() if saved else (), saved, strict=True):
             t.copy_(s)
-        self._forget_rotation()
-
-    def _forget_rotation(self) -> None:
-        """The rotary embedding memoises cos/sin by the identity of the positions tensor; the static ``pos``
-        buffer keeps its identity while its values change, so the memo must not survive across steps."""
-        if hasattr(self.model.rope, "_memo"):
-            self.model.rope._memo = None
 
     @torch.inference_mode()
     def __call__(self, tokens: Tensor, pos: Tensor) -> Tensor:
-        if not self.captured:  # a fresh positions tensor: the rotary memo is keyed by identity
-            return decode_step(self.model, tokens, pos.clone(), self.cache)
+        if not self.captured:
+            return decode_step(self.model, tokens, pos, self.cache)
         self.tokens.copy_(tokens)
         self.pos.copy_(pos)
         self.graph.replay()
