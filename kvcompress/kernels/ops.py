@@ -41,12 +41,14 @@ def quant_attention(q: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packe
 
 def latent_attention(qc: Tensor, q_pos: Tensor, k_pos: Tensor, ck: Tensor | Packed, cv: Tensor | Packed,
                      k_basis: Tensor, v_basis: Tensor, v_mean: Tensor, scale: float | None = None,
-                     backend: str | None = None) -> Tensor:
+                     backend: str | None = None, lengths: Tensor | None = None) -> Tensor:
     """Absorbed attention over latents c (B, G, T, r), G = 1 (heads joined) or Hkv.
 
     ``scores = (q U_k) . c_k`` (the constant ``q . mean_k`` cancels in softmax), ``P = softmax(scores * scale)``,
     ``out = (P c_v) U_v^T + mean_v``. ``k_basis`` (Hkv, d, r_k) and ``v_basis`` (Hkv, d, r_v) are each KV
     head's rows of the bases, ``v_mean`` (Hkv, d). ``scale`` defaults to d**-0.5. Returns (B, Hq, Tq, d).
+    ``lengths`` as in ``quant_attention`` (dense latents: ``[0, 0, T]``): the latents are static-capacity buffers
+    holding T tokens, read on the device, so the Triton launch can be captured.
     """
     ck = ck if isinstance(ck, Packed) else dense(ck)
     cv = cv if isinstance(cv, Packed) else dense(cv)
@@ -56,7 +58,7 @@ def latent_attention(qc: Tensor, q_pos: Tensor, k_pos: Tensor, ck: Tensor | Pack
         raise ValueError("latents shared by all heads (G = 1) need positions per row (B, T), not per head")
     qa = torch.einsum("bhtd,hdr->bhtr", qc.reshape(B, H, Hq // H * Tq, d), k_basis.to(qc.dtype))
     rows = qa.reshape(B, G, H // G * Hq // H * Tq, -1)
-    mixed = _attend_rows(rows, q_pos, k_pos, ck, cv, d**-0.5 if scale is None else scale, backend)
+    mixed = _attend_rows(rows, q_pos, k_pos, ck, cv, d**-0.5 if scale is None else scale, backend, lengths)
     mixed = mixed.reshape(B, H, Hq // H * Tq, -1)
     out = torch.einsum("bhtr,hdr->bhtd", mixed, v_basis.to(qc.dtype)) + v_mean.to(qc.dtype)[None, :, None]
     return out.reshape(B, Hq, Tq, d)

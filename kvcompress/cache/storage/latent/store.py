@@ -30,6 +30,7 @@ from torch import Tensor
 from kvcompress.cache.base import ModelSpec, attention_tail_weights
 from kvcompress.cache.buffers import GrowingBuffer, gather_tokens
 from kvcompress.cache.checks import DTYPES, number_in, one_of
+from kvcompress.cache.static.latent import StaticLatentKVCache
 from kvcompress.cache.storage.base import TokenStore
 from kvcompress.cache.storage.latent.absorbed import Projection, absorbed_key_scores, gqa_view, latent_attention
 from kvcompress.cache.storage.latent.calibrate import (
@@ -180,17 +181,25 @@ class LatentStore(TokenStore):
     def append_payload(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
         if self.layers is None:
             raise RuntimeError("storage=latent needs calibrate(ctx) before use")
+        latents, rope_part = self.encode(k, v, pos)
+        for name, c in latents.items():
+            self.lat[name].append(c)
+        if rope_part is not None:
+            self.rope_part.append(rope_part)
+
+    def encode(self, k: Tensor, v: Tensor, pos: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+        """New tokens' latents by name (``joint``, or ``key`` and ``value``), in the projections' dtype, and their
+        rotated uncompressed dims (B, Hkv, T, rope_dims) in the latent dtype (None without ``rope_dims``)."""
         self._prepare(k.device, k.dtype)
         rotated = self.rope.rotate(k, pos) if self.pca.keys == "post_rope" or self.pca.rope_dims else None
+        rope_part = None
         if self.pca.rope_dims:
-            self.rope_part.append(rotated[..., self.keep_idx].to(DTYPES[self.latent_dtype] or k.dtype))
+            rope_part = rotated[..., self.keep_idx].to(DTYPES[self.latent_dtype] or k.dtype)
         kc = (rotated if self.pca.keys == "post_rope" else k)[..., self.comp_idx]
-        if "joint" in self.lat:
+        if self.pca.joint_kv:
             G = self.proj["joint"].basis.shape[0]
-            self.lat["joint"].append(self.proj["joint"].down(torch.cat([to_groups(kc, G), to_groups(v, G)], -1)))
-        else:
-            self.lat["key"].append(self.proj["key"].encode_heads(kc))
-            self.lat["value"].append(self.proj["value"].encode_heads(v))
+            return {"joint": self.proj["joint"].down(torch.cat([to_groups(kc, G), to_groups(v, G)], -1))}, rope_part
+        return {"key": self.proj["key"].encode_heads(kc), "value": self.proj["value"].encode_heads(v)}, rope_part
 
     def _latents(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         if "joint" in self.lat:
@@ -206,7 +215,10 @@ class LatentStore(TokenStore):
             return c, c
         return side(self.lat["key"]), side(self.lat["value"])
 
-    def _keys(self, ck: Tensor, pos: Tensor, dtype: torch.dtype) -> Tensor:
+    def _rope_dims(self) -> Tensor | None:
+        return self.rope_part.view() if self.pca.rope_dims else None
+
+    def _keys(self, ck: Tensor, pos: Tensor, dtype: torch.dtype, rope_part: Tensor | None) -> Tensor:
         """Rotated full keys (B, Hkv, T, D) from key latents and the uncompressed rotary dims."""
         kc = self.proj["key"].decode_heads(ck)
         if not self.pca.rope_dims:
@@ -217,7 +229,7 @@ class LatentStore(TokenStore):
         if self.pca.keys == "pre_rope" and not self.nope:
             k = self.rope.rotate(k, pos)  # rope dims are 0 here; rotation keeps pairs, so they stay 0
         if self.pca.rope_dims:
-            k[..., self.keep_idx] = self.rope_part.view().to(dtype)
+            k[..., self.keep_idx] = rope_part.to(dtype)
         return k
 
     def read_payload(self) -> tuple[Tensor, Tensor]:
@@ -226,29 +238,46 @@ class LatentStore(TokenStore):
     def read(self) -> tuple[Tensor, Tensor, Tensor]:
         pos = self.positions()
         ck, cv = self._latents(self.proj["value"].basis.dtype)
-        return self._keys(ck, pos, ck.dtype), self.proj["value"].decode_heads(cv), pos
+        return *self.reconstruct(ck, cv, pos, self._rope_dims()), pos
+
+    def reconstruct(self, ck: Tensor, cv: Tensor, pos: Tensor, rope_part: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Rotated keys and values (B, Hkv, T, D) from latents read in one dtype, at key positions ``pos``."""
+        return self._keys(ck, pos, ck.dtype, rope_part), self.proj["value"].decode_heads(cv)
 
     def attend(self, q: Tensor, q_pos: Tensor, n_weights: int = 0) -> tuple[Tensor, Tensor | None]:
         if not self.absorb:
             k, v, pos = self.read()
             return attention_tail_weights(q, k.to(q.dtype), v.to(q.dtype), q_pos, pos, n_weights)
         pos = self.positions()
+        if self.fused(n_weights):
+            return self.fused_attention(q, q_pos, pos, *self._stored_latents(q.dtype)), None
+        out, p = self.absorbed_attention(q, q_pos, pos, *self._latents(q.dtype), self._rope_dims())
+        return out, (p[:, :, -n_weights:] if n_weights > 0 else None)
+
+    def fused(self, n_weights: int = 0) -> bool:
+        """Absorbed attention in one kernel: keys not rotated after reconstruction, no rope dims, no weights."""
+        return self.absorb and self.pca.keys == "post_rope" and not self.pca.rope_dims and n_weights == 0
+
+    def fused_attention(self, q: Tensor, q_pos: Tensor, pos: Tensor, ck, cv, backend: str | None = None,
+                        lengths: Tensor | None = None) -> Tensor:
+        """U_k folded into the query, P applied to the stored (maybe quantized) latents, one up-projection
+        (``kernels.latent_attention``; ``lengths``: the latents are static-capacity buffers)."""
+        kp, vp = self.proj["key"], self.proj["value"]
+        return latent_attention_kernel(q, q_pos, pos, ck, cv, kp.head_basis(), vp.head_basis(), vp.head_mean(),
+                                       backend=backend, lengths=lengths)
+
+    def absorbed_attention(self, q: Tensor, q_pos: Tensor, pos: Tensor, ck: Tensor, cv: Tensor,
+                           rope_part: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Attention in latent space over latents read in q's dtype: the output and the softmax weights."""
         kp, H = self.proj["key"], self.spec.num_kv_heads
-        if self.pca.keys == "post_rope" and not self.pca.rope_dims and n_weights == 0:
-            # fused: U_k folded into the query, P applied to the stored (maybe quantized) latents, one up-projection
-            vp, (ck, cv) = self.proj["value"], self._stored_latents(q.dtype)
-            out = latent_attention_kernel(q, q_pos, pos, ck, cv, kp.head_basis(), vp.head_basis(), vp.head_mean())
-            return out, None
-        ck, cv = self._latents(q.dtype)
         if self.pca.keys == "post_rope" or self.nope:  # fold U_k into the query; rope dims attend as they are
             scores = absorbed_key_scores(q[..., self.comp_idx], ck, kp)
             if self.pca.rope_dims:
-                kr = self.rope_part.view().to(q.dtype)
+                kr = rope_part.to(q.dtype)
                 scores = scores + gqa_view(q[..., self.keep_idx], H) @ kr.transpose(-1, -2)
         else:  # rotated compressed keys: reconstructed (position-dependent rotation cannot be absorbed)
-            scores = gqa_view(q, H) @ self._keys(ck, pos, q.dtype).transpose(-1, -2)
-        out, p = latent_attention(q, q_pos, pos, cv, self.proj["value"], scores)
-        return out, (p[:, :, -n_weights:] if n_weights > 0 else None)
+            scores = gqa_view(q, H) @ self._keys(ck, pos, q.dtype, rope_part).transpose(-1, -2)
+        return latent_attention(q, q_pos, pos, cv, self.proj["value"], scores)
 
     def keep_payload(self, idx: Tensor) -> None:
         for lat in self.lat.values():
@@ -262,6 +291,14 @@ class LatentStore(TokenStore):
 
     def payload_reserved(self) -> list[Tensor]:
         return [t for lat in self.lat.values() for t in lat.reserved_tensors()] + self.rope_part.reserved()
+
+    def static_form(self, capacity: int):
+        """Dense latents (any ranks, ``joint_kv``, ``per_head``, ``rope_dims``, ``nope``, ``keys``, ``absorb``) in
+        static-capacity buffers (``kvcompress.cache.static.latent``), sharing this store's calibrated projections.
+        None with ``latent_bits``: quantized latents (a growing quantized part) have no static form yet."""
+        if self.latent_bits is not None:
+            return None
+        return StaticLatentKVCache(self, capacity)
 
     def calibration_tensors(self) -> list[Tensor]:
         unique = {id(p): p for layer in self.layers or [] for p in layer.values()}.values()

@@ -1,0 +1,256 @@
+"""The static-capacity form of the latent storage (``LatentStore.static_form``): equal to the eager latent store
+over prefill and decode for its settings, the decode step traces as one graph, exact accounting (less than the
+dense static cache), ``latent_bits`` has no form, and the latent kernel reads a device-side token count.
+
+``TRITON_INTERPRET=1`` only takes effect before triton is first imported; when something imported it first, the
+interpreter tests run in a subprocess of this file (as in tests/test_kernels.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if "triton" not in sys.modules and not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kvcompress import kernels  # noqa: E402
+from kvcompress.cache import ComposedCache, FullCache  # noqa: E402
+from kvcompress.cache.policy.h2o import H2O  # noqa: E402
+from kvcompress.cache.static import StaticKVCache  # noqa: E402
+from kvcompress.cache.static.latent import StaticLatentKVCache  # noqa: E402
+from kvcompress.cache.storage.latent.store import LatentStore  # noqa: E402
+from kvcompress.engine.generate import positions_like  # noqa: E402
+from kvcompress.engine.static import decode_step, static_form  # noqa: E402
+from tests.conftest import spec_of, tiny_model  # noqa: E402
+
+
+def _interpreted() -> bool | None:
+    """None: no triton; else whether its kernels run in the interpreter in this process."""
+    try:
+        import triton.language as tl
+    except ImportError:
+        return None
+    return type(tl.sum).__name__ == "InterpretedFunction"
+
+
+INTERP = _interpreted()
+interpreter = pytest.mark.skipif(not INTERP, reason="needs triton under TRITON_INTERPRET=1 (see the subprocess test)")
+
+
+class Recorder(FullCache):
+    """The full cache, keeping every layer's pre-RoPE keys, values and positions (calibration samples)."""
+
+    def reset(self, batch_size):
+        super().reset(batch_size)
+        self.samples = [None] * self.spec.num_layers
+
+    def append(self, layer, k, v, pos, rope):
+        self.samples[layer] = (k.clone(), v.clone(), pos.clone())
+        super().append(layer, k, v, pos, rope)
+
+
+class TinyCalibration:
+    """A calibration context: the tiny model's own K/V on 96 random tokens."""
+
+    def __init__(self, model, tmp):
+        self.model, self.cache_dir, self.key, self.progress = model, str(tmp), "tiny-static", False
+        self.rope = model.rope
+
+    def kv_samples(self):
+        rec = Recorder()
+        rec.setup(spec_of(self.model))
+        rec.reset(1)
+        tokens = torch.randint(0, 97, (1, 96), generator=torch.Generator().manual_seed(3))
+        with torch.inference_mode():
+            self.model(tokens, positions_like(tokens), rec)
+        return rec.samples
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def ctx(model, tmp_path_factory):
+    return TinyCalibration(model, tmp_path_factory.mktemp("calib"))
+
+
+def eager_cache(model, ctx, policy=None, **kw) -> ComposedCache:
+    cache = ComposedCache(LatentStore(**kw), policy)
+    cache.setup(spec_of(model))
+    cache.calibrate(ctx)
+    return cache
+
+
+def prefill(model, cache, tokens):
+    cache.setup(spec_of(model))
+    cache.reset(tokens.shape[0])
+    return model(tokens, positions_like(tokens), cache)
+
+
+def steps(model, cache, nxt, start, n, step=decode_step):
+    out = []
+    for i in range(n):
+        logits = step(model, nxt, torch.full_like(nxt, start + i), cache)
+        out.append(logits.clone())
+        nxt = logits[:, -1:].argmax(-1)
+    return torch.cat(out, 1)
+
+
+SETTINGS = [
+    dict(),  # the YAML defaults: separate K/V latents across heads, keys pre-RoPE, rank_fraction 0.5
+    dict(absorb=True),  # values absorbed, pre-RoPE keys reconstructed and rotated
+    dict(keys="post_rope", absorb=True),  # the fused kernel (its reference on CPU)
+    dict(keys="post_rope", per_head=True, joint_kv=True, absorb=True),  # fused, one latent per head
+    # fp32 latents: with fp16 ones this setting's logits move by ~1e-5 when a layer's input moves by 1e-7 (an fp16
+    # rounding flips); the eager store differs from itself that much between two prefill chunkings
+    dict(per_head=True, rope_dims=4, rope_select="low", latent_dtype="float32"),
+    dict(per_head=True, rope_dims=4, absorb=True),
+    dict(joint_kv=True, rope_dims=2, nope=True, absorb=True),  # keys absorbed, rope dims attend as they are
+    dict(joint_kv=True, rank="auto", energy=0.9, latent_dtype="model"),  # ranks per layer, latents unrounded
+]
+
+
+def name(kw: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults"
+
+
+@pytest.mark.parametrize("kw", SETTINGS, ids=name)
+@torch.inference_mode()
+def test_static_form_equals_the_eager_latent_store(model, ctx, kw):
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    eager = eager_cache(model, ctx, **kw)
+    static = static_form(eager, 20)
+    assert isinstance(static, StaticLatentKVCache)
+    a, b = prefill(model, eager, tokens), prefill(model, static, tokens)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    nxt = a[:, -1:].argmax(-1)
+    torch.testing.assert_close(steps(model, static, nxt, 12, 5), steps(model, eager, nxt, 12, 5), atol=1e-5,
+                               rtol=1e-5)
+    assert static.tokens_seen == eager.tokens_seen == 2 * 17 and int(static.index) == 17
+    # the calibrated projections are the store's, shared (not refitted, not copied into the static form)
+    assert all(x is y for x, y in zip(static.calibration_tensors(), eager.calibration_tensors(), strict=True))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(keys="post_rope", absorb=True), dict(per_head=True, rope_dims=4,
+                                                                                   absorb=True)], ids=name)
+@torch.inference_mode()
+def test_decode_step_traces_as_one_graph_and_equals_eager(model, ctx, kw):
+    """fullgraph=True fails on any graph break or data-dependent branch: what a CUDA graph cannot record."""
+    torch._dynamo.reset()
+    tokens = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(2))
+    store = eager_cache(model, ctx, **kw).storage
+    eager, traced = store.static_form(16), store.static_form(16)
+    prefill(model, eager, tokens)
+    nxt = prefill(model, traced, tokens)[:, -1:].argmax(-1)
+    compiled = torch.compile(decode_step, fullgraph=True, backend="eager")
+    assert torch.equal(steps(model, traced, nxt, 8, 4, compiled), steps(model, eager, nxt, 8, 4))
+    for x, y in zip(traced.tensors(), eager.tensors(), strict=True):
+        assert torch.equal(x, y)
+
+
+@torch.inference_mode()
+def test_bytes_are_the_buffers_and_fewer_than_the_dense_static_cache(model, ctx):
+    tokens = torch.randint(0, 97, (2, 12))
+    static, dense = eager_cache(model, ctx).static_form(24), StaticKVCache(capacity=24)
+    prefill(model, static, tokens)
+    prefill(model, dense, tokens)
+    buffers = [t for layer in static.lat for t in layer.values()]
+    assert len(buffers) == 2 * 3 and all(t.shape[2] == 24 and t.dtype == torch.float16 for t in buffers)
+    assert static.kv_bytes() == sum(t.nbytes for t in buffers) + static.pos.nbytes + static.index.nbytes
+    assert static.kv_bytes() < dense.kv_bytes()
+    with_rope = eager_cache(model, ctx, rope_dims=4).static_form(24)
+    prefill(model, with_rope, tokens)
+    assert with_rope.rope_part.shape == (3, 2, 2, 24, 4)
+    assert with_rope.kv_bytes() == sum(t.nbytes for t in [*with_rope.payload(), with_rope.pos, with_rope.index])
+    before = [t.data_ptr() for t in static.tensors()]
+    static.reset(2)  # same batch: cleared in place, addresses kept
+    assert [t.data_ptr() for t in static.tensors()] == before and static.tokens_seen == 0
+
+
+def test_unsupported_settings_have_no_static_form(model, ctx):
+    assert eager_cache(model, ctx, latent_bits=4).static_form(16) is None  # quantized latents
+    assert eager_cache(model, ctx, policy=H2O(budget=8)).static_form(16) is None  # eviction: eager
+    with pytest.raises(ValueError, match="latent_bits"):
+        StaticLatentKVCache(LatentStore(latent_bits=4), 16).setup(spec_of(model))
+    uncalibrated = LatentStore().static_form(16)
+    uncalibrated.setup(spec_of(model))
+    uncalibrated.reset(1)
+    with pytest.raises(RuntimeError, match="calibrate"), torch.inference_mode():
+        model(torch.zeros((1, 2), dtype=torch.long), torch.arange(2)[None], uncalibrated)
+
+
+def test_speed_on_the_static_path_keeps_the_perplexity(stories, tmp_path):
+    from kvcompress.eval.base import EvalContext
+    from kvcompress.eval.calibration import Calibration
+    from kvcompress.eval.data import default_data_dir
+    from kvcompress.eval.speed import Speed
+
+    model, tok = stories
+    calib = Calibration(model, tok, default_data_dir(), "tinystories", tokens=256, window=128, cache_dir=tmp_path)
+    out = {}
+    for path in ("eager", "graph"):
+        cache = ComposedCache(LatentStore())
+        cache.setup(model.config.spec())
+        cache.calibrate(calib)
+        ev = Speed(context=32, decode_tokens=5, repeats=1, dataset="tinystories", decode_path=path)
+        ev.check(model.config.spec(), default_data_dir())
+        out[path] = ev.run(EvalContext(model, tok, cache, default_data_dir(), progress=False))
+    assert out["graph"]["decode_path"] == ("graph" if CUDA else "static")
+    assert abs(out["graph"]["ppl"] - out["eager"]["ppl"]) < 1e-4 * out["eager"]["ppl"]
+
+
+# -- the latent kernel over static-capacity buffers (device-side token count) ------------------------------------
+def capacity_case(G, T=13, capacity=24, H=2, d=16, rk=6, rv=5, seed=4):
+    """Latents of T tokens in buffers of ``capacity`` slots (junk after T), and the bases."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hq = 2, 4
+    q = torch.randn(B, Hq, 1, d, generator=g)
+    ck, cv = torch.randn(B, G, capacity, rk, generator=g), torch.randn(B, G, capacity, rv, generator=g)
+    k_pos = torch.arange(capacity).expand(B, capacity).clone()
+    k_pos[1, T - 2: T] = 2**30  # padding inside the held tokens
+    q_pos = torch.full((B, 1), T - 1)
+    basis = lambda r: torch.linalg.qr(torch.randn(H, d, r, generator=g))[0]
+    bases = (basis(rk), basis(rv), torch.randn(H, d, generator=g))
+    return q, q_pos, k_pos, ck, cv, bases
+
+
+@interpreter
+@pytest.mark.parametrize("G", [1, 2])
+def test_triton_latent_attention_reads_the_token_count_on_the_device(G):
+    T = 13
+    q, q_pos, k_pos, ck, cv, bases = capacity_case(G, T)
+    want = kernels.latent_attention(q, q_pos, k_pos[:, :T], ck[:, :, :T], cv[:, :, :T], *bases, backend="torch")
+    lengths = torch.tensor([0, 0, T], dtype=torch.int32)
+    got = kernels.latent_attention(q, q_pos, k_pos, ck, cv, *bases, backend="triton", lengths=lengths)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    ref = kernels.latent_attention(q, q_pos, k_pos, ck, cv, *bases, backend="torch", lengths=lengths)
+    torch.testing.assert_close(ref, want, atol=1e-5, rtol=1e-5)
+
+
+@interpreter
+@torch.inference_mode()
+def test_triton_static_latent_cache_equals_its_reference(model, ctx):
+    """The fused path (keys post-RoPE, absorbed) on the kernel with device lengths vs the PyTorch reference."""
+    store = eager_cache(model, ctx, keys="post_rope", absorb=True).storage
+    tokens = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(6))
+    out = []
+    for backend in ("torch", "triton"):
+        cache = StaticLatentKVCache(store, capacity=10, backend=backend)
+        nxt = prefill(model, cache, tokens[:, :5])
+        out.append(torch.cat([nxt, steps(model, cache, tokens[:, 5:6], 5, 2)], 1))
+    torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(INTERP is not False or CUDA, reason="triton missing, already interpreted here, or CUDA")
+def test_kernels_in_an_interpreter_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " skipped" not in run.stdout.splitlines()[-1], run.stdout[-1000:]
