@@ -154,6 +154,24 @@ def test_decode_step_traces_as_one_graph_and_equals_eager(model, ctx, kw):
         assert torch.equal(x, y)
 
 
+@pytest.mark.skipif(not CUDA, reason="CUDA graph capture needs CUDA")
+@pytest.mark.parametrize("kw", [dict(), dict(keys="post_rope", absorb=True)], ids=name)
+@torch.inference_mode()
+def test_cuda_graph_replay_equals_eager(model, ctx, kw):
+    from kvcompress.engine.static import CapturedDecode
+
+    store = eager_cache(model, ctx, **kw).storage  # calibrated on the CPU model; the same weights on the GPU
+    gpu = tiny_model().cuda()
+    tokens = torch.randint(0, 97, (2, 8), device="cuda")
+    eager, graphed = store.static_form(16), store.static_form(16)
+    prefill(gpu, eager, tokens)
+    nxt = prefill(gpu, graphed, tokens)[:, -1:].argmax(-1)
+    step = CapturedDecode(gpu, graphed, 2)
+    assert step.captured
+    got = steps(gpu, graphed, nxt, 8, 4, lambda m, t, p, c: step(t, p))
+    torch.testing.assert_close(got, steps(gpu, eager, nxt, 8, 4), atol=1e-5, rtol=1e-5)
+
+
 @torch.inference_mode()
 def test_bytes_are_the_buffers_and_fewer_than_the_dense_static_cache(model, ctx):
     tokens = torch.randint(0, 97, (2, 12))
