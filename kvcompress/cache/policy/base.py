@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -36,6 +37,11 @@ from kvcompress.cache.checks import fail, int_at_least, is_int, is_number, one_o
 from kvcompress.cache.storage.base import TokenStore
 
 WHEN = ("prefill", "decode", "both")
+# a method's static form holds while these are defined no lower than its ``static_score`` ...
+STATIC_SCORING = ("score", "observe", "queries_needed", "group_weights", "reset", "start_step")
+# ... and these are the base's (the eviction rules the static form mirrors on the device)
+STATIC_RULES = ("before_attend", "after_attend", "evict", "priority", "merge_evicted", "layer_budget", "row_budget",
+                "target", "recent_tokens", "weights_wanted", "observe_queries", "remap")
 
 
 class Policy:
@@ -242,6 +248,78 @@ class EvictionPolicy(Policy):
             last = torch.where(real, key, torch.full_like(key, -(2**62))).topk(n_recent, -1).indices
             lifted.scatter_(-1, last, True)
         return prio.masked_fill(lifted & real, float("inf"))
+
+    # -- the static form (captured decode) ------------------------------------------------------
+    static_state = False  # True: ``static_score`` carries a per-slot state from step to step (H2O's accumulation)
+
+    def static_score(self, pos: Tensor, weights: Tensor | None, keys: Callable[[], Tensor],
+                     state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The method's ``score`` in fixed shapes, for the static form (``cache.static.evict``); defining it is how
+        a method offers one. The candidates are a layer's slots and the step's new tokens, at positions ``pos``
+        (B, 1, N) (``PAD_POSITION``: empty); ``weights`` (B, Hq, n, N): the softmax weights of the step's last
+        ``n = queries_needed`` queries (padding queries zeroed, None when n = 0); ``keys()``: their rotated keys
+        (B, Hkv, N, D); ``state`` (B, 1, N): the per-slot state (``static_state``; 0 for new tokens). Returns the
+        scores (B, 1|Hkv, N), higher = keep, and the new state (or None)."""
+        raise NotImplementedError
+
+    def static_keep(self, score: Tensor, pos: Tensor, row_seen: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
+        """``after_attend``'s eviction on the device (no host sync, fixed shapes): ``score`` (B, 1|Hkv, N) of the
+        candidate slots at ``pos`` (B, N), ``row_seen`` (B,) tokens seen per row, ``held`` (0-d) the slots the
+        eager store holds after this step's append. Every real candidate stays unless ``held`` > budget + slack;
+        then the top-``budget`` by ``priority``'s rules (protect = 0) stay: the set ``evict`` keeps (exact ties
+        of scores may break otherwise). Returns the keep mask (B, N) and the held count after the step."""
+        budget = self.static_budget(row_seen)
+        evicts = held > budget + self.slack
+        real = pos < PAD_POSITION
+        if score.shape[1] > 1:
+            score = score.mean(1, keepdim=True)
+        rank = pos.argsort(dim=-1, stable=True).argsort(-1)  # real positions ascending (padding sorts last)
+        n_sinks = budget.clamp(max=self.sinks)
+        room = budget - n_sinks
+        if isinstance(self.recent, float):  # recent_tokens: int(recent * budget)
+            n_recent = torch.minimum(room, (budget.double() * self.recent).long())
+        else:
+            n_recent = room.clamp(max=self.recent)
+        from_end = real.sum(-1, keepdim=True) - 1 - rank
+        lifted = real & ((rank < n_sinks) | (from_end < n_recent))
+        prio = score[:, 0].float().nan_to_num(0.0, 0.0, 0.0).masked_fill(~real, float("-inf"))
+        order = prio.masked_fill(lifted, float("inf")).argsort(dim=-1, descending=True, stable=True).argsort(-1)
+        return real & ((order < budget) | ~evicts), torch.where(evicts, budget, held)
+
+    def static_budget(self, row_seen: Tensor) -> Tensor:
+        """``row_budget`` as a 0-d device tensor, from the tokens seen per row (B,)."""
+        if isinstance(self.budget, float):
+            return (row_seen.max().double() * self.budget).ceil().long().clamp(min=1)
+        return row_seen.new_full((), self.budget)
+
+    def static_form(self, storage: TokenStore, capacity: int):
+        """Fixed-budget eviction over ``storage``'s static form (``cache.static.evict``), or None (eager decode).
+
+        Needs ``when=decode`` (``prefill``/``both``, as SnapKV and PyramidKV use, compress once when prefill ends,
+        before that step attends: not in the static form yet), no ``per_head``, no ``rerotate``, the same budget
+        for every store, a method that defines ``static_score`` where it defines its scoring and keeps the base's
+        eviction rules, and a slot-addressable static storage. Slots: budget + slack (``ceil(fraction *
+        capacity)`` for a fractional budget), at most ``capacity``. A budget no store reaches within ``capacity``
+        evicts nothing: the storage's own static form."""
+        from kvcompress.cache.static.evict import StaticEvictionCache
+
+        if self.when != "decode" or self.per_head or self.rerotate or self.wants_queries \
+                or self.replay_wanted() or not self.has_static_score():
+            return None
+        if getattr(self, "never_evicts", False) or (is_int(self.budget) and self.budget + self.slack >= capacity):
+            return storage.static_form(capacity)
+        budget = self.budget if is_int(self.budget) else math.ceil(self.budget * capacity)
+        return StaticEvictionCache.over(storage, self, capacity, min(budget + self.slack, capacity))
+
+    def has_static_score(self) -> bool:
+        """``static_score`` is defined where (or below where) the scoring hooks are, and the eviction rules are
+        the base's: a subclass that changes either (CaM's merging, PyramidKV's budgets) has no static form."""
+        cls = type(self)
+        where = lambda name: next(c for c in cls.__mro__ if name in vars(c))  # noqa: E731
+        mine = where("static_score")
+        return mine is not EvictionPolicy \
+            and all(issubclass(mine, where(h)) for h in STATIC_SCORING) \
+            and all(where(h) in (EvictionPolicy, Policy) for h in STATIC_RULES)
 
     # -- what a method implements ---------------------------------------------------------------
     def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:

@@ -27,6 +27,12 @@ class H2O(EvictionPolicy):
         acc = fit(self.state[owner], w.shape[-1])
         self.state[owner] = w if acc is None else acc + w
 
+    static_state = True
+
+    def static_score(self, pos, weights, keys, acc):
+        acc = acc + self.group_weights(weights).sum(2)
+        return acc, acc
+
     def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
         acc = fit(self.state[owner], store.length)
         return acc if acc is not None else pos.float().new_zeros(pos.shape)

@@ -19,7 +19,15 @@ class KeyDiff(EvictionPolicy):
     """Score = minus the cosine similarity of each key to its head's mean unit key (padding excluded)."""
 
     def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        k = store.read()[0].float()
+        return self.distinctness(store.read()[0], pos)
+
+    def static_score(self, pos, weights, keys, state):
+        return self.distinctness(keys(), pos), None
+
+    @staticmethod
+    def distinctness(k: Tensor, pos: Tensor) -> Tensor:
+        """Keys (B, H, T, D) at positions (B, 1|H, T) -> (B, H, T)."""
+        k = k.float()
         real = (pos < PAD_POSITION).float()[..., None]  # (B, 1|H, T, 1)
         unit = F.normalize(k, dim=-1) * real
         anchor = unit.sum(2, keepdim=True) / real.sum(2, keepdim=True).clamp_min(1.0)

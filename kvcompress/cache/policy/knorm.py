@@ -15,3 +15,6 @@ class KeyNorm(EvictionPolicy):
     def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
         k = store.read()[0]
         return -k.float().norm(dim=-1)
+
+    def static_score(self, pos, weights, keys, state):
+        return -keys().float().norm(dim=-1), None

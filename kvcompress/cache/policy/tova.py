@@ -20,6 +20,9 @@ class TOVA(EvictionPolicy):
     def observe(self, owner: int, weights: Tensor, pos: Tensor) -> None:
         self.state[owner] = self.group_weights(weights[:, :, -1:])[:, :, 0]
 
+    def static_score(self, pos, weights, keys, state):
+        return self.group_weights(weights[:, :, -1:])[:, :, 0], None
+
     def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
         last = fit(self.state[owner], store.length)
         return last if last is not None else pos.float().new_zeros(pos.shape)
