@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# One-command GPU benchmark for issue 14 (about 7 minutes on one H100/H200, 10.5 if every phase hits its cap:
+# One-command GPU benchmark for issue 14 (about 8 minutes on one H100/H200, 10 if every phase hits its cap:
 # each phase has its own time limit, so a slow one is cut short, its finished records kept, the cut in phases.txt):
 #   1. setup    KVC_TORCH=torch bash scripts/setup.sh (a CUDA torch; SKIP_SETUP=1 skips it)
 #   2. tests    the compiled Triton kernels and the CUDA-graph decode step against their references;
 #      kernels  one layer's decode attention: full-precision SDPA vs packed int8/int4/KIVI-2/latent by the
 #               Triton kernel and by the reference (dequantize, then SDPA), ms and GB/s (kernels.{json,md})
 #   3. speed    kvc eval=speed: decode tok/s of full / int8 / int4 / KIVI-2 / latent 0.5 / H2O 25%
+#               (latent absorbed, keys pre-RoPE (reconstructed, rotated) and post-RoPE (read as latents only))
 #               at contexts 1k, 4k, 8k (8176: SmolLM2's 8192 positions minus the decoded tokens), batch 1 and 16,
-#               on the eager path, and full and int4 also on the graph path (eval.decode_path=graph: their
-#               static-capacity form, captured as a CUDA graph; fails, recorded, where no static form is wired)
+#               on the eager path and on the graph path (eval.decode_path=graph: the cache's static-capacity form,
+#               one decode step captured as a CUDA graph and replayed)
 #   4. throughput  kvc eval=throughput at one KV budget (KV_BUDGET bytes, default 2 GB, context 4k):
-#               full / int4 / KIVI-2, the batch each fits and its decode tok/s
+#               full / int4 / KIVI-2 on both paths, the batch each fits and its decode tok/s
 #   5. engine   scripts/bench_engine.py on CUDA: engine (eager and captured static step) vs transformers,
 #               with the fraction of the memory roofline (PEAK_GBPS, guessed from the GPU's name)
-#   6. table    results/gpu_bench/table.md from the records, headed by the GPU's name, torch and commit
-# Records: results/gpu_bench/records.jsonl (kvc), engine/ (bench_engine), logs/ (each phase), phases.txt.
+#   6. table    $OUT/table.md from the records, headed by the device's name, torch and commit
+# Records: $OUT/records.jsonl (kvc), engine/ (bench_engine), logs/ (each phase), phases.txt.
 # Needs the text data of ../shared/data (or KVC_DATA_DIR) and network for setup (torch, the model).
-# The graph-path runs fail (recorded, listed under "Failed runs") until a cache offers static_form(capacity).
+# BENCH_CPU=1: the same matrix on this machine's CPU (SmolLM2, fp32, context 1k, batch 1 and 8, 50 MB budget,
+# the engine bench without CUDA graphs) into results/cpu_bench: the CPU figures beside the GPU ones.
 # CPU_CHECK=1: the same kvc commands at toy sizes on stories260K on the CPU (no setup, no CUDA, no engine
 # bench), into /tmp/kvc_gpu_bench_check: checks that every command composes before a GPU is spent on it.
 set -uo pipefail
@@ -27,6 +29,12 @@ if [ -n "${CPU_CHECK:-}" ]; then
   KV_BUDGET=${KV_BUDGET:-400000}
   MODEL=(model=stories260k device=cpu dtype=float32)
   CONTEXTS=64,128 BATCHES=1,2 TPUT_CONTEXT=64 DATA=tinystories SCALE=10  # a shared CPU: longer limits
+elif [ -n "${BENCH_CPU:-}" ]; then
+  OUT=${OUT:-results/cpu_bench}
+  SKIP_SETUP=1
+  KV_BUDGET=${KV_BUDGET:-50000000}
+  MODEL=(model=smollm2-135m device=cpu dtype=float32)
+  CONTEXTS=1024 BATCHES=1,8 TPUT_CONTEXT=1024 DATA=wikitext2 SCALE=4
 else
   MODEL=(model=smollm2-135m device=cuda dtype=bfloat16)
   CONTEXTS=1024,4096,8176 BATCHES=1,16 TPUT_CONTEXT=4096 DATA=wikitext2 SCALE=1
@@ -52,6 +60,9 @@ fi
 PY=.venv/bin/python
 if [ -n "${CPU_CHECK:-}" ]; then
   GPU="CPU check (no GPU figures)" PEAK=""
+elif [ -n "${BENCH_CPU:-}" ]; then
+  GPU="CPU: $($PY -c "import platform, torch; print(platform.processor() or 'cpu', torch.get_num_threads(), 'threads')")"
+  PEAK=""
 elif ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "bench_gpu: no CUDA device visible to $PY (torch $($PY -c 'import torch; print(torch.__version__)'))" >&2
   exit 1
@@ -72,17 +83,22 @@ fi
 KVC=(.venv/bin/kvc -m "${MODEL[@]}" results_dir="$OUT" progress=false)
 SPEED=(eval=speed eval.context=$CONTEXTS eval.batch_size=$BATCHES eval.decode_tokens=16 eval.repeats=2
        eval.prefill_chunk=2048 eval.dataset=$DATA)
-phase speed_dense_int 90 "${KVC[@]}" "${SPEED[@]}" storage=dense,int8,int4
-phase speed_graph 60 "${KVC[@]}" "${SPEED[@]}" storage=dense,int4 eval.decode_path=graph
-phase speed_latent 40 "${KVC[@]}" "${SPEED[@]}" storage=latent storage.rank_fraction=0.5
-phase speed_kivi2 35 "${KVC[@]}" "${SPEED[@]}" storage=kivi storage.bits=2
-phase speed_h2o 45 "${KVC[@]}" "${SPEED[@]}" policy=h2o policy.budget=0.25
+for path in eager graph; do
+  phase speed_${path}_dense_int 90 "${KVC[@]}" "${SPEED[@]}" eval.decode_path=$path storage=dense,int8,int4
+  phase speed_${path}_latent 60 "${KVC[@]}" "${SPEED[@]}" eval.decode_path=$path storage=latent \
+    storage.rank_fraction=0.5 storage.keys=pre_rope,post_rope storage.absorb=true
+  phase speed_${path}_kivi2 35 "${KVC[@]}" "${SPEED[@]}" eval.decode_path=$path storage=kivi storage.bits=2
+  phase speed_${path}_h2o 45 "${KVC[@]}" "${SPEED[@]}" eval.decode_path=$path policy=h2o policy.budget=0.25
+done
 TPUT=(eval=throughput eval.context=$TPUT_CONTEXT eval.kv_budget_bytes="$KV_BUDGET" eval.decode_tokens=16
-      eval.repeats=2 eval.dataset=$DATA)
-phase throughput 50 "${KVC[@]}" "${TPUT[@]}" storage=dense,int4
-phase throughput_kivi2 30 "${KVC[@]}" "${TPUT[@]}" storage=kivi storage.bits=2
-[ -n "${CPU_CHECK:-}" ] || phase engine 45 $PY scripts/bench_engine.py --device cuda --dtype bfloat16 \
-  --batch 1 16 --static ${PEAK:+--peak-gbps "$PEAK"} --out "$OUT/engine"
+      eval.repeats=2 eval.dataset=$DATA eval.decode_path=eager,graph)
+phase throughput 60 "${KVC[@]}" "${TPUT[@]}" storage=dense,int4
+phase throughput_kivi2 40 "${KVC[@]}" "${TPUT[@]}" storage=kivi storage.bits=2
+if [ -z "${CPU_CHECK:-}" ]; then
+  if [ -n "${BENCH_CPU:-}" ]; then ENGINE=(--device cpu --dtype float32 --batch 1 8 --repeats 3)
+  else ENGINE=(--device cuda --dtype bfloat16 --batch 1 16 ${PEAK:+--peak-gbps "$PEAK"}); fi
+  phase engine 45 $PY scripts/bench_engine.py "${ENGINE[@]}" --static --out "$OUT/engine"
+fi
 
 GPU="$GPU" PEAK="$PEAK" OUT="$OUT" MODEL="${MODEL[*]}" $PY - <<'PYEOF'
 import json, os, subprocess
@@ -94,31 +110,37 @@ recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines() 
 ok = [r for r in recs if r.get("status") == "ok"]
 path = lambda r: (r.get("metrics") or {}).get("decode_path") or r.get("eval_params", {}).get("decode_path") or "eager"
 name = lambda r: (r["cache"] + (f" {r['storage_params'].get('bits')}-bit" if r.get("storage") == "kivi" else "")
+                  + (f" {r['storage_params'].get('keys')}" if r.get("storage") == "latent" else "")
                   + ("" if path(r) == "eager" else f" [{path(r)}]"))
 UNITS = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
 size = lambda b: next(f"{b / u:.3g} {n}" for u, n in UNITS if b >= u or u == 1)
 sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-lines = [f"# GPU benchmark: {os.environ['GPU']}", "",
+lines = [f"# Benchmark: {os.environ['GPU']}", "",
          f"`bash scripts/bench_gpu.sh` at commit {sha}; {os.environ['MODEL']}; records in `records.jsonl`, "
          "engine bench in `engine/`, phase log in `phases.txt`.", "", "## Decode tokens/s (eval=speed)", "",
-         "| cache | context | batch | decode tok/s | vs full | min..max | noisy | kv MB | path |", "|---|---|---|---|---|---|---|---|---|"]
+         "vs full: against the full cache at the same context, batch and path; vs eager: the same cache's eager path.",
+         "", "| cache | context | batch | decode tok/s | vs full | vs eager | min..max | noisy | kv MB | path |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
 speed = [r for r in ok if r["eval"] == "speed"]
-full = {(r["eval_params"]["context"], r["eval_params"]["batch_size"]): r["metrics"]["decode_tokens_per_s"]
-        for r in speed if r["cache"] == "full" and path(r) == "eager"}
+cell = lambda r: (r["eval_params"]["context"], r["eval_params"].get("batch_size"))
+rate = {(r["cache"], r.get("storage_params", {}).get("bits"), cell(r), path(r)): r["metrics"]["decode_tokens_per_s"]
+        for r in ok if r["eval"] in ("speed", "throughput")}
+ratio = lambda x, key: f"{x / rate[key]:.2f}x" if key in rate else ""
 for r in sorted(speed, key=lambda r: (r["eval_params"]["context"], r["eval_params"]["batch_size"], name(r))):
     m, c, b = r["metrics"], r["eval_params"]["context"], r["eval_params"]["batch_size"]
-    rel = f"{m['decode_tokens_per_s'] / full[(c, b)]:.2f}x" if (c, b) in full else ""
-    lines.append(f"| {name(r)} | {c} | {b} | {m['decode_tokens_per_s']:.1f} | {rel} | "
+    x, bits = m["decode_tokens_per_s"], r.get("storage_params", {}).get("bits")
+    rel, own = ratio(x, ("full", None, cell(r), path(r))), ratio(x, (r["cache"], bits, cell(r), "eager"))
+    lines.append(f"| {name(r)} | {c} | {b} | {x:.1f} | {rel} | {own if path(r) != 'eager' else ''} | "
                  f"{m.get('decode_tokens_per_s_min', 0):.1f}..{m.get('decode_tokens_per_s_max', 0):.1f} | "
                  f"{m.get('noisy', '')} | {m['kv_bytes'] / 1e6:.1f} | {path(r)} |")
 tput = [r for r in ok if r["eval"] == "throughput"]
 if tput:
     lines += ["", f"## Throughput at a KV budget (eval=throughput)", "",
-              "| cache | budget | context | batch | bytes/row | decode tok/s | vs full |", "|---|---|---|---|---|---|---|"]
-    base = next((r["metrics"]["decode_tokens_per_s"] for r in tput if r["cache"] == "full"), None)
-    for r in tput:
+              "| cache | budget | context | batch | bytes/row | decode tok/s | vs full (same path) |",
+              "|---|---|---|---|---|---|---|"]
+    for r in sorted(tput, key=lambda r: (path(r), name(r))):
         m = r["metrics"]
-        rel = f"{m['decode_tokens_per_s'] / base:.2f}x" if base else ""
+        rel = ratio(m["decode_tokens_per_s"], ("full", None, cell(r), path(r)))
         lines.append(f"| {name(r)} | {size(m['kv_budget_bytes'])} | {r['eval_params']['context']} | "
                      f"{m['batch_size']} | {size(m['bytes_per_row'])} | {m['decode_tokens_per_s']:.1f} | {rel} |")
 failed = [r for r in recs if r.get("status") != "ok"]

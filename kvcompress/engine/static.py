@@ -14,8 +14,8 @@ from kvcompress.cache.base import KVCache
 
 
 def static_form(cache: KVCache, capacity: int) -> KVCache | None:
-    """The cache's static-capacity equivalent, when it declares one (``cache.static_form(capacity)``: the full
-    cache, and per-token quantized storages with no policy or layout), else None: that cache decodes eagerly."""
+    """The cache's static-capacity equivalent, when it declares one (``cache.static_form(capacity)``; see
+    ``kvcompress.cache.static`` for which storages and policies have one), else None: that cache decodes eagerly."""
     hook = getattr(cache, "static_form", None)
     return None if hook is None else hook(capacity)
 

@@ -96,7 +96,8 @@ def decoder(ctx: EvalContext, batch: int, capacity: int, want: str = "eager") ->
     static = static_form(ctx.cache, capacity)
     if static is None or (want == "auto" and ctx.model.device.type != "cuda"):
         require(want == "auto", "eval.decode_path", "eager or auto for a cache without a static-capacity form "
-                "(a cache offers one through static_form(capacity), meant first for the dense full cache)", want)
+                "(dense, quantized and latent storages have one, and fixed-budget H2O/TOVA/StreamingLLM/key-norm/"
+                "KeyDiff over dense; sharing layouts and prefill-time policies do not: kvcompress.cache.static)", want)
         return Decoder(ctx.cache)
     static.setup(ctx.model.config.spec())
     static.reset(batch)
