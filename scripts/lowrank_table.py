@@ -1,6 +1,10 @@
 """results/lowrank/records.jsonl -> results/lowrank/README.md (perplexity and decode-speed tables).
 
     .venv/bin/python scripts/lowrank_table.py [results/lowrank]
+
+Records name the cache by its axes: the latent settings are ``storage_params`` of ``storage=latent``; ``cache`` is
+the short name (``latent``, or ``full`` for the baseline). The records here were made before the axes and given
+them by ``scripts/migrate_records.py``.
 """
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ stored in fp16; ratio = fp16 full KV / bytes held (latents + uncompressed rope d
 projections (`calib MB`, fp32) are a one-off cost, not in the ratio. `rank` is the mean rank per layer of the
 key / value (or joint) latent, whose input is the layer's 3 KV heads joined (keys 3 x (64 - rope dims),
 values 3 x 64) unless `per head`.
+The records were made before the three axes (old names, `cache=lowrank`, ...) and given their axis fields by
+`python scripts/migrate_records.py results/lowrank/records.jsonl` (numbers unchanged; each record has a `migrated`
+field and keeps its old `cache` / `cache_params` under `pre_axes`); the tables read `storage_params` of
+`storage=latent` and are rebuilt by `python scripts/lowrank_table.py`.
 """
 
 
@@ -55,7 +63,7 @@ def ppl_table(records: list[dict]) -> list[str]:
     ref = base[-1]["metrics"]["ppl"]
     rows = []
     for r in ppl:
-        m, p = r["metrics"], r["cache_params"]
+        m, p = r["metrics"], r["storage_params"]
         if r["cache"] == "full":
             row = {"latent": "full cache", "rank spec": "", "keys": "", "rope dims": "", "per head": "",
                    "latent bits": 16, "rank": ""}
@@ -76,7 +84,7 @@ def speed_table(records: list[dict]) -> list[str]:
     speed = [r for r in records if r["eval"] == "speed" and r["status"] == "ok"]
     groups: dict[tuple, list[dict]] = {}
     for r in speed:
-        p = r["cache_params"]
+        p = r["storage_params"]
         key = ("full cache", "", "") if r["cache"] == "full" else (
             label(p)["latent"] + f", rope dims {label(p)['rope dims']}", "absorbed" if p["absorb"] else "reconstructed",
             fmt_rank(r["metrics"]))

@@ -6,6 +6,9 @@ Perplexity rows come from the ppl records; decode speed is tokens/s relative to 
 the speed sweep on the same device (a row without a matching speed record shows "-").
 Theory: fp16 bytes / bytes per token of K and V from the settings (positions aside), at the
 tokens held at the end of a window (1024 for ppl).
+
+Records name the cache by its axes (``storage`` + ``storage_params``; ``cache`` is the short name, ``int4`` or
+``full``). The records here were made before the axes and given them by ``scripts/migrate_records.py``.
 """
 from __future__ import annotations
 
@@ -33,8 +36,17 @@ def theory_ratio(cache: str, p: dict, tokens: int) -> float | None:
     return 16 / (sum(sides) / 2)
 
 
+def params(rec: dict) -> dict:
+    """The storage settings, with the group size resolved: the presets say ``group_size: null`` (64, clipped to
+    head_dim) and the record's metrics carry the size used."""
+    p = dict(rec["storage_params"])
+    if "bits" in p and p.get("group_size") is None:
+        p["group_size"] = rec["metrics"].get("key_group_size", 64)
+    return p
+
+
 def label(rec: dict) -> str:
-    p, c = rec["cache_params"], rec["cache"]
+    p, c = params(rec), rec["cache"]
     if c == "full":
         return "full"
     if c.startswith("bnb_"):
@@ -50,7 +62,7 @@ def label(rec: dict) -> str:
 
 
 def key(rec: dict) -> tuple:
-    p = rec["cache_params"]
+    p = params(rec)
     return (rec["cache"],) + tuple(p.get(k) for k in SETTINGS if k != "dequant_cache")
 
 
@@ -65,6 +77,10 @@ perplexity with `kvc -m experiment=quant_sweep|quant_int4|quant_int2|quant_kivi 
 The shared 2-core CPU was too loaded for this, so every record was taken on a lent H100 machine (GPU, and its
 16 dedicated CPU cores for the `cpu` speed column) with `KVC=python3 -m kvcompress.run` (records' `git_sha`
 reads an older commit there; the code was this commit's). Speed figures are single runs.
+The records were made before the three axes (old names, `cache=int4`, ...) and given their axis fields by
+`python scripts/migrate_records.py results/quant/records.jsonl` (numbers unchanged; each record has a `migrated`
+field and keeps its old `cache` / `cache_params` under `pre_axes`); the table reads `storage` / `storage_params`
+and is rebuilt by `python scripts/quant_table.py`.
 
 *ratio (measured)* = fp16 reference / `kv_bytes` (the real tensors: packed codes, fp16 scales and zeros,
 full-precision residual, int32 positions) at the end of a 1024-token window. *ratio (theory)* = 16 bits /
@@ -89,7 +105,7 @@ def goals(ppl: dict, full: float) -> list[str]:
     """The issue's three goals, checked on the records."""
     def find(cache, **p):
         return next((r["metrics"]["ppl"] for r in ppl.values() if r["cache"] == cache
-                     and all(r["cache_params"].get(k) == v for k, v in p.items())), None)
+                     and all(params(r).get(k) == v for k, v in p.items())), None)
 
     int8, kivi4 = find("int8", keys="post_rope"), find("kivi", bits=4, residual=128, keys="post_rope")
     kivi2, int2 = find("kivi", bits=2, residual=32, keys="post_rope"), find("int2", group_size=16)
@@ -114,15 +130,15 @@ def main(src: str = "results/quant/records.jsonl", dst: str = "results/quant/REA
     speed: dict[str, dict] = {}
     for r in recs:
         if r["eval"] == "speed":
-            speed.setdefault(r["device"], {})[key(r) + (bool(r["cache_params"].get("dequant_cache")),)] = r
+            speed.setdefault(r["device"], {})[key(r) + (bool(params(r).get("dequant_cache")),)] = r
     full = next(r for r in ppl.values() if r["cache"] == "full")["metrics"]["ppl"]
     devs = sorted(speed)
     head = ["cache", "ppl", "Δppl %", "ratio (measured)", "ratio (theory)"] + [f"decode vs full ({d})" for d in devs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(ppl.values(), key=lambda r: (r["cache"] != "full", r["cache"].startswith("bnb"), r["cache"],
-                                                str(r["cache_params"])))
+                                                str(params(r))))
     for r in order:
-        m, p = r["metrics"], r["cache_params"]
+        m, p = r["metrics"], params(r)
         th = theory_ratio(r["cache"], p, r["eval_params"]["window"])
         cells = [label(r), f"{m['ppl']:.3f}", f"{100 * (m['ppl'] / full - 1):+.2f}", f"{m['compression_ratio']:.2f}x",
                  "0.5x (fp32)" if th is None else f"{th:.2f}x"]

@@ -4,6 +4,10 @@
 
 The groups of ``groups=auto`` rows are recomputed from the saved layer-similarity calibration (the newest
 ``similarity-*.pt`` in $KVC_CALIBRATION_DIR or ~/.cache/kvcompress/calibration), exactly as the cache picks them.
+
+Records name the cache by its axes: ``layout`` (``cla``, ``minicache``; ``per_layer`` for the full cache) with
+``layout_params``, and ``storage`` under it; ``cache`` is the short name (``int8+cla``, ``full``). The records here
+were made before the axes and given them by ``scripts/migrate_records.py``.
 """
 from __future__ import annotations
 
@@ -43,6 +47,10 @@ of 1024 tokens (4,092 scored tokens; the same text as results/lowrank), fp32 mod
 4,096 TinyStories tokens (disjoint from the evaluation text). `ratio` is the fp16 reference over the bytes held
 (the fp32 full cache is 0.50x: 4-byte K/V plus int32 positions); `vs full` is the full cache's bytes over the bytes
 held, in the same dtype, i.e. the memory saved by sharing itself.
+The records were made before the three axes (old names, `cache=cla cache.storage=int8`, ...) and given their axis
+fields by `python scripts/migrate_records.py results/sharing/records.jsonl` (numbers unchanged; each record has a
+`migrated` field and keeps its old `cache` / `cache_params` under `pre_axes`); the tables read `layout` /
+`layout_params` and `storage`, and are rebuilt by `python scripts/sharing_table.py`.
 """
 
 NOTES = """Reading the tables:
@@ -96,11 +104,10 @@ def groups_of(p: dict, sim: LayerSimilarity | None, layers: int) -> str:
 
 
 def label(r: dict, sim: LayerSimilarity | None, layers: int) -> dict:
-    p, m = r["cache_params"], r["metrics"]
-    storage = p.get("storage", "dense")
+    p, m, storage = r["layout_params"], r["metrics"], r["storage"]
     if r["cache"] == "full":
         return {"cache": "full", "setting": "", "storage": "dense", "layers shared / merged": ""}
-    if r["cache"] == "cla":
+    if r["layout"] == "cla":
         start = f" from layer {p['start_layer']}" if p.get("start_layer") else ""
         how = (f"auto {p['share_fraction']} ({p.get('auto_metric', 'ppl')})" if p.get("groups") == "auto"
                else f"group size {p['group_size']}{start}")
@@ -133,10 +140,10 @@ def speed_table(records: list[dict]) -> list[str]:
     speed = [r for r in records if r["eval"] == "speed" and r["status"] == "ok"]
     runs: dict[tuple, list[dict]] = {}
     for r in speed:
-        p = r["cache_params"]
+        p = r["layout_params"]
         key = (("full", "", "") if r["cache"] == "full" else
                ("CLA", f"group size {p['group_size']}", "skipped" if p["skip_projections"] else "computed")
-               if r["cache"] == "cla" else ("MiniCache", f"from layer {p['start_layer']}", ""))
+               if r["layout"] == "cla" else ("MiniCache", f"from layer {p['start_layer']}", ""))
         runs.setdefault(key, []).append(r)
     full = runs.get(("full", "", ""))
     mean = lambda rs, k: statistics.mean(r["metrics"][k] for r in rs)

@@ -1,6 +1,6 @@
 """Section 5 of results/eviction/README.md: every policy at 50% and 25% on prefill-then-decode (issue 16), and the
-plot ``policies_ppl.png``. Called by table.py; reads the records that ``sweep.sh policies`` writes (records with a
-``policy`` field, 2,048-token context)."""
+plot ``policies_ppl.png``. Called by table.py; reads the records that ``sweep.sh policies`` writes (prefill_decode
+with a 2,048-token context and a 256-token continuation)."""
 from __future__ import annotations
 
 from pathlib import Path

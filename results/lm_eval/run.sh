@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # lm-eval harness tasks x caches on SmolLM2-135M (CPU), records -> results/lm_eval/records.jsonl,
 # table -> results/lm_eval/README.md. Run from the repository root:  bash results/lm_eval/run.sh
+# `bash results/lm_eval/run.sh table` rebuilds the table from the records without running anything.
 set -u
 OUT=results/lm_eval
 COMMON=(model=smollm2-135m eval=lm_eval "eval.limit={kvc_wikitext2:3,kvc_tinystories_cloze:50,kvc_passkey:10}"
         eval.chunk=32 eval.batch_size=8 results_dir=$OUT progress=false)
+[[ ${1:-} == table ]] ||
 for c in "cache=full" "cache=int8" "cache=kivi cache.bits=4" "cache=h2o cache.budget=0.25" \
          "cache=lowrank cache.rank_fraction=0.5" "cache=cla cache.groups=auto cache.share_fraction=0.2" \
          "cache=minicache cache.start_layer=25"; do
@@ -19,4 +21,7 @@ glance, not a benchmark (one cloze question is 2 points of accuracy). One run pe
 an otherwise idle CPU. No KV-ratio column: rows of a batch are right-padded, and the records' compression_ratio \
 counts the padding slots the cache holds against an fp16 reference of real tokens only, so it is not the cache's \
 compression; see results/quant, results/eviction, results/lowrank, results/sharing and results/compare_all for \
-ratios from eval=ppl."
+ratios from eval=ppl. The records were made before the three axes (run.sh's \`cache=\` names) and given their axis \
+fields by \`python scripts/migrate_records.py results/lm_eval/records.jsonl\` (numbers unchanged; each record has \
+a \`migrated\` field and keeps its old \`cache\` / \`cache_params\` under \`pre_axes\`); the table alone is rebuilt \
+by \`bash results/lm_eval/run.sh table\`."
