@@ -63,6 +63,12 @@ class StaticKVCache(KVCache):
         if layer == 0:
             self.pos.index_copy_(1, slots, pos)
 
+    slot_addressable = True  # any token can be written at any slot (what an eviction policy's static form needs)
+
+    def slot_tokens(self, layer: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Keys and values of every slot of a layer, (B, Hkv, capacity, D) in ``dtype``."""
+        return self.k[layer].to(dtype), self.v[layer].to(dtype)
+
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """Store rotated keys and values of the new tokens at ``slots``."""
         self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))

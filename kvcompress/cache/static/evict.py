@@ -19,7 +19,8 @@ has no host synchronisation and no Python branch on data (budget, fractional bud
 seen)`` and the evict-or-not rule are device tensors), so it can be recorded as a CUDA graph; a multi-token
 step (prefill chunk) takes a fresh stage of its length. The storage's static form must be slot-addressable:
 ``write(layer, slots, k, v)`` stores at the given slots and every ``payload()`` tensor is (L, B, Hkv, slots,
-...). The dense ``StaticKVCache`` is; others (a quantized residual window placed by its own count) are not.
+...). The dense ``StaticKVCache`` is, and the per-token quantized form without a residual; KIVI's residual window
+(placed by its own count) and the latent form are not.
 """
 from __future__ import annotations
 
@@ -35,12 +36,7 @@ from kvcompress.cache.static.dense import StaticKVCache
 
 def slot_addressable(form: KVCache | None) -> bool:
     """A static form the eviction cache can hold: written at any slots, every payload tensor per slot."""
-    return type(form) is StaticKVCache
-
-
-def read(form: StaticKVCache, layer: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Keys and values of every slot of a layer (B, Hkv, slots, D)."""
-    return form.k[layer].to(dtype), form.v[layer].to(dtype)
+    return bool(getattr(form, "slot_addressable", False))
 
 
 def joint_attention(q: Tensor, q_pos: Tensor, keys: list[Tensor], values: list[Tensor], k_pos: Tensor
@@ -128,7 +124,7 @@ class StaticEvictionCache(KVCache):
 
     def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
         B, T = q.shape[0], q.shape[2]
-        (km, vm), (kn, vn) = read(self.main, layer, q.dtype), read(self.new, 0, q.dtype)
+        (km, vm), (kn, vn) = self.main.slot_tokens(layer, q.dtype), self.new.slot_tokens(0, q.dtype)
         pos = torch.cat([self.pos[layer], self.new_pos], -1)  # candidates: the held slots, then the new tokens
         out, w = joint_attention(q, q_pos, [km, kn], [vm, vn], pos)
         n = self.policy.queries_needed(layer, T)

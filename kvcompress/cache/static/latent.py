@@ -42,6 +42,8 @@ class StaticLatentKVCache(StaticKVCache):
     form: the store returns None).
     """
 
+    slot_addressable = False  # per-layer latent buffers of per-layer ranks: not an eviction policy's slots (yet)
+
     def __init__(self, store: LatentStore, capacity: int, device: torch.device | str | None = None,
                  backend: str | None = None):
         super().__init__(capacity, device=device)

@@ -33,6 +33,7 @@ class StaticPart:
     def __init__(self, cfg: QuantConfig, residual: int, backend: str | None = None):
         self.cfg, self.residual, self.backend = cfg, residual, backend
         self.gran = cfg.token_granularity
+        self.direct = residual == 0 and self.gran == 1  # every token quantized on arrival: no residual buffer
         self.codes = self.scale = self.zero = self.res = None
 
     def split(self, n):
@@ -47,7 +48,9 @@ class StaticPart:
         self.codes = torch.zeros((*lead, slots, D * cfg.bits // 8), dtype=torch.uint8, device=device)
         self.scale = torch.zeros((*lead, *rows), dtype=torch.float16, device=device)
         self.zero = None if cfg.symmetric else torch.zeros_like(self.scale)
-        self.res = torch.zeros((*lead, self.residual + self.gran, D), dtype=res_dtype, device=device)
+        self.res_dtype = res_dtype
+        if not self.direct:
+            self.res = torch.zeros((*lead, self.residual + self.gran, D), dtype=res_dtype, device=device)
 
     def tensors(self) -> list[Tensor]:
         return [t for t in (self.codes, self.scale, self.zero, self.res) if t is not None]
@@ -59,8 +62,8 @@ class StaticPart:
         q = quantize(x, self.cfg)
         return q.codes, q.scale, q.zero
 
-    def _put(self, layer: int, at: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None,
-             flush: Tensor | None = None) -> None:
+    def put(self, layer: int, at: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None,
+            flush: Tensor | None = None) -> None:
         """Write whole groups of codes at prefix slots ``at``; with ``flush`` (0-d bool) only where it is True."""
         rows = at if self.cfg.axis == "token" else at[:: self.cfg.group_size] // self.cfg.group_size
         for buf, new, idx in ((self.codes, codes, at), (self.scale, scale, rows), (self.zero, zero, rows)):
@@ -81,7 +84,7 @@ class StaticPart:
         m = q_new - q_old
         if m:
             at = torch.arange(q_old, q_new, device=x.device)
-            self._put(layer, at, *self.quantize(full[:, :, :m]))
+            self.put(layer, at, *self.quantize(full[:, :, :m]))
         self.res[layer][:, :, : full.shape[2] - m] = full[:, :, m:]
 
     def _append_one(self, layer: int, x: Tensor, n: Tensor) -> None:
@@ -90,20 +93,23 @@ class StaticPart:
         flush = self.split(n) > q_old
         res.index_copy_(2, (n - 1 - q_old).view(1), x)
         at = q_old + torch.arange(g, device=x.device)  # q_old < capacity, both whole groups: in range
-        self._put(layer, at, *self.quantize(res[:, :, :g]), flush=flush)
+        self.put(layer, at, *self.quantize(res[:, :, :g]), flush=flush)
         res.copy_(torch.where(flush, torch.cat([res[:, :, g:], res[:, :, :g]], 2), res))
 
     def side(self, layer: int) -> Packed:
         """The layer's buffers as a kernel side (prefix capacity + residual; the counts come as ``lengths``)."""
         c = self.cfg
         zero = None if self.zero is None else self.zero[layer]
-        return Packed(self.codes[layer], self.scale[layer], zero, self.res[layer], c.bits, c.group_size, c.axis)
+        res = None if self.res is None else self.res[layer]
+        return Packed(self.codes[layer], self.scale[layer], zero, res, c.bits, c.group_size, c.axis)
 
     def tokens(self, layer: int, n: Tensor, capacity: int, dtype: torch.dtype) -> Tensor:
         """All ``capacity`` slots in ``dtype``, branch-free: token t is prefix code t below ``split(n)``, else
         residual slot ``t - split(n)`` (slots at or beyond n are junk the positions mask)."""
         side, q = self.side(layer), self.split(n)
         prefix = dequant_prefix(side, 0, side.codes.shape[2])[:, :, :capacity].to(dtype)
+        if side.res is None:
+            return prefix
         t = torch.arange(capacity, device=n.device)
         res = side.res.index_select(2, (t - q).clamp(0, side.res.shape[2] - 1)).to(dtype)
         return torch.where((t < q)[:, None], prefix, res)
@@ -144,10 +150,25 @@ class StaticQuantKVCache(StaticKVCache):
             part.allocate((s.num_layers, self.batch_size, s.num_kv_heads), self.capacity, s.head_dim,
                           self.residual_dtype or dtype, device)
 
+    @property
+    def slot_addressable(self) -> bool:
+        """Per-token groups, no residual: any token can be written at any slot (an eviction policy's slots)."""
+        return all(cfg.axis == "token" for cfg in self.configs) and not self.residual
+
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        """New tokens are always the next ones (``slots`` = index - T + [0, T)): each part places them itself."""
+        """Per-token codes go to ``slots``; with a residual or per-channel groups the tokens are the next ones
+        (``slots`` = index - T + [0, T)) and each part places them by its own count."""
         for part, x in zip(self.parts, (k, v), strict=True):
-            part.append(layer, x.to(part.res.dtype), self.index)
+            x = x.to(part.res_dtype)
+            if part.direct:
+                part.put(layer, slots, *part.quantize(x))
+            else:
+                part.append(layer, x, self.index)
+
+    def slot_tokens(self, layer: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Keys and values of every slot of a layer, dequantized (B, Hkv, capacity, D) (slot-addressable only)."""
+        k, v = (dequant_prefix(p.side(layer), 0, self.capacity).to(dtype) for p in self.parts)
+        return k, v
 
     def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
         n, (k, v) = self.index, self.parts
