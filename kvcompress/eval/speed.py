@@ -97,7 +97,8 @@ def decoder(ctx: EvalContext, batch: int, capacity: int, want: str = "eager") ->
     if static is None or (want == "auto" and ctx.model.device.type != "cuda"):
         require(want == "auto", "eval.decode_path", "eager or auto for a cache without a static-capacity form "
                 "(dense, quantized and latent storages have one, and fixed-budget H2O/TOVA/StreamingLLM/key-norm/"
-                "KeyDiff over dense; sharing layouts and prefill-time policies do not: kvcompress.cache.static)", want)
+                "KeyDiff over dense or per-token int codes; sharing layouts and prefill-time policies do not: "
+                "kvcompress.cache.static)", want)
         return Decoder(ctx.cache)
     static.setup(ctx.model.config.spec())
     static.reset(batch)

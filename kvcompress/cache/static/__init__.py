@@ -14,7 +14,7 @@ slots are masked), so the result equals the growing cache's within fp tolerance.
   full-precision residual, flushed by a device-side flag);
 * ``latent.StaticLatentKVCache``: the latent storage (dense latents; not ``latent_bits``);
 * ``evict.StaticEvictionCache``: a fixed-budget eviction policy (H2O, TOVA, StreamingLLM, key-norm, KeyDiff) over
-  the dense form, ``budget + slack`` slots that never move.
+  a slot-addressable form (dense, per-token codes without a residual), ``budget + slack`` slots that never move.
 
 A storage offers its form through ``static_form(capacity)``, a policy through ``static_form(storage, capacity)``;
 ``ComposedCache.static_form`` asks the right one (None: the combination decodes eagerly).
