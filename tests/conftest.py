@@ -143,3 +143,33 @@ def compose(model, storage=None, policy=None, layout=None, batch: int = 1):
     cache.setup(model if isinstance(model, ModelSpec) else spec_of(model))
     cache.reset(batch)
     return cache
+
+
+def triton_interpreted() -> bool | None:
+    """None: no triton; else whether its kernels run in the interpreter in this process (``TRITON_INTERPRET=1``
+    takes effect only if set before triton is first imported: the kernel test modules set it at their top)."""
+    try:
+        import triton.language as tl
+    except ImportError:
+        return None
+    return type(tl.sum).__name__ == "InterpretedFunction"
+
+
+def static_prefill(model, cache, tokens):
+    """Set ``cache`` up for ``model``, reset it to the batch and prefill ``tokens`` (B, T) in one forward."""
+    from kvcompress.engine.generate import positions_like
+
+    cache.setup(spec_of(model))
+    cache.reset(tokens.shape[0])
+    return model(tokens, positions_like(tokens), cache)
+
+
+def greedy_steps(model, cache, nxt, start: int, n: int, step=None):
+    """``n`` single-token steps from token ``nxt`` (B, 1) at position ``start``, each feeding its own argmax;
+    ``step(model, tokens, pos, cache)`` runs a step (default: the eager forward). Logits (B, n, V)."""
+    out = []
+    for i in range(n):
+        logits = (step or (lambda m, t, p, c: m(t, p, c)))(model, nxt, torch.full_like(nxt, start + i), cache)
+        out.append(logits.clone())
+        nxt = logits[:, -1:].argmax(-1)
+    return torch.cat(out, 1)

@@ -24,18 +24,9 @@ from kvcompress.cache.base import PAD_POSITION, attention  # noqa: E402
 from kvcompress.cache.storage.latent.absorbed import Projection, absorbed_key_scores, latent_attention  # noqa: E402
 from kvcompress.cache.storage.quant.quantizer import QuantConfig, dequantize, quantize  # noqa: E402
 from kvcompress.kernels import Packed, reference  # noqa: E402
+from tests.conftest import triton_interpreted  # noqa: E402
 
-
-def _interpreted() -> bool | None:
-    """None: no triton; else whether its kernels run in the interpreter in this process."""
-    try:
-        import triton.language as tl
-    except ImportError:
-        return None
-    return type(tl.sum).__name__ == "InterpretedFunction"
-
-
-INTERP = _interpreted()
+INTERP = triton_interpreted()
 interpreter = pytest.mark.skipif(not INTERP, reason="needs triton under TRITON_INTERPRET=1 (see the subprocess test)")
 
 

@@ -10,24 +10,10 @@ from kvcompress.cache import ComposedCache, FullCache
 from kvcompress.cache.layout.cla import CLA
 from kvcompress.cache.policy.snapkv import SnapKV
 from kvcompress.cache.static import StaticKVCache
-from kvcompress.engine.generate import positions_like
 from kvcompress.engine.static import CapturedDecode, decode_step
-from tests.conftest import spec_of, tiny_model
+from tests.conftest import greedy_steps, spec_of, static_prefill, tiny_model
 
-
-def prefill(model, cache, tokens):
-    cache.setup(spec_of(model))
-    cache.reset(tokens.shape[0])
-    return model(tokens, positions_like(tokens), cache)
-
-
-def steps(model, cache, nxt, start, n, step=decode_step):
-    out = []
-    for i in range(n):
-        logits = step(model, nxt, torch.full_like(nxt, start + i), cache)
-        out.append(logits.clone())
-        nxt = logits[:, -1:].argmax(-1)
-    return torch.cat(out, 1)
+prefill, steps = static_prefill, greedy_steps
 
 
 @torch.inference_mode()

@@ -25,19 +25,9 @@ from kvcompress.cache.static.latent import StaticLatentKVCache  # noqa: E402
 from kvcompress.cache.storage.latent.store import LatentStore  # noqa: E402
 from kvcompress.engine.generate import positions_like  # noqa: E402
 from kvcompress.engine.static import decode_step, static_form  # noqa: E402
-from tests.conftest import spec_of, tiny_model  # noqa: E402
+from tests.conftest import greedy_steps, spec_of, static_prefill, tiny_model, triton_interpreted  # noqa: E402
 
-
-def _interpreted() -> bool | None:
-    """None: no triton; else whether its kernels run in the interpreter in this process."""
-    try:
-        import triton.language as tl
-    except ImportError:
-        return None
-    return type(tl.sum).__name__ == "InterpretedFunction"
-
-
-INTERP = _interpreted()
+INTERP = triton_interpreted()
 interpreter = pytest.mark.skipif(not INTERP, reason="needs triton under TRITON_INTERPRET=1 (see the subprocess test)")
 
 
@@ -87,19 +77,7 @@ def eager_cache(model, ctx, policy=None, **kw) -> ComposedCache:
     return cache
 
 
-def prefill(model, cache, tokens):
-    cache.setup(spec_of(model))
-    cache.reset(tokens.shape[0])
-    return model(tokens, positions_like(tokens), cache)
-
-
-def steps(model, cache, nxt, start, n, step=decode_step):
-    out = []
-    for i in range(n):
-        logits = step(model, nxt, torch.full_like(nxt, start + i), cache)
-        out.append(logits.clone())
-        nxt = logits[:, -1:].argmax(-1)
-    return torch.cat(out, 1)
+prefill, steps = static_prefill, greedy_steps
 
 
 SETTINGS = [
