@@ -110,6 +110,8 @@ def main() -> None:
           "`.venv/bin/python results/ruler/table.py > results/ruler/README.md` (this file and acc_vs_ratio.png).\n")
     print(markdown(records))
     print("\n![accuracy against compression ratio](acc_vs_ratio.png)")
+    print("\n[Why KIVI-2 scores 0 here](kivi2.md): not a bug; 2-bit per-channel keys are too coarse for this model to "
+          "copy the needle (`results/ruler/kivi_check.py`).")
 
 
 if __name__ == "__main__":
