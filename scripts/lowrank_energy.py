@@ -1,6 +1,6 @@
 """Per-layer explained variance against rank for keys (pre- and post-RoPE) and values -> PNG + markdown.
 
-Uses the same calibration text and on-disk projection files as ``kvc cache=lowrank``. It also fits (once,
+Uses the same calibration text and on-disk projection files as ``kvc storage=latent``. It also fits (once,
 from one pass over the calibration text) the projections of every PCA setting the lowrank sweep uses,
 so the sweep's runs only load files.
 

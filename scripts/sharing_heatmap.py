@@ -1,9 +1,9 @@
-"""Plot a layer-similarity calibration (kvcompress/cache/sharing/similarity.py) as a heatmap PNG.
+"""Plot a layer-similarity calibration (kvcompress/cache/layout/similarity.py) as a heatmap PNG.
 
     .venv/bin/python scripts/sharing_heatmap.py [similarity-<key>.pt] [--out results/sharing/similarity.png]
 
 Without a file, the newest ``similarity-*.pt`` in the calibration folder ($KVC_CALIBRATION_DIR or
-~/.cache/kvcompress/calibration) is used; ``kvc cache=cla cache.groups=auto`` writes it. Also prints the
+~/.cache/kvcompress/calibration) is used; ``kvc layout=cla layout.groups=auto`` writes it. Also prints the
 adjacent-pair table (markdown) that results/sharing/README.md quotes.
 """
 from __future__ import annotations

@@ -11,16 +11,16 @@ stages=("${@:-ppl prefill_decode passkey speed policies}")
 for stage in ${stages[@]}; do
   case $stage in
     ppl)
-      kvc experiment=eviction_ppl cache=full
-      kvc -m experiment=eviction_ppl cache=streaming cache.sinks=0
-      kvc -m experiment=eviction_ppl ;;
+      kvc experiment=eviction_ppl policy=none publish=true
+      kvc -m experiment=eviction_ppl policy=streaming policy.sinks=0 publish=true
+      kvc -m experiment=eviction_ppl publish=true ;;
     prefill_decode)
-      kvc experiment=eviction_prefill_decode cache=full
-      kvc -m experiment=eviction_prefill_decode cache=streaming cache.sinks=0
-      kvc -m experiment=eviction_prefill_decode ;;
+      kvc experiment=eviction_prefill_decode policy=none publish=true
+      kvc -m experiment=eviction_prefill_decode policy=streaming policy.sinks=0 publish=true
+      kvc -m experiment=eviction_prefill_decode publish=true ;;
     passkey)
-      kvc experiment=eviction_passkey cache=full
-      kvc -m experiment=eviction_passkey ;;
+      kvc experiment=eviction_passkey policy=none publish=true
+      kvc -m experiment=eviction_passkey publish=true ;;
     policies)  # issue 16: every policy at 50% / 25%, 2,048-token prompt compressed once, the next 256 tokens scored
       kvc experiment=eviction_policies policy=none publish=true
       kvc -m experiment=eviction_policies publish=true
@@ -29,11 +29,11 @@ for stage in ${stages[@]}; do
       kvc -m experiment=eviction_policies policy=adakv policy/scorer=expected_attention,kvzip publish=true
       kvc -m experiment=eviction_policies policy=duo_attention calibration.window=256 calibration.tokens=512 \
         publish=true ;;
-    speed)  # rounds interleaved: every cache of round (seed) 0, then of round 1; force=true re-measures
+    speed)  # rounds interleaved: every policy of round (seed) 0, then of round 1; force=true re-measures
       for seed in 0 1; do
-        kvc -m experiment=eviction_speed seed=$seed force=true
-        kvc -m experiment=eviction_speed seed=$seed force=true cache=streaming cache.slack=64
-        kvc -m experiment=eviction_speed seed=$seed force=true cache=h2o cache.slack=64
+        kvc -m experiment=eviction_speed seed=$seed force=true publish=true
+        kvc -m experiment=eviction_speed seed=$seed force=true policy=streaming policy.slack=64 publish=true
+        kvc -m experiment=eviction_speed seed=$seed force=true policy=h2o policy.slack=64 publish=true
       done ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -143,7 +143,7 @@ def main() -> None:
         ev = by_eval["ppl"][0]["eval_params"]
         out += [f"## 1. Perplexity, one {ev['window']}-token window of {ev['dataset']}, "
                 f"{ev['chunk']} tokens per step, when=decode", "",
-                "`kvc -m experiment=eviction_ppl` (+ `cache=streaming cache.sinks=0`, + `cache=full`). The cache",
+                "`kvc -m experiment=eviction_ppl` (+ `policy=streaming policy.sinks=0`, + `policy=none`). The cache",
                 "evicts after every step, so it holds at most budget + chunk tokens while the window runs to 4096.", ""]
         out += table(cells, budgets, "ppl (lower is better)") + [""]
         rel += relations(cells, budgets, True, "ppl")
@@ -161,7 +161,7 @@ def main() -> None:
         depths = [round(100 * d) for d in ev["depths"]]
         out += [f"## 3. Passkey accuracy by depth, {ev['lengths']} tokens, {ev['trials']} key(s) per depth, "
                 "prompt compressed once at prefill end (when=prefill)", "",
-                "`kvc -m experiment=eviction_passkey` (+ `cache=full`, the ceiling). With one key per depth each cell",
+                "`kvc -m experiment=eviction_passkey` (+ `policy=none`, the ceiling). With one key per depth each cell",
                 "is a single 0/1 trial. SnapKV scores with the last 32 prompt queries, i.e. the question itself.", "",
                 "| cache | budget | " + " | ".join(f"depth {d}%" for d in depths) + " | mean |",
                 "|---|---|" + "---|" * (len(depths) + 1)]
@@ -180,7 +180,7 @@ def main() -> None:
                 f"{ev['batch_size']}, budget {', '.join(map(str, sorted(b)))}, when=decode", "",
                 "`kvc -m experiment=eviction_speed`. Each decode step evicts one token per layer; the policies",
                 "that score by attention get the softmax weights from the same attention pass. `slack 64` rows:",
-                "`kvc -m experiment=eviction_speed cache=<streaming or h2o> cache.slack=64` (evict 64 at a time).",
+                "`kvc -m experiment=eviction_speed policy=<streaming or h2o> policy.slack=64` (evict 64 at a time).",
                 "Shared, oversubscribed CPU: absolute tokens/s are tiny and noisy; compare ratios.", ""]
         out += speed_rows(by_eval["speed"]) + [""]
     if rel:
