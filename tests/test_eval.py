@@ -43,6 +43,15 @@ def test_chunk_one_equals_full_prefill_for_full_cache(stories):
     assert math.isclose(a["ppl"], b["ppl"], rel_tol=1e-5)
 
 
+def test_bootstrap_zero_records_no_interval(stories):
+    """eval.bootstrap=0 means no interval: the value alone (no NaN bounds, which would fail the run)."""
+    c = ctx(stories)
+    plain = Perplexity("tinystories", window=64, max_windows=2, chunk=64, bootstrap=0).run(c)
+    with_ci = Perplexity("tinystories", window=64, max_windows=2, chunk=64).run(c)
+    assert "ppl/ci_low" not in plain and "ppl/ci_high" not in plain and plain["ppl"] == with_ci["ppl"]
+    assert with_ci["ppl/ci_low"] <= with_ci["ppl"] <= with_ci["ppl/ci_high"]
+
+
 def test_ppl_is_the_mean_nll_of_the_windows(stories):
     """Independent recomputation with one plain forward pass per window."""
     model, tok = stories

@@ -60,5 +60,9 @@ def ratio_ci(num: Sequence[float], den: Sequence[float], resamples: int = 1000, 
 
 
 def interval_metrics(name: str, value: float, ci: tuple[float, float]) -> dict[str, float]:
-    """``{name: value, name/ci_low: ..., name/ci_high: ...}``: the record's convention for error bars."""
+    """``{name: value, name/ci_low: ..., name/ci_high: ...}``: the record's convention for error bars. No interval
+    (``eval.bootstrap=0``, or no samples: both NaN) records the value alone, never a NaN (a non-finite metric
+    fails the run)."""
+    if all(math.isnan(c) for c in ci):
+        return {name: value}
     return {name: value, f"{name}/ci_low": ci[0], f"{name}/ci_high": ci[1]}
