@@ -19,6 +19,7 @@
 # Needs the text data of ../shared/data (or KVC_DATA_DIR) and network for setup (torch, the model).
 # BENCH_CPU=1: the same matrix on this machine's CPU (SmolLM2, fp32, context 1k, batch 1 and 8, 50 MB budget,
 # the engine bench without CUDA graphs) into results/cpu_bench: the CPU figures beside the GPU ones.
+# TABLE_ONLY=1 (with the same mode variables): rebuild $OUT/table.md from the records already there, no runs.
 # CPU_CHECK=1: the same kvc commands at toy sizes on stories260K on the CPU (no setup, no CUDA, no engine
 # bench), into /tmp/kvc_gpu_bench_check: checks that every command composes before a GPU is spent on it.
 set -uo pipefail
@@ -43,9 +44,10 @@ OUT=${OUT:-results/gpu_bench}
 KV_BUDGET=${KV_BUDGET:-2000000000}
 mkdir -p "$OUT/logs"
 T0=$(date +%s)
-: > "$OUT/phases.txt"
+[ -n "${TABLE_ONLY:-}" ] || : > "$OUT/phases.txt"
 
 phase() {  # phase NAME SECONDS CMD...: run with a time limit, log its output, note rc and duration
+  [ -z "${TABLE_ONLY:-}" ] || return 0
   local name=$1 limit=$(( $2 * SCALE )) t=$(date +%s); shift 2
   echo "== $name (limit ${limit}s, at $(( t - T0 ))s)"
   timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
@@ -63,11 +65,11 @@ if [ -n "${CPU_CHECK:-}" ]; then
 elif [ -n "${BENCH_CPU:-}" ]; then
   GPU="CPU: $($PY -c "import platform, torch; print(platform.processor() or 'cpu', torch.get_num_threads(), 'threads')")"
   PEAK=""
-elif ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+elif [ -z "${TABLE_ONLY:-}" ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "bench_gpu: no CUDA device visible to $PY (torch $($PY -c 'import torch; print(torch.__version__)'))" >&2
   exit 1
 else
-  GPU=$($PY -c "import torch; print(torch.cuda.get_device_name(0))")
+  GPU=${GPU_NAME:-$($PY -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')")}
   case "$GPU" in
     *H200*) PEAK=${PEAK_GBPS:-4800} ;;
     *H100*PCIe*) PEAK=${PEAK_GBPS:-2000} ;;
@@ -116,22 +118,30 @@ name = lambda r: (r["cache"] + (f" {r['storage_params'].get('bits')}-bit" if r.g
 UNITS = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
 size = lambda b: next(f"{b / u:.3g} {n}" for u, n in UNITS if b >= u or u == 1)
 sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+versions = ", ".join(sorted({str(r.get("code_version")) for r in recs}))
 lines = [f"# Benchmark: {os.environ['GPU']}", "",
-         f"`bash scripts/bench_gpu.sh` at commit {sha}; {os.environ['MODEL']}; records in `records.jsonl`, "
-         "engine bench in `engine/`, phase log in `phases.txt`.", "", "## Decode tokens/s (eval=speed)", "",
-         "vs full: against the full cache at the same context, batch and path; vs eager: the same cache's eager path.",
-         "", "| cache | context | batch | decode tok/s | vs full | vs eager | min..max | noisy | kv MB | path |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         f"`bash scripts/bench_gpu.sh` (table written at commit {sha}; records' code version: {versions}); "
+         f"{os.environ['MODEL']}; records in `records.jsonl`, engine bench in `engine/`, phase log in `phases.txt`.",
+         "", "## Decode tokens/s (eval=speed)", "",
+         "vs full: against the full cache at the same context, batch and path; vs eager: the same cache's eager path; "
+         "ppl vs eager: the relative difference of the teacher-forced perplexity over the decoded tokens from the "
+         "eager path's (0 up to fp noise; a quantized code can round the other way on that noise).",
+         "", "| cache | context | batch | decode tok/s | vs full | vs eager | ppl vs eager | min..max | noisy | kv MB "
+         "| path |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 speed = [r for r in ok if r["eval"] == "speed"]
 cell = lambda r: (r["eval_params"]["context"], r["eval_params"].get("batch_size"))
+ident = lambda r: (r["cache"], json.dumps(r.get("storage_params"), sort_keys=True), cell(r))
 rate = {(r["cache"], r.get("storage_params", {}).get("bits"), cell(r), path(r)): r["metrics"]["decode_tokens_per_s"]
         for r in ok if r["eval"] in ("speed", "throughput")}
+eager_ppl = {ident(r): r["metrics"]["ppl"] for r in speed if path(r) == "eager"}
+dppl = lambda r: f"{r['metrics']['ppl'] / eager_ppl[ident(r)] - 1:+.1e}" if path(r) != "eager" and ident(r) in \
+    eager_ppl else ""
 ratio = lambda x, key: f"{x / rate[key]:.2f}x" if key in rate else ""
 for r in sorted(speed, key=lambda r: (r["eval_params"]["context"], r["eval_params"]["batch_size"], name(r))):
     m, c, b = r["metrics"], r["eval_params"]["context"], r["eval_params"]["batch_size"]
     x, bits = m["decode_tokens_per_s"], r.get("storage_params", {}).get("bits")
     rel, own = ratio(x, ("full", None, cell(r), path(r))), ratio(x, (r["cache"], bits, cell(r), "eager"))
-    lines.append(f"| {name(r)} | {c} | {b} | {x:.1f} | {rel} | {own if path(r) != 'eager' else ''} | "
+    lines.append(f"| {name(r)} | {c} | {b} | {x:.1f} | {rel} | {own if path(r) != 'eager' else ''} | {dppl(r)} | "
                  f"{m.get('decode_tokens_per_s_min', 0):.1f}..{m.get('decode_tokens_per_s_max', 0):.1f} | "
                  f"{m.get('noisy', '')} | {m['kv_bytes'] / 1e6:.1f} | {path(r)} |")
 tput = [r for r in ok if r["eval"] == "throughput"]
