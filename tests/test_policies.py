@@ -260,3 +260,16 @@ def test_planted_prompts():
 def test_bad_settings_name_themselves(name, setting, allowed):
     with pytest.raises(Exception, match=allowed.replace(".", r"\.")):
         load(name, **setting)
+
+
+@pytest.mark.parametrize("when", ["decode", "prefill"])
+def test_tova_in_a_padded_batch_scores_each_rows_last_real_query(model, tmp_path, when):
+    """A right-padded row's last query in a prefill chunk is padding (its weights come zeroed): TOVA scores that
+    row with its own last real query, so each row of a padded batch keeps what it keeps alone."""
+    from kvcompress.cache.policy.tova import TOVA
+
+    rows = prompts(3, (40, 29))  # chunk 8: row 1 ends at 29, mid-chunk; its last chunk holds no real query
+    both = run(model, cache_of(model, TOVA(budget=12, when=when), tmp_path), rows)
+    for i, row in enumerate(rows):
+        alone = run(model, cache_of(model, TOVA(budget=12, when=when), tmp_path), [row])
+        torch.testing.assert_close(both[i], alone[0], rtol=1e-5, atol=1e-5)

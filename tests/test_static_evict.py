@@ -111,11 +111,11 @@ def test_static_eviction_equals_the_eager_cache(name, storage, chunk):
     assert report["tokens_held_max"] == ref["tokens_held_max"]
 
 
-@pytest.mark.parametrize("name", ["h2o-frac", "h2o-sinks-slack", "streaming", "knorm", "keydiff"])
+@pytest.mark.parametrize("name", ["h2o-frac", "h2o-sinks-slack", "tova", "streaming", "knorm", "keydiff"])
 @torch.inference_mode()
 def test_static_eviction_with_a_right_padded_row(name):
-    """Padding counts as held slots until evicted, as in the eager store. (Not TOVA: a row whose last prompt token
-    is padding scores every token 0 there, and the eager ``topk`` breaks such ties in no defined order.)"""
+    """Padding counts as held slots until evicted, as in the eager store (TOVA scores a padded row with its last
+    real query, in both forms)."""
     policy = POLICIES[name]()
     eager, static = pair(policy)
     torch.manual_seed(2)

@@ -1,6 +1,7 @@
 """TOVA (Oren et al., 2024): evict the token the current query attends to least."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from kvcompress.cache.buffers import fit
@@ -9,19 +10,37 @@ from kvcompress.cache.storage.base import TokenStore
 
 
 class TOVA(EvictionPolicy):
-    """Score = softmax weight of the step's last query (summed over the heads sharing a selection).
+    """Score = softmax weight of each row's last real query of the step (summed over the heads sharing a selection).
 
-    At the end of prefill (``when=prefill|both``) the last prompt query's weights are used.
+    In a right-padded batch a short row's last query in a prefill chunk is padding (its weights come zeroed), so
+    every query's weights are asked for and each row takes its last real one; a row with none in the step (it ended
+    in an earlier chunk) keeps its previous scores. At the end of prefill (``when=prefill|both``) that is the row's
+    last prompt query.
     """
 
+    static_state = True  # the previous scores, for a row with no real query in the step
+
     def queries_needed(self, owner: int, steps: int) -> int:
-        return 1
+        return steps
 
     def observe(self, owner: int, weights: Tensor, pos: Tensor) -> None:
-        self.state[owner] = self.group_weights(weights[:, :, -1:])[:, :, 0]
+        self.state[owner] = self.last_real(weights, fit(self.state[owner], weights.shape[-1]))
 
     def static_score(self, pos, weights, keys, state):
-        return self.group_weights(weights[:, :, -1:])[:, :, 0], None
+        scores = self.last_real(weights, state)
+        return scores, scores
+
+    def last_real(self, weights: Tensor, before: Tensor | None) -> Tensor:
+        """(B, Hq, n, T) weights, padding queries zeroed -> (B, 1|Hkv, T): each row's last real query's, else
+        ``before`` (or zeros)."""
+        w = self.group_weights(weights)
+        real = w.sum(-1) > 0  # (B, G, n)
+        steps = torch.arange(1, w.shape[2] + 1, device=w.device)
+        last = (real * steps).argmax(-1)  # the last real query (0 when none)
+        scores = w.gather(2, last[..., None, None].expand(-1, -1, 1, w.shape[-1]))[:, :, 0]
+        if before is None:
+            return scores
+        return torch.where(real.any(-1, keepdim=True), scores, before.to(scores.dtype).expand_as(scores))
 
     def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
         last = fit(self.state[owner], store.length)
