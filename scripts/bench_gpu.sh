@@ -20,6 +20,8 @@
 # BENCH_CPU=1: the same matrix on this machine's CPU (SmolLM2, fp32, context 1k, batch 1 and 8, 50 MB budget,
 # the engine bench without CUDA graphs) into results/cpu_bench: the CPU figures beside the GPU ones.
 # TABLE_ONLY=1 (with the same mode variables): rebuild $OUT/table.md from the records already there, no runs.
+# ONLY=REGEX: run only the phases whose name matches (e.g. ONLY='throughput|engine' SKIP_SETUP=1 for a second call
+# when a device call's time limit cut the first; records and phases.txt accumulate in $OUT).
 # CPU_CHECK=1: the same kvc commands at toy sizes on stories260K on the CPU (no setup, no CUDA, no engine
 # bench), into /tmp/kvc_gpu_bench_check: checks that every command composes before a GPU is spent on it.
 set -uo pipefail
@@ -44,10 +46,11 @@ OUT=${OUT:-results/gpu_bench}
 KV_BUDGET=${KV_BUDGET:-2000000000}
 mkdir -p "$OUT/logs"
 T0=$(date +%s)
-[ -n "${TABLE_ONLY:-}" ] || : > "$OUT/phases.txt"
+[ -n "${TABLE_ONLY:-}${ONLY:-}" ] || : > "$OUT/phases.txt"  # ONLY: the calls accumulate
 
 phase() {  # phase NAME SECONDS CMD...: run with a time limit, log its output, note rc and duration
   [ -z "${TABLE_ONLY:-}" ] || return 0
+  [[ -z "${ONLY:-}" || $1 =~ ${ONLY} ]] || return 0
   local name=$1 limit=$(( $2 * SCALE )) t=$(date +%s); shift 2
   echo "== $name (limit ${limit}s, at $(( t - T0 ))s)"
   timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
