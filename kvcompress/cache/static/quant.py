@@ -9,7 +9,8 @@ gran) * gran`` tokens and the residual the other ``n - split(n)``: the storage's
 A single-token step is branch-free on the device: the token goes to residual slot ``n - 1 - split(n - 1)``;
 the first ``gran`` residual tokens are quantized every step and written at prefix slot ``split(n - 1)`` only
 where ``flush = split(n) > split(n - 1)`` (``torch.where`` against what is there), and the residual shifts left
-by ``gran`` under the same flag. Longer steps (prefill chunks, never captured) read the counts on the host.
+by ``gran`` under the same flag. These counts are computed once per step (``StaticPart.count``, at layer 0) and
+serve every layer. Longer steps (prefill chunks, never captured) read the counts on the host.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.static.dense import StaticKVCache
+from kvcompress.cache.storage.quant.part import prefix_length
 from kvcompress.cache.storage.quant.quantizer import QuantConfig, quantize
 from kvcompress.kernels import Packed, dense, quant_attention, quantize_tokens, resolve
 from kvcompress.kernels.reference import dequant_prefix
@@ -37,9 +39,21 @@ class StaticPart:
         self.codes = self.scale = self.zero = self.res = None
 
     def split(self, n):
-        """Tokens of ``n`` in the quantized prefix (an int or a device tensor)."""
-        over = n - self.residual
-        return (over.clamp(min=0) if isinstance(over, Tensor) else max(over, 0)) // self.gran * self.gran
+        """Tokens of ``n`` in the quantized prefix (an int or a device tensor): the storage's rule."""
+        return prefix_length(n, self.residual, self.gran)
+
+    def count(self, n: Tensor, T: int) -> None:
+        """The step's counts, once for every layer: ``n`` (0-d, device) tokens after a step of T. A single-token
+        step keeps them on the device (where the token goes, whether a group is flushed, and where to); a
+        multi-token step reads n on the host."""
+        self.n_q = self.split(n)
+        if T > 1:
+            self.n_host = int(n)
+            return
+        q_old = self.split(n - 1)
+        self.flush = self.n_q > q_old
+        self.res_slot = (n - 1 - q_old).view(1)
+        self.at = q_old + torch.arange(self.gran, device=n.device)  # q_old < capacity, whole groups: in range
 
     def allocate(self, lead: tuple[int, ...], capacity: int, D: int, res_dtype: torch.dtype, device) -> None:
         cfg = self.cfg
@@ -72,13 +86,13 @@ class StaticPart:
                     new = torch.where(flush, new, buf[layer].index_select(2, idx))
                 buf[layer].index_copy_(2, idx, new)
 
-    def append(self, layer: int, x: Tensor, n: Tensor) -> None:
-        """Add x (B, H, T, D), already in the residual dtype; ``n`` (0-d, device) counts the tokens after it."""
+    def append(self, layer: int, x: Tensor) -> None:
+        """Add x (B, H, T, D), already in the residual dtype, by this step's ``count``."""
         T = x.shape[2]
         if T == 1:
-            self._append_one(layer, x, n)
+            self._append_one(layer, x)
             return
-        n_new = int(n)  # a multi-token step (prefill) is never captured: host counts are fine
+        n_new = self.n_host  # a multi-token step (prefill) is never captured: host counts are fine
         q_old, q_new = self.split(n_new - T), self.split(n_new)
         full = torch.cat([self.res[layer][:, :, : n_new - T - q_old], x], 2)
         m = q_new - q_old
@@ -87,14 +101,11 @@ class StaticPart:
             self.put(layer, at, *self.quantize(full[:, :, :m]))
         self.res[layer][:, :, : full.shape[2] - m] = full[:, :, m:]
 
-    def _append_one(self, layer: int, x: Tensor, n: Tensor) -> None:
+    def _append_one(self, layer: int, x: Tensor) -> None:
         res, g = self.res[layer], self.gran
-        q_old = self.split(n - 1)
-        flush = self.split(n) > q_old
-        res.index_copy_(2, (n - 1 - q_old).view(1), x)
-        at = q_old + torch.arange(g, device=x.device)  # q_old < capacity, both whole groups: in range
-        self.put(layer, at, *self.quantize(res[:, :, :g]), flush=flush)
-        res.copy_(torch.where(flush, torch.cat([res[:, :, g:], res[:, :, :g]], 2), res))
+        res.index_copy_(2, self.res_slot, x)
+        self.put(layer, self.at, *self.quantize(res[:, :, :g]), flush=self.flush)
+        res.copy_(torch.where(self.flush, torch.cat([res[:, :, g:], res[:, :, :g]], 2), res))
 
     def side(self, layer: int) -> Packed:
         """The layer's buffers as a kernel side (prefix capacity + residual; the counts come as ``lengths``)."""
@@ -103,14 +114,15 @@ class StaticPart:
         res = None if self.res is None else self.res[layer]
         return Packed(self.codes[layer], self.scale[layer], zero, res, c.bits, c.group_size, c.axis)
 
-    def tokens(self, layer: int, n: Tensor, capacity: int, dtype: torch.dtype) -> Tensor:
-        """All ``capacity`` slots in ``dtype``, branch-free: token t is prefix code t below ``split(n)``, else
-        residual slot ``t - split(n)`` (slots at or beyond n are junk the positions mask)."""
-        side, q = self.side(layer), self.split(n)
+    def tokens(self, layer: int, capacity: int, dtype: torch.dtype) -> Tensor:
+        """All ``capacity`` slots in ``dtype``, branch-free: token t is prefix code t below this step's ``n_q``,
+        else residual slot ``t - n_q`` (slots at or beyond the token count are junk the positions mask)."""
+        side = self.side(layer)
         prefix = dequant_prefix(side, 0, side.codes.shape[2])[:, :, :capacity].to(dtype)
         if side.res is None:
             return prefix
-        t = torch.arange(capacity, device=n.device)
+        q = self.n_q
+        t = torch.arange(capacity, device=prefix.device)
         res = side.res.index_select(2, (t - q).clamp(0, side.res.shape[2] - 1)).to(dtype)
         return torch.where((t < q)[:, None], prefix, res)
 
@@ -162,8 +174,10 @@ class StaticQuantKVCache(StaticKVCache):
             x = x.to(part.res_dtype)
             if part.direct:
                 part.put(layer, slots, *part.quantize(x))
-            else:
-                part.append(layer, x, self.index)
+                continue
+            if layer == 0:
+                part.count(self.index, x.shape[2])
+            part.append(layer, x)
 
     def slot_tokens(self, layer: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Keys and values of every slot of a layer, dequantized (B, Hkv, capacity, D) (slot-addressable only)."""
@@ -171,10 +185,11 @@ class StaticQuantKVCache(StaticKVCache):
         return k, v
 
     def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
-        n, (k, v) = self.index, self.parts
+        k, v = self.parts
         if resolve(q.device, self.backend) == "triton":
-            lengths = torch.stack([k.split(n), v.split(n), n]).to(torch.int32)
-            return quant_attention(q, q_pos, self.pos, k.side(layer), v.side(layer), lengths=lengths,
+            if layer == 0:  # [n_q of K, n_q of V, T], once per step for every layer
+                self.lengths = torch.stack([k.split(self.index), v.split(self.index), self.index]).to(torch.int32)
+            return quant_attention(q, q_pos, self.pos, k.side(layer), v.side(layer), lengths=self.lengths,
                                    backend=self.backend)
-        sides = (dense(part.tokens(layer, n, self.capacity, q.dtype)) for part in self.parts)
+        sides = (dense(part.tokens(layer, self.capacity, q.dtype)) for part in self.parts)
         return quant_attention(q, q_pos, self.pos, *sides, backend=self.backend)

@@ -19,6 +19,13 @@ from kvcompress.kernels import quantize_tokens
 RESIDUAL_DTYPES = DTYPES
 
 
+def prefix_length(n: int | Tensor, residual: int, gran: int) -> int | Tensor:
+    """``floor(max(n - residual, 0) / gran) * gran``: the tokens of ``n`` in the quantized prefix (an int, or a
+    device tensor for the static form)."""
+    over = n - residual
+    return (over.clamp(min=0) if isinstance(over, Tensor) else max(over, 0)) // gran * gran
+
+
 class QuantPart:
     """Packed codes + fp16 scale (and zero) of the prefix, ``res`` the full-precision recent tokens.
 
@@ -39,8 +46,7 @@ class QuantPart:
 
     def split(self, n: int) -> int:
         """How many of ``n`` tokens belong to the quantized prefix."""
-        gran = self.cfg.token_granularity
-        return max(n - self.residual, 0) // gran * gran
+        return prefix_length(n, self.residual, self.cfg.token_granularity)
 
     @property
     def n_res(self) -> int:
