@@ -168,8 +168,11 @@ class EvictionPolicy(Policy):
         """Per-store schedule (PyramidKV); by default every store gets the same budget."""
         return budget
 
-    def recent_tokens(self, budget: int) -> int:
-        return int(self.recent * budget) if isinstance(self.recent, float) else self.recent
+    def recent_tokens(self, budget: int | Tensor) -> int | Tensor:
+        """``recent``, or ``int(recent * budget)`` for a fraction (of an int, or of a 0-d device tensor)."""
+        if not isinstance(self.recent, float):
+            return self.recent
+        return (budget.double() * self.recent).long() if isinstance(budget, Tensor) else int(self.recent * budget)
 
     def target(self, owner: int) -> int:
         return self.layer_budget(owner, self.row_budget())
@@ -230,24 +233,23 @@ class EvictionPolicy(Policy):
             self.state[owner] = state
         self.evictions += 1
 
-    def priority(self, score: Tensor, pos: Tensor, budget: int, protect: int) -> Tensor:
-        """Score with sinks, the recent window and protected slots lifted to +inf, padding to -inf."""
+    def priority(self, score: Tensor, pos: Tensor, budget: int | Tensor, protect: int = 0) -> Tensor:
+        """Score with the protected slots lifted to +inf, padding to -inf. Within the budget b, protected are the
+        last ``n_new = min(protect, b)`` slots (this step's tokens), the ``n_sinks = min(sinks, b - n_new)``
+        lowest and the ``n_recent = min(max(recent(b), n_new), b - n_sinks)`` highest real positions. ``budget``:
+        an int, or a 0-d device tensor (the static form: fixed shapes, no host sync)."""
         real = pos < PAD_POSITION
+        b = torch.as_tensor(budget, device=pos.device)
+        n_new = b.clamp(max=protect)
+        n_sinks = (b - n_new).clamp(max=self.sinks)
+        n_recent = torch.minimum(torch.as_tensor(self.recent_tokens(b), device=pos.device).clamp(min=n_new),
+                                 b - n_sinks)
+        rank = pos.argsort(dim=-1, stable=True).argsort(-1)  # real positions ascending (padding sorts last)
+        from_end = real.sum(-1, keepdim=True) - 1 - rank
+        new = torch.arange(pos.shape[-1], device=pos.device) >= pos.shape[-1] - n_new
+        lifted = real & (new | (rank < n_sinks) | (from_end < n_recent))
         prio = score.float().nan_to_num(0.0, 0.0, 0.0).masked_fill(~real, float("-inf"))
-        lifted = torch.zeros_like(real)
-        n_new = min(protect, budget)
-        if n_new:
-            lifted[..., -n_new:] = True
-        n_sinks = min(self.sinks, budget - n_new)
-        n_recent = min(max(self.recent_tokens(budget), n_new), budget - n_sinks)
-        key = pos.long()
-        if n_sinks:
-            first = torch.where(real, -key, torch.full_like(key, -(2**62))).topk(n_sinks, -1).indices
-            lifted.scatter_(-1, first, True)
-        if n_recent:
-            last = torch.where(real, key, torch.full_like(key, -(2**62))).topk(n_recent, -1).indices
-            lifted.scatter_(-1, last, True)
-        return prio.masked_fill(lifted & real, float("inf"))
+        return prio.masked_fill(lifted, float("inf"))
 
     # -- the static form (captured decode) ------------------------------------------------------
     static_state = False  # True: ``static_score`` carries a per-slot state from step to step (H2O's accumulation)
@@ -270,21 +272,11 @@ class EvictionPolicy(Policy):
         of scores may break otherwise). Returns the keep mask (B, N) and the held count after the step."""
         budget = self.static_budget(row_seen)
         evicts = held > budget + self.slack
-        real = pos < PAD_POSITION
         if score.shape[1] > 1:
             score = score.mean(1, keepdim=True)
-        rank = pos.argsort(dim=-1, stable=True).argsort(-1)  # real positions ascending (padding sorts last)
-        n_sinks = budget.clamp(max=self.sinks)
-        room = budget - n_sinks
-        if isinstance(self.recent, float):  # recent_tokens: int(recent * budget)
-            n_recent = torch.minimum(room, (budget.double() * self.recent).long())
-        else:
-            n_recent = room.clamp(max=self.recent)
-        from_end = real.sum(-1, keepdim=True) - 1 - rank
-        lifted = real & ((rank < n_sinks) | (from_end < n_recent))
-        prio = score[:, 0].float().nan_to_num(0.0, 0.0, 0.0).masked_fill(~real, float("-inf"))
-        order = prio.masked_fill(lifted, float("inf")).argsort(dim=-1, descending=True, stable=True).argsort(-1)
-        return real & ((order < budget) | ~evicts), torch.where(evicts, budget, held)
+        prio = self.priority(score[:, 0], pos, budget)
+        order = prio.argsort(dim=-1, descending=True, stable=True).argsort(-1)
+        return (pos < PAD_POSITION) & ((order < budget) | ~evicts), torch.where(evicts, budget, held)
 
     def static_budget(self, row_seen: Tensor) -> Tensor:
         """``row_budget`` as a 0-d device tensor, from the tokens seen per row (B,)."""
