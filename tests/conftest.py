@@ -173,3 +173,30 @@ def greedy_steps(model, cache, nxt, start: int, n: int, step=None):
         out.append(logits.clone())
         nxt = logits[:, -1:].argmax(-1)
     return torch.cat(out, 1)
+
+
+def assert_graph_replay_equals_eager(model, eager, graphed, tokens, n: int = 4) -> None:
+    """Prefill ``tokens`` (B, T) into two equal static caches, capture ``graphed``'s decode step as a CUDA graph and
+    check ``n`` greedy steps of its replay against ``eager``'s steps."""
+    from kvcompress.engine.static import CapturedDecode
+
+    static_prefill(model, eager, tokens)
+    nxt = static_prefill(model, graphed, tokens)[:, -1:].argmax(-1)
+    step = CapturedDecode(model, graphed, tokens.shape[0])
+    assert step.captured
+    T = tokens.shape[1]
+    got = greedy_steps(model, graphed, nxt, T, n, lambda m, t, p, c: step(t, p))
+    torch.testing.assert_close(got, greedy_steps(model, eager, nxt, T, n), atol=1e-5, rtol=1e-5)
+
+
+def triton_tests_in_a_subprocess(path: str) -> None:
+    """Run the ``triton`` tests of the file at ``path`` under ``TRITON_INTERPRET=1`` in a fresh interpreter (for when
+    triton was imported before the variable could take effect) and require that none was skipped."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path, "-k", "triton"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " skipped" not in run.stdout.splitlines()[-1], run.stdout[-1000:]

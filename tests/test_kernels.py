@@ -8,7 +8,6 @@ is, the compiled kernels are tested on the GPU instead (longer histories, severa
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest  # noqa: E402
@@ -24,7 +23,7 @@ from kvcompress.cache.base import PAD_POSITION, attention  # noqa: E402
 from kvcompress.cache.storage.latent.absorbed import Projection, absorbed_key_scores, latent_attention  # noqa: E402
 from kvcompress.cache.storage.quant.quantizer import QuantConfig, dequantize, quantize  # noqa: E402
 from kvcompress.kernels import Packed, reference  # noqa: E402
-from tests.conftest import triton_interpreted  # noqa: E402
+from tests.conftest import triton_interpreted, triton_tests_in_a_subprocess  # noqa: E402
 
 INTERP = triton_interpreted()
 interpreter = pytest.mark.skipif(not INTERP, reason="needs triton under TRITON_INTERPRET=1 (see the subprocess test)")
@@ -279,11 +278,7 @@ def test_triton_quantize_is_bit_exact(bits, symmetric):
 
 @pytest.mark.skipif(INTERP is not False or CUDA, reason="triton missing, already interpreted here, or CUDA (below)")
 def test_kernels_in_an_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert " skipped" not in run.stdout.splitlines()[-1], run.stdout[-1000:]
+    triton_tests_in_a_subprocess(__file__)
 
 
 # -- compiled kernels on CUDA -----------------------------------------------------------------------

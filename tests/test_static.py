@@ -11,7 +11,7 @@ from kvcompress.cache.layout.cla import CLA
 from kvcompress.cache.policy.snapkv import SnapKV
 from kvcompress.cache.static import StaticKVCache
 from kvcompress.engine.static import CapturedDecode, decode_step
-from tests.conftest import greedy_steps, spec_of, static_prefill, tiny_model
+from tests.conftest import assert_graph_replay_equals_eager, greedy_steps, spec_of, static_prefill, tiny_model
 
 prefill, steps = static_prefill, greedy_steps
 
@@ -78,15 +78,7 @@ def test_cuda_graph_replay_equals_eager(kind):
 
     make = (lambda: StaticKVCache(capacity=16, device="cuda")) if kind == "dense" else (
         lambda: StaticQuantKVCache(capacity=16, group_size=8, device="cuda"))
-    model = tiny_model().cuda()
-    tokens = torch.randint(0, 97, (2, 8), device="cuda")
-    eager, graphed = make(), make()
-    prefill(model, eager, tokens)
-    nxt = prefill(model, graphed, tokens)[:, -1:].argmax(-1)
-    step = CapturedDecode(model, graphed, 2)
-    assert step.captured
-    got = steps(model, graphed, nxt, 8, 4, lambda m, t, p, c: step(t, p))
-    torch.testing.assert_close(got, steps(model, eager, nxt, 8, 4), atol=1e-5, rtol=1e-5)
+    assert_graph_replay_equals_eager(tiny_model().cuda(), make(), make(), torch.randint(0, 97, (2, 8), device="cuda"))
 
 
 def speed(stories, cache, **kw):

@@ -7,7 +7,6 @@ interpreter tests run in a subprocess of this file (as in tests/test_kernels.py)
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -25,7 +24,15 @@ from kvcompress.cache.static.latent import StaticLatentKVCache  # noqa: E402
 from kvcompress.cache.storage.latent.store import LatentStore  # noqa: E402
 from kvcompress.engine.generate import positions_like  # noqa: E402
 from kvcompress.engine.static import decode_step, static_form  # noqa: E402
-from tests.conftest import greedy_steps, spec_of, static_prefill, tiny_model, triton_interpreted  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    assert_graph_replay_equals_eager,
+    greedy_steps,
+    spec_of,
+    static_prefill,
+    tiny_model,
+    triton_interpreted,
+    triton_tests_in_a_subprocess,
+)
 
 INTERP = triton_interpreted()
 interpreter = pytest.mark.skipif(not INTERP, reason="needs triton under TRITON_INTERPRET=1 (see the subprocess test)")
@@ -136,18 +143,9 @@ def test_decode_step_traces_as_one_graph_and_equals_eager(model, ctx, kw):
 @pytest.mark.parametrize("kw", [dict(), dict(keys="post_rope", absorb=True)], ids=name)
 @torch.inference_mode()
 def test_cuda_graph_replay_equals_eager(model, ctx, kw):
-    from kvcompress.engine.static import CapturedDecode
-
     store = eager_cache(model, ctx, **kw).storage  # calibrated on the CPU model; the same weights on the GPU
-    gpu = tiny_model().cuda()
     tokens = torch.randint(0, 97, (2, 8), device="cuda")
-    eager, graphed = store.static_form(16), store.static_form(16)
-    prefill(gpu, eager, tokens)
-    nxt = prefill(gpu, graphed, tokens)[:, -1:].argmax(-1)
-    step = CapturedDecode(gpu, graphed, 2)
-    assert step.captured
-    got = steps(gpu, graphed, nxt, 8, 4, lambda m, t, p, c: step(t, p))
-    torch.testing.assert_close(got, steps(gpu, eager, nxt, 8, 4), atol=1e-5, rtol=1e-5)
+    assert_graph_replay_equals_eager(tiny_model().cuda(), store.static_form(16), store.static_form(16), tokens)
 
 
 @torch.inference_mode()
@@ -245,8 +243,4 @@ def test_triton_static_latent_cache_equals_its_reference(model, ctx):
 
 @pytest.mark.skipif(INTERP is not False or CUDA, reason="triton missing, already interpreted here, or CUDA")
 def test_kernels_in_an_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert " skipped" not in run.stdout.splitlines()[-1], run.stdout[-1000:]
+    triton_tests_in_a_subprocess(__file__)

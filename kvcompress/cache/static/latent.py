@@ -95,7 +95,7 @@ class StaticLatentKVCache(StaticKVCache):
 
     def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
         codec, lat = self.codecs[layer], self.lat[layer]
-        pos = self.pos[:, :]  # a fresh view: the rotary memoises cos/sin by the positions tensor's identity
+        pos = self.pos
         ck, cv = (lat["joint"], lat["joint"]) if "joint" in lat else (lat["key"], lat["value"])
         rope_part = None if self.rope_part is None else self.rope_part[layer]
         if not codec.absorb:
