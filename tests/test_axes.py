@@ -231,3 +231,34 @@ def test_per_head_needs_ragged_storage(model, calib_dir):
     cache = ComposedCache(axis("storage", "latent", per_head=True), axis("policy", "snapkv", per_head=True),
                           axis("layout", "per_layer"))
     cache.setup(spec_of(model))
+
+
+STATIC_STORAGES = {"dense", "int8", "int4", "int2", "kivi", "latent"}  # a static-capacity form of their own
+SLOT_STORAGES = {"dense", "int8", "int4", "int2"}  # ... written at any slot: a fixed-budget policy can hold them
+STATIC_POLICIES = {"h2o", "tova", "streaming", "knorm", "keydiff"}  # per-slot scores in fixed shapes
+
+
+def has_static_form(storage: str, policy: str, layout: str) -> bool:
+    """Which combinations decode on the captured (graph) path: README "Speed"."""
+    if layout != "per_layer":
+        return False
+    if policy == "none":
+        return storage in STATIC_STORAGES
+    return policy in STATIC_POLICIES and storage in SLOT_STORAGES
+
+
+@pytest.mark.parametrize("storage,policy,layout", [c for c in RUNNABLE if not policy_refused(*c)])
+def test_static_form_is_the_eager_cache(model, calib_dir, storage, policy, layout):
+    """Every combination either has no static form (eager decode) or one whose logits equal the eager cache's over
+    a chunked prefill and decode (codes can round the other way on fp noise: 1e-4). No token repeats in a row: key
+    norms are rotation-invariant, so a repeated token ties with itself in layer 0 and eager ``topk`` and the static
+    form's stable sort may keep different copies (both right)."""
+    cache = build(model, calib_dir, storage, policy, layout)
+    static = cache.static_form(48)
+    assert (static is not None) == has_static_form(storage, policy, layout)
+    if static is None:
+        return
+    static.setup(spec_of(model))
+    g = torch.Generator().manual_seed(5)
+    toks = torch.stack([torch.randperm(97, generator=g)[:48] for _ in range(2)])
+    torch.testing.assert_close(drive(model, static, toks), drive(model, cache, toks), rtol=1e-4, atol=1e-4)
