@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvcompress.cache.window_mask import current_window
+
 # Padding tokens get a huge position: no real query (pos <= PAD_POSITION - 1) ever sees them,
 # while a padding query still sees at least itself, so no softmax row is empty.
 PAD_POSITION = 2**30
@@ -44,10 +46,14 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     max_position: int
+    windows: tuple[int | None, ...] | None = None  # per layer: its sliding window, the model's own (cache/window.py)
 
     def fp16_bytes_per_token(self) -> int:
         """fp16 reference: 2 bytes x (K and V) x layers x kv_heads x head_dim."""
         return 2 * 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+    def window(self, layer: int) -> int | None:
+        return self.windows[layer] if self.windows else None
 
 
 class KVCache(ABC):
@@ -100,6 +106,16 @@ class KVCache(ABC):
 
     def replay(self, on: bool) -> None:
         """Begin (True) or end (False) the replay pass (see ``replay_wanted``)."""
+
+    def end_prompt(self) -> None:
+        """The evaluation's explicit prompt boundary: every token of the prompt has been fed (and replayed, if
+        ``replay_wanted``); what follows is decode or teacher-forced scoring. Prefill-time compression acts on
+        the next step (``policy.when=prefill|both``). Default: nothing to do."""
+
+    def acts_at_prompt_end(self) -> bool:
+        """True when the strategy needs ``end_prompt`` to be what it claims to be (prefill-time compression): an
+        evaluation that defines no prompt (teacher-forced ``eval=ppl``) refuses such a cache before weights load."""
+        return False
 
     # -- accounting: always the real tensors, never a formula --------------------------------
     def kv_bytes(self) -> int:
@@ -168,7 +184,9 @@ def visibility_mask(q_pos: Tensor, k_pos: Tensor) -> Tensor:
     """Boolean (B, 1 or Hkv, Tq, Tk) mask: key visible iff key_position <= query_position."""
     if k_pos.dim() == 2:
         k_pos = k_pos[:, None]
-    return k_pos[:, :, None, :] <= q_pos[:, None, :, None]
+    visible = k_pos[:, :, None, :] <= q_pos[:, None, :, None]
+    window = current_window()  # a sliding-window layer's own band: key_position > query_position - window
+    return visible if window is None else visible & (k_pos[:, :, None, :] > q_pos[:, None, :, None] - window)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
@@ -192,35 +210,35 @@ def is_own_prefix(q_pos: Tensor, k_pos: Tensor) -> bool:
     The position mask is then lower-triangular for every real token; padding rows (PAD_POSITION,
     after the real tokens) may differ, and their outputs are never used.
     """
+    window = current_window()
     return (k_pos.dim() == 2 and q_pos.shape == k_pos.shape and q_pos.shape[-1] > 1
+            and (window is None or q_pos.shape[-1] <= window)
             and torch.equal(q_pos, k_pos) and bool((k_pos[:, 1:] >= k_pos[:, :-1]).all()))
 
 
-def attention_with_weights(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Like ``attention`` but also returns the softmax weights (B, Hq, Tq, Tk), in one pass.
-
-    For policies that score tokens by attention (H2O, TOVA, SnapKV).
-    """
+def attention_weights(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """The softmax weights (B, Hq, Tq, Tk) of ``attention``'s queries, for policies that score tokens by attention
+    (H2O, TOVA, SnapKV). Computed beside the output, never instead of it: a policy that observes attention never
+    changes the arithmetic of the attention it observes."""
     groups = q.shape[1] // k.shape[1]
-    kk, vv = expand_heads(k, groups), expand_heads(v, groups)
-    scores = (q @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = (q @ expand_heads(k, groups).transpose(-1, -2)) * q.shape[-1] ** -0.5
     mask = visibility_mask(q_pos, k_pos)
     if mask.shape[1] > 1:
         mask = expand_heads(mask, groups)
-    weights = scores.masked_fill(~mask, float("-inf")).float().softmax(-1).to(q.dtype)
-    return weights @ vv, weights
+    return scores.masked_fill(~mask, float("-inf")).float().softmax(-1).to(q.dtype)
+
+
+def attention_with_weights(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """``attention`` and the softmax weights of every query (B, Hq, Tq, Tk)."""
+    return attention(q, k, v, q_pos, k_pos), attention_weights(q, k, q_pos, k_pos)
 
 
 def attention_tail_weights(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, n: int
                            ) -> tuple[Tensor, Tensor | None]:
-    """One attention pass; the softmax weights (B, Hq, n, Tk) of the last ``n`` queries come out of it too."""
-    steps = q.shape[2]
+    """``attention``'s output, and the softmax weights (B, Hq, n, Tk) of the last ``n`` queries beside it (None for
+    n <= 0): the output is the same computation whether or not weights are asked for."""
+    out = attention(q, k, v, q_pos, k_pos)
     if n <= 0:
-        return attention(q, k, v, q_pos, k_pos), None
-    if n >= steps:
-        return attention_with_weights(q, k, v, q_pos, k_pos)
-    head = attention(q[:, :, :-n], k, v, q_pos[:, :-n], k_pos)
-    tail, weights = attention_with_weights(q[:, :, -n:], k, v, q_pos[:, -n:], k_pos)
-    return torch.cat([head, tail], 2), weights
+        return out, None
+    n = min(n, q.shape[2])
+    return out, attention_weights(q[:, :, -n:], k, q_pos[:, -n:], k_pos)

@@ -142,6 +142,12 @@ class ComposedCache(KVCache):
                 view.hide(valid)
             self.policy.remap(owner, idx)
 
+    def end_prompt(self) -> None:
+        self.policy.end_prompt()
+
+    def acts_at_prompt_end(self) -> bool:
+        return self.policy.acts_at_prompt_end()
+
     def static_form(self, capacity: int) -> KVCache | None:
         """The static-capacity equivalent (captured decode), or None (eager decode). Under the identity layout:
         the storage's form when the policy keeps everything, else the policy's form over the storage (a fixed

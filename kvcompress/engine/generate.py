@@ -97,6 +97,7 @@ def prefill(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache
         last = torch.where(rows[:, None], logits, last)
     require_finite(torch.isfinite(last).all(), "prefill")
     replay_prompt(model, tokens, pos, cache, chunk)
+    cache.end_prompt()  # the explicit boundary: prefill-time compression acts at the next step
     return last, lengths
 
 

@@ -39,6 +39,7 @@ def continuation_nll(model: Transformer, tokens: torch.Tensor, cache: KVCache, c
         logits = model(tokens[:, lo:hi], positions_like(tokens[:, lo:hi], lo), cache,
                        select=torch.full((B,), hi - lo - 1, device=dev))
     replay_prompt(model, tokens[:, :context], positions_like(tokens[:, :context]), cache, chunk)  # KVzip only
+    cache.end_prompt()
     first = F.cross_entropy(logits[:, -1].float(), tokens[:, context], reduction="sum")
     total = first.double()
     for i in range(context, T - 1):

@@ -45,6 +45,7 @@ def time_prefill_decode(model, tokens: torch.Tensor, cache, decode_tokens: int, 
         hi = min(lo + chunk, C)
         logits = model(tokens[:, lo:hi], positions_like(tokens[:, lo:hi], lo), cache,
                        select=torch.full((B,), hi - lo - 1, device=dev))
+    cache.end_prompt()  # the prompt boundary (policy.when=prefill|both compress at the next step)
     _sync(dev)
     prefill_s = time.perf_counter() - t0
     steps, nll = [], torch.zeros((), dtype=torch.float64, device=dev)

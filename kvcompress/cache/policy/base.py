@@ -10,9 +10,10 @@ summed, and is evicted once per step, after its last reader attended.
 * Protected tokens: ``sinks`` (the lowest positions held) and ``recent`` (the highest; an int, or a
   float fraction of the budget). Everything else competes on the policy's score.
 * When: ``decode`` evicts after every forward step (chunked prefill steps included) once a store holds
-  more than budget + ``slack``; ``prefill`` compresses once when prefill ends (the first single-token
-  step after multi-token steps) before that step attends, then lets decode grow; ``both`` keeps the
-  whole prompt during prefill, compresses at its end, then evicts during decode.
+  more than budget + ``slack``; ``prefill`` compresses once when the prompt ends (the evaluation says so:
+  ``KVCache.end_prompt``, called by ``engine.session``) before the next step attends, then lets decode
+  grow; ``both`` keeps the whole prompt during prefill, compresses at its end, then evicts every step after.
+  An evaluation without a prompt (teacher-forced ``eval=ppl``) refuses ``prefill`` and ``both``.
 * ``per_head``: each KV head keeps its own tokens (positions become (B, Hkv, T)); needs a storage
   that can hold ragged heads.
 * ``rerotate``: positions *within the cache* (StreamingLLM's option): keys are rotated at their slot
@@ -80,6 +81,13 @@ class Policy:
 
     def start_step(self, steps: int, pos: Tensor) -> None:
         """Layer 0 saw ``steps`` new tokens at ``pos`` (B, T)."""
+
+    def end_prompt(self) -> None:
+        """The prompt is complete (``KVCache.end_prompt``): prefill-time compression happens at the next step."""
+
+    def acts_at_prompt_end(self) -> bool:
+        """True: ``end_prompt`` triggers compression (an evaluation without a prompt must refuse this policy)."""
+        return False
 
     def before_attend(self, owner: int, store: TokenStore, steps: int) -> None:
         """The store's first reader is about to attend (prefill-end compression happens here)."""
@@ -151,7 +159,7 @@ class EvictionPolicy(Policy):
 
     def reset(self, batch_size: int, owners: list[int]) -> None:
         self.row_seen = torch.zeros(batch_size, dtype=torch.long)
-        self._last_step, self._prefill_end = 0, False
+        self.prompt_ended = False  # set by end_prompt: the evaluation's explicit boundary, never guessed
         self.compressed = {o: False for o in owners}
         self.state: dict[int, Tensor | None] = {o: None for o in owners}
         self.evictions = 0
@@ -178,13 +186,17 @@ class EvictionPolicy(Policy):
         return self.layer_budget(owner, self.row_budget())
 
     # -- the composed cache's calls -------------------------------------------------------------
+    def end_prompt(self) -> None:
+        self.prompt_ended = True
+
+    def acts_at_prompt_end(self) -> bool:
+        return self.when != "decode"
+
     def start_step(self, steps: int, pos: Tensor) -> None:
-        self._prefill_end = steps == 1 and self._last_step > 1
-        self._last_step = steps
         self.row_seen = self.row_seen.to(pos.device) + (pos < PAD_POSITION).sum(1)
 
     def before_attend(self, owner: int, store: TokenStore, steps: int) -> None:
-        if self._prefill_end and self.when != "decode" and not self.compressed[owner]:
+        if self.prompt_ended and self.when != "decode" and not self.compressed[owner]:
             self.compressed[owner] = True
             self.evict(owner, store, protect=steps)
             if self.when == "prefill":
@@ -200,7 +212,7 @@ class EvictionPolicy(Policy):
             self.state[owner] = take(fit(self.state[owner], int(idx.max()) + 1), idx)
 
     def after_attend(self, owner: int, store: TokenStore, steps: int) -> None:
-        evicts_now = self.when == "decode" or (self.when == "both" and steps == 1)
+        evicts_now = self.when == "decode" or (self.when == "both" and self.prompt_ended)
         if evicts_now and store.length > self.target(owner) + self.slack:
             self.evict(owner, store)
         self.held[owner] = store.length
