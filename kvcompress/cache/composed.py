@@ -19,6 +19,8 @@ from kvcompress.cache.layout.base import Layout
 from kvcompress.cache.policy.base import Policy
 from kvcompress.cache.storage.base import TokenStore
 from kvcompress.cache.storage.dense import DenseStore
+from kvcompress.cache.window import check_layout, window_keep, windowed_fp16_bytes
+from kvcompress.cache.window_mask import attention_window
 
 
 class SlotRotary:
@@ -46,6 +48,7 @@ class ComposedCache(KVCache):
         super().setup(spec)
         self.storage.check(spec)
         self.layout.check(spec)
+        check_layout(spec, self.layout)
         self.layout.check_storage(self.storage)
         self.policy.check(spec, self.storage)
 
@@ -72,6 +75,7 @@ class ComposedCache(KVCache):
         self.policy.reset(batch_size, sorted(set(self.owner)))
         self.pending_weights: dict[int, Tensor] = {}
         self._seen = torch.zeros((), dtype=torch.long)
+        self._seen_rows = torch.zeros(batch_size, dtype=torch.long)  # per row: the model's windows hold min(., W-1)
         self.replay_from: Tensor | None = None  # during a replay pass: each row's first replayed position
         self.replayed = 0
 
@@ -88,6 +92,7 @@ class ComposedCache(KVCache):
             self.replayed += int(real.sum())
         elif layer == 0:
             self._seen = self._seen.to(pos.device) + (pos < PAD_POSITION).sum()
+            self._seen_rows = self._seen_rows.to(pos.device) + (pos < PAD_POSITION).sum(1)
             self.policy.start_step(k.shape[2], pos)
         self.layout.append(layer, self.views[layer], k, v, pos, SlotRotary(rope) if self.policy.rerotate else rope)
 
@@ -102,7 +107,8 @@ class ComposedCache(KVCache):
             slots = torch.arange(view.length - steps, view.length, device=q.device)[None]
             q = self.rope.rotate(q, slots - q_pos)
         n = self.policy.weights_wanted(owner, steps)
-        out, weights = view.attend(q, q_pos, n)
+        with attention_window(self.spec.window(layer)):  # a sliding-window layer masks its band (cache/window.py)
+            out, weights = view.attend(q, q_pos, n)
         if weights is not None:
             weights = weights * (q_pos[:, -n:] < PAD_POSITION)[:, None, :, None]
             if owner in self.pending_weights:
@@ -117,8 +123,20 @@ class ComposedCache(KVCache):
         if remap is not None:
             self.policy.remap(owner, remap)
         if not replaying:
+            self._trim_to_window(owner, view, q_pos)
             self.policy.after_attend(owner, view, steps)
         return out
+
+    def _trim_to_window(self, owner: int, view: TokenStore, q_pos: Tensor) -> None:
+        """A sliding-window layer's store keeps only its window (the model's semantics, see ``cache/window.py``)."""
+        window = self.spec.window(owner)
+        picked = window_keep(view.positions(), q_pos, window) if window is not None else None
+        if picked is not None:
+            idx, valid = picked
+            view.keep(idx)
+            if not bool(valid.all()):
+                view.hide(valid)
+            self.policy.remap(owner, idx)
 
     # -- a replay pass over the prompt (KVzip's reconstruction), driven by the engine ----------------------
     def replay_wanted(self) -> bool:
@@ -152,7 +170,7 @@ class ComposedCache(KVCache):
         """The static-capacity equivalent (captured decode), or None (eager decode). Under the identity layout:
         the storage's form when the policy keeps everything, else the policy's form over the storage (a fixed
         budget keeps a fixed shape). Sharing layouts change what a layer reads per step: eager."""
-        if type(self.layout) is not Layout:
+        if type(self.layout) is not Layout or self.spec.windows:  # sliding windows trim the store: eager
             return None
         if type(self.policy) is Policy:
             return self.storage.static_form(capacity)
@@ -176,8 +194,14 @@ class ComposedCache(KVCache):
     def tokens_seen(self) -> int:
         return int(self._seen)
 
+    def kv_bytes_fp16(self) -> int:
+        """The model's own full cache: sliding-window layers hold their window only (``cache/window.py``)."""
+        return windowed_fp16_bytes(self.spec, self._seen_rows) if self.spec.windows else super().kv_bytes_fp16()
+
     def memory_report(self) -> dict[str, float]:
         replay = {"replay_tokens": self.replayed} if self.replayed else {}
+        if self.spec.windows:  # what a plain full cache (no windows) would hold, beside the model's own
+            replay["kv_bytes_fp16_no_window"] = super().kv_bytes_fp16()
         return {**super().memory_report(), **self.storage.report(), **self.policy.report(), **self.layout.report(),
                 **replay}
 

@@ -1,11 +1,17 @@
-"""A native Llama-family decoder. Every attention call goes through the cache interface.
+"""A native Llama-family and Gemma 3 decoder. Every attention call goes through the cache interface.
 
 GQA, RoPE (with scaling), RMSNorm, SwiGLU, tied or untied embeddings, optional q/k/v bias and
-Qwen3-style q/k norm. q/k/v and gate/up are stored fused, the way gpt-fast does, but multiplied by row slices
+Qwen3-style q/k norm. Gemma 3 adds: RMSNorm scaling by (1 + w), norms after attention and after the MLP,
+GELU-tanh gating, embeddings times sqrt(hidden), scores scaled by query_pre_attn_scalar ** -0.5, sliding-window
+layers with their own RoPE base (the window is held by the cache: ``cache/window.py``), final logit softcapping.
+
+q/k/v and gate/up are stored fused, the way gpt-fast does, but multiplied by row slices
 of the fused weight: each output is then contiguous (the elementwise ops after them run ~5% faster in a CPU
 prefill, decode is unchanged), and a layer that does not need k/v skips those rows.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +23,18 @@ from kvcompress.engine.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """Llama: w * cast(x / rms(x)). Gemma (offset 1): cast((x / rms(x)) * (1 + w)) in fp32."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: Tensor) -> Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
@@ -41,8 +51,11 @@ class Attention(nn.Module):
         self.q_dim = self.hq * self.d
         self.wqkv = nn.Linear(c.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=c.attention_bias)
         self.wo = nn.Linear(self.q_dim, c.hidden_size, bias=c.output_bias)
-        self.q_norm = RMSNorm(self.d, c.rms_eps) if c.qk_norm else None
-        self.k_norm = RMSNorm(self.d, c.rms_eps) if c.qk_norm else None
+        self.q_norm = RMSNorm(self.d, c.rms_eps, c.norm_offset) if c.qk_norm else None
+        self.k_norm = RMSNorm(self.d, c.rms_eps, c.norm_offset) if c.qk_norm else None
+        # scores = q.k * query_scale; the cache's attention applies head_dim ** -0.5, so q carries the ratio
+        ratio = c.query_scale * self.d**0.5 if c.query_scale else 1.0
+        self.q_factor = None if ratio == 1.0 else ratio
 
     def project(self, x: Tensor, first_head: int, heads: int) -> Tensor:
         """(B, heads, T, d) from the rows of ``wqkv`` for heads first_head.. (q heads, then k, then v)."""
@@ -56,6 +69,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = rope.rotate(q, pos)
+        if self.q_factor is not None:
+            q = q * self.q_factor
         if cache.computes_kv(layer):  # False: a consumer of another layer's cache skips the k/v projections
             k, v = self.project(x, self.hq, self.hkv), self.project(x, self.hq + self.hkv, self.hkv)
             if self.k_norm is not None:
@@ -69,23 +84,29 @@ class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.hidden = c.intermediate_size
+        self.act = F.silu if c.hidden_act == "silu" else partial(F.gelu, approximate="tanh")
         self.w13 = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
         self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = linear_rows(x, self.w13, 0, self.hidden), linear_rows(x, self.w13, self.hidden, 2 * self.hidden)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.act(gate) * up)
 
 
 class Block(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(c.hidden_size, c.rms_eps), Attention(c)
-        self.mlp_norm, self.mlp = RMSNorm(c.hidden_size, c.rms_eps), MLP(c)
+        norm = partial(RMSNorm, c.hidden_size, c.rms_eps, c.norm_offset)
+        self.attn_norm, self.attn = norm(), Attention(c)
+        self.mlp_norm, self.mlp = norm(), MLP(c)
+        self.attn_post_norm = norm() if c.post_norms else None  # Gemma 3: before each residual add
+        self.mlp_post_norm = norm() if c.post_norms else None
 
     def forward(self, x: Tensor, pos: Tensor, cache: KVCache, layer: int, rope: RotaryEmbedding) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), pos, cache, layer, rope)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.attn(self.attn_norm(x), pos, cache, layer, rope)
+        x = x + (h if self.attn_post_norm is None else self.attn_post_norm(h))
+        h = self.mlp(self.mlp_norm(x))
+        return x + (h if self.mlp_post_norm is None else self.mlp_post_norm(h))
 
 
 class Transformer(nn.Module):
@@ -94,9 +115,12 @@ class Transformer(nn.Module):
         self.config = c
         self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_eps)
+        self.norm = RMSNorm(c.hidden_size, c.rms_eps, c.norm_offset)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.rope = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position)
+        # Gemma 3's sliding-window layers rotate with their own base (and no scaling)
+        local = RotaryEmbedding(c.head_dim, c.local_rope_theta, None, c.max_position) if c.local_rope_theta else None
+        self.layer_ropes = [local if local and c.window(i) else self.rope for i in range(c.num_layers)]
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
@@ -115,10 +139,15 @@ class Transformer(nn.Module):
 
         ``select`` (B,) picks one position per row, so only (B, 1, V) logits are computed.
         """
-        self.rope.prepare(pos)
+        for rope in {id(r): r for r in self.layer_ropes}.values():
+            rope.prepare(pos)
         x = self.embed(tokens)
+        if self.config.embed_scale is not None:  # in the weights' dtype, as transformers does
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, pos, cache, i, self.rope)
+            x = block(x, pos, cache, i, self.layer_ropes[i])
         if select is not None:
             x = x[torch.arange(x.shape[0], device=x.device), select][:, None]
-        return self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
