@@ -210,3 +210,51 @@ def test_static_kivi_decode_step_traces_as_one_graph():
     nxt = prefill(model, traced, tokens)[:, -1:].argmax(-1)
     compiled = torch.compile(decode_step, fullgraph=True, backend="eager")
     assert torch.equal(steps(model, traced, nxt, 6, 9, compiled), steps(model, eager, nxt, 6, 9))
+
+
+def docstring_fp8_store():
+    """The fp8 storage exactly as ``storage.codec``'s docstring tells a user to write it."""
+    import textwrap
+
+    from kvcompress.cache.storage import codec
+    doc = codec.__doc__
+    start = doc.index("    import torch\n")
+    code = textwrap.dedent(doc[start : doc.index("with ``conf/storage/fp8.yaml``")])
+    scope: dict = {}
+    exec(compile(code, "codec-docstring", "exec"), scope)  # noqa: S102 - the documented example itself
+    return scope["Fp8Store"]
+
+
+@torch.inference_mode()
+def test_a_codec_from_the_docstring_gets_both_decode_paths():
+    """A user's codec (the docstring's fp8 store: real 1-byte float8 parts) decodes eagerly, in fixed slots (equal to
+    eager), and under an eviction policy's static form, with no edit to kvcompress."""
+    from kvcompress.cache.policy.h2o import H2O
+    from kvcompress.cache.storage.fixed import FixedSlotCache
+
+    Fp8Store = docstring_fp8_store()
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (2, 12))
+    eager = ComposedCache(Fp8Store())
+    eager.setup(spec_of(model))
+    static = eager.static_form(24)
+    assert isinstance(static, FixedSlotCache)
+    static.setup(spec_of(model))
+    a, b = prefill(model, eager, tokens), prefill(model, static, tokens)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    nxt = a[:, -1:].argmax(-1)
+    torch.testing.assert_close(steps(model, static, nxt, 12, 4), steps(model, eager, nxt, 12, 4), atol=1e-5, rtol=1e-5)
+    assert {t.dtype for t in eager.tensors()} >= {torch.float8_e4m3fn}
+    assert eager.kv_bytes() == sum(t.nbytes for t in eager.tensors())
+    full = prefill(model, FullCache(), tokens)
+    assert 0 < (a - full).abs().max() < 0.5  # lossy, but close
+    evicting = ComposedCache(Fp8Store(), H2O(budget=6))
+    evicting.setup(spec_of(model))
+    assert torch.isfinite(prefill(model, evicting, tokens)).all()  # eager eviction gathers the float8 parts
+    assert max(evicting.policy.held.values()) <= 6 + evicting.policy.slack
+    form = evicting.static_form(24)
+    assert form is not None and type(form).__name__ == "StaticEvictionCache"
+    form.setup(spec_of(model))
+    assert torch.isfinite(prefill(model, form, tokens)).all()
+    with pytest.raises(ValueError, match="capacity"):
+        FixedSlotCache(Fp8Store(), 0)

@@ -1,4 +1,11 @@
-"""Growing token buffers and token gathering, shared by every storage and policy."""
+"""Token buffers and token gathering, shared by every storage and policy.
+
+A storage's packed per-token tensors (``storage.codec``: a dict of name -> (B, H, T, ...)) live in a buffer the
+storage does not implement: ``GrowingParts`` (eager decode: grows, gathers on eviction, frees on ``replace``) or
+``SlotParts`` (captured decode: every layer's capacity allocated once, written at given slots in place). Float8
+tensors are moved through a uint8 view (CPU has no gather / index_copy for float8), so a codec may hold real
+1-byte float8 codes.
+"""
 from __future__ import annotations
 
 import torch
@@ -50,8 +57,15 @@ class GrowingBuffer:
         return [self.data] if self.data is not None else []
 
 
+def as_bytes(x: Tensor) -> Tensor:
+    """A 1-byte float (float8) as its uint8 view, for the ops CPU lacks for float8; any other tensor as is."""
+    return x.view(torch.uint8) if x.dtype.is_floating_point and x.element_size() == 1 else x
+
+
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     """Select tokens along dim 2 of x (B, H, T, ...) with idx (B, T') or (B, H', T')."""
+    if as_bytes(x) is not x:
+        return gather_tokens(as_bytes(x), idx).view(x.dtype)
     if idx.dim() == 2:
         idx = idx[:, None]
     heads = max(x.shape[1], idx.shape[1])
@@ -60,6 +74,59 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     extra = x.shape[3:]
     idx = idx.reshape(*idx.shape, *([1] * len(extra))).expand(*idx.shape, *extra)
     return torch.gather(x, 2, idx)
+
+
+class GrowingParts:
+    """Named per-token tensors (B, H, T, ...) in ``GrowingBuffer``s: a codec's packed tokens, eager."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, GrowingBuffer] = {}
+
+    def append(self, parts: dict[str, Tensor]) -> None:
+        for name, x in parts.items():
+            self.buffers.setdefault(name, GrowingBuffer()).append(x)
+
+    def view(self) -> dict[str, Tensor]:
+        return {name: b.view() for name, b in self.buffers.items()}
+
+    def keep(self, idx: Tensor) -> None:
+        """Keep tokens ``idx`` (B, T') or (B, H', T') of every part (kept codes are gathered, never re-encoded)."""
+        for b in self.buffers.values():
+            b.replace(gather_tokens(b.view(), idx))
+
+    def replace(self, name: str, x: Tensor) -> None:
+        self.buffers[name].replace(x.to(self.buffers[name].data.dtype))
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.buffers.values())).length if self.buffers else 0
+
+    def tensors(self) -> list[Tensor]:
+        return [t for b in self.buffers.values() for t in b.tensors()]
+
+    def reserved(self) -> list[Tensor]:
+        return [t for b in self.buffers.values() for t in b.reserved()]
+
+
+class SlotParts:
+    """Named per-token tensors of every layer in fixed slots: (L, B, H, capacity, ...) each, allocated once from
+    one layer's example tokens, written in place at given slots (``index_copy_``: no host sync, capturable)."""
+
+    def __init__(self, examples: list[dict[str, Tensor]], capacity: int):
+        """``examples[layer]``: that layer's parts of one token (B, H, 1, ...): names, heads, trailing dims, dtype."""
+        self.parts = [{name: x.new_zeros((*x.shape[:2], capacity, *x.shape[3:])) for name, x in ex.items()}
+                      for ex in examples]
+
+    def write(self, layer: int, slots: Tensor, parts: dict[str, Tensor]) -> None:
+        for name, x in parts.items():
+            buf = self.parts[layer][name]
+            as_bytes(buf).index_copy_(2, slots, as_bytes(x.to(buf.dtype)))
+
+    def view(self, layer: int) -> dict[str, Tensor]:
+        return self.parts[layer]
+
+    def tensors(self) -> list[Tensor]:
+        return [t for layer in self.parts for t in layer.values()]
 
 
 def take(state: Tensor, idx: Tensor) -> Tensor:

@@ -1,38 +1,32 @@
 """``storage=dense``: keys and values as computed, in the model's dtype. The identity of the storage axis."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from kvcompress.cache.buffers import GrowingBuffer, gather_tokens
-from kvcompress.cache.static import StaticKVCache
-from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.storage.codec import CodecStore
+from kvcompress.cache.storage.fixed import FixedSlotCache
 
 
-class DenseStore(TokenStore):
-    """Growing buffers, so a decode step never copies the whole history."""
+class DenseStore(CodecStore):
+    """The identity codec: the parts are the keys and values themselves (growing buffers eagerly, so a decode step
+    never copies the whole history; fixed slots when captured)."""
 
-    def clear_payload(self) -> None:
-        self.k, self.v = GrowingBuffer(), GrowingBuffer()
+    def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        return {"k": k, "v": v}
 
-    def append_payload(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        self.k.append(k)
-        self.v.append(v)
-
-    def read_payload(self) -> tuple[Tensor, Tensor]:
-        return self.k.view(), self.v.view()
-
-    def keep_payload(self, idx: Tensor) -> None:
-        self.k.replace(gather_tokens(self.k.view(), idx))
-        self.v.replace(gather_tokens(self.v.view(), idx))
+    def decode(self, parts: dict[str, Tensor], dtype) -> tuple[Tensor, Tensor]:
+        return parts["k"].to(dtype), parts["v"].to(dtype)
 
     def update_values(self, v: Tensor) -> None:
-        self.v.replace(v.to(self.v.data.dtype))
-
-    def payload_tensors(self) -> list[Tensor]:
-        return self.k.tensors() + self.v.tensors()
+        self.parts.replace("v", v)
 
     def static_form(self, capacity: int):
         return StaticKVCache(capacity) if self.keys == "post_rope" else None
 
-    def payload_reserved(self) -> list[Tensor]:
-        return self.k.reserved() + self.v.reserved()
+
+class StaticKVCache(FixedSlotCache):
+    """The full cache in fixed slots (captured decode): ``DenseStore`` in a ``FixedSlotCache``."""
+
+    def __init__(self, capacity: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__(DenseStore(), capacity, dtype, device)

@@ -1,0 +1,127 @@
+"""A storage written as a codec: how one token's key and value are packed, nothing about where they are held.
+
+Subclass ``CodecStore`` and implement two methods (optionally a third):
+
+* ``encode(k, v) -> dict[str, Tensor]``: the packed form of T tokens, k and v (B, Hkv, T, D) (keys already
+  rotated under the default ``keys="post_rope"``). Every tensor is per token: (B, H, T, ...) with H = Hkv or 1,
+  any dtype (float8 included), any trailing dims. A token's parts may depend only on that token (and on
+  settings or calibration), never on its neighbours: that is what lets a buffer gather, evict and write
+  tokens at any slot without asking the storage.
+* ``decode(parts, dtype) -> (k, v)``: the tokens back, (B, Hkv, T, D) in ``dtype``, from parts as ``encode``
+  returned them (T any number of tokens, possibly gathered or padded slots).
+* ``attend_packed(q, q_pos, k_pos, parts, lengths) -> Tensor | None`` (optional): attention output (B, Hq, Tq, D)
+  read straight from the packed parts (a kernel, ``kvcompress.kernels.quant_attention``); None (the default)
+  means decode then attend. ``lengths`` is None eagerly; in the captured form it is a 0-d device tensor, the
+  number of slots written (the rest of the capacity is empty, its positions ``PAD_POSITION``).
+
+The storage never implements a buffer. Eagerly its parts live in ``GrowingParts`` (``cache.buffers``: appended,
+gathered on eviction, memory freed after it); the captured (static-capacity) form is the same codec in
+``SlotParts`` (``storage.fixed.FixedSlotCache``: every buffer allocated once, tokens written at a device-side
+index with ``index_copy_``, no host synchronisation, so the decode step can be recorded as a CUDA graph), and an
+eviction policy's static form writes tokens at the slots it chooses (``slot_addressable``, ``write(layer,
+slots, k, v)``, ``slot_tokens(layer, dtype)``). Both decode paths and the byte accounting (the parts' real
+tensors) come for free. Attention weights asked for by a policy are computed beside the output, never instead
+of it: observing never changes the arithmetic.
+
+An fp8 (e4m3) per-token storage, complete::
+
+    import torch
+    from kvcompress.cache.storage.codec import CodecStore
+
+    E4M3_MAX = 448.0
+
+    class Fp8Store(CodecStore):
+        \"\"\"K and V as float8 e4m3 with one fp16 scale per token and head (absmax / 448).\"\"\"
+
+        def encode(self, k, v):
+            parts = {}
+            for name, x in (("k", k), ("v", v)):
+                scale = (x.float().abs().amax(-1, keepdim=True) / E4M3_MAX).clamp_min(2**-24).half()
+                parts[name] = (x.float() / scale.float()).to(torch.float8_e4m3fn)
+                parts[name + "_scale"] = scale
+            return parts
+
+        def decode(self, parts, dtype):
+            return tuple((parts[n].float() * parts[n + "_scale"].float()).to(dtype) for n in ("k", "v"))
+
+with ``conf/storage/fp8.yaml`` (in a package on ``hydra.searchpath``)::
+
+    _target_: mypackage.fp8.Fp8Store
+    keys: post_rope
+
+Settings are constructor arguments (call ``super().__init__(keys)`` last); validate them against the model in
+``check(spec)``. A storage whose tokens are not independent (KIVI's per-channel groups, GEAR's blocks) is a codec
+behind a full-precision residual stage (``storage.residual``), not a codec alone.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+
+from torch import Tensor
+
+from kvcompress.cache import base
+from kvcompress.cache.buffers import GrowingParts
+from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.storage.fixed import FixedSlotCache
+
+
+class CodecStore(TokenStore):
+    """A storage that is only a codec (see the module docstring); the buffers, eviction and both decode paths are
+    generic."""
+
+    @abstractmethod
+    def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        """Packed per-token parts (B, H, T, ...) of keys and values (B, Hkv, T, D)."""
+
+    @abstractmethod
+    def decode(self, parts: dict[str, Tensor], dtype) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, Hkv, T, D) in ``dtype`` from packed parts."""
+
+    def attend_packed(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
+                      lengths: Tensor | None = None) -> Tensor | None:
+        """Attention over the packed parts (a kernel), or None: decode, then attend."""
+        return None
+
+    # -- the TokenStore hooks, once for every codec --------------------------------------------------------
+    def clear_payload(self) -> None:
+        self.parts = GrowingParts()
+        self.dtype = None
+
+    def append_payload(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        self.dtype = k.dtype
+        self.parts.append(self.encode(k, v))
+
+    def read_payload(self) -> tuple[Tensor, Tensor]:
+        return self.decode(self.parts.view(), self.dtype)
+
+    def keep_payload(self, idx: Tensor) -> None:
+        self.parts.keep(idx)
+
+    def payload_tensors(self) -> list[Tensor]:
+        return self.parts.tensors()
+
+    def payload_reserved(self) -> list[Tensor]:
+        return self.parts.reserved()
+
+    def attend(self, q: Tensor, q_pos: Tensor, n_weights: int = 0) -> tuple[Tensor, Tensor | None]:
+        """One computation of the output whether or not weights are wanted (the packed kernel where the codec has
+        one and keys are stored rotated, else decode + ``attention``); the last ``n_weights`` queries' softmax
+        weights are computed beside it."""
+        out = None
+        if self.keys == "post_rope" and not self.decodes_for_attention(q):
+            out = self.attend_packed(q, q_pos, self.positions(), self.parts.view())
+        if out is None:
+            return super().attend(q, q_pos, n_weights)
+        if not n_weights:
+            return out, None
+        k, _, pos = self.read()
+        return out, base.attention_weights(q[:, :, -n_weights:], k.to(q.dtype), q_pos[:, -n_weights:], pos)
+
+    def decodes_for_attention(self, q: Tensor) -> bool:
+        """True where decode + attend serves this step even though a kernel exists. Default: multi-token steps
+        (prefill chunks), where the kernel's per-row tiles gain nothing."""
+        return q.shape[2] > 1
+
+    def static_form(self, capacity: int):
+        """This codec in fixed slots (captured decode); stored-unrotated keys (rotated at read) decode eagerly."""
+        return FixedSlotCache(self, capacity) if self.keys == "post_rope" else None
