@@ -21,6 +21,7 @@ from kvcompress.cache.policy.duo_attention import DuoAttention
 from kvcompress.cache.policy.expected_attention import ExpectedAttention, expected_logits
 from kvcompress.cache.policy.keydiff import KeyDiff
 from kvcompress.cache.policy.kvzip import KVzip
+from kvcompress.cache.policy.score import Candidates
 from kvcompress.cache.storage.dense import DenseStore
 from kvcompress.engine.generate import prefill
 from kvcompress.engine.rope import RotaryEmbedding
@@ -144,13 +145,18 @@ def store_of(k, v=None):
     return s
 
 
+def candidates(store, owner: int = 0):
+    """A store's tokens as a score sees them (no state): what ``EvictionPolicy.evict`` passes."""
+    return Candidates(owner, store.positions()[:, None], None, 1, lambda: store.read()[:2])
+
+
 def test_keydiff_scores_by_hand():
     k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])[None, None]
     pol = KeyDiff(budget=2)
     pol.check(spec(), DenseStore())
     anchor = torch.tensor([1 + 1 / math.sqrt(2), 1 + 1 / math.sqrt(2)]) / 3  # mean of the unit keys
     want = [-(float(x @ anchor) / (float(x.norm()) * float(anchor.norm()))) for x in k[0, 0]]
-    got = pol.score(0, store_of(k), torch.arange(3)[None, None])
+    got = pol.score(candidates(store_of(k)))
     torch.testing.assert_close(got[0, 0], torch.tensor(want))
 
 
@@ -165,7 +171,7 @@ def test_expected_attention_by_hand():
     v = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])[None, None]
     z = torch.tensor([2 / math.sqrt(2) + 1 / 4, 1 / math.sqrt(2) + 1 / 4, 1 / math.sqrt(2) + 0.0])
     want = z.softmax(0) * torch.tensor([5.0, 1.0, 2.0])
-    torch.testing.assert_close(pol.score(0, store_of(k, v), torch.arange(3)[None, None])[0, 0], want)
+    torch.testing.assert_close(pol.score(candidates(store_of(k, v)))[0, 0], want)
 
 
 def test_expected_attention_rope_average():
@@ -205,7 +211,7 @@ class Fixed(EvictionPolicy):
         super().__init__(budget=1)
         self.fixed = scores
 
-    def score(self, owner, store, pos):
+    def score(self, c):
         return self.fixed
 
 

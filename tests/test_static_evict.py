@@ -21,7 +21,7 @@ from kvcompress.cache.policy.snapkv import SnapKV
 from kvcompress.cache.policy.streaming import StreamingLLM
 from kvcompress.cache.policy.tova import TOVA
 from kvcompress.cache.static import StaticKVCache
-from kvcompress.cache.static.evict import StaticEvictionCache
+from kvcompress.cache.static.evict import StaticEvictionCache, layer_parts
 from kvcompress.cache.storage.dense import DenseStore
 from kvcompress.cache.storage.quant.store import QuantizedStore
 from kvcompress.engine.generate import positions_like
@@ -146,8 +146,8 @@ def test_static_eviction_buffers_are_the_budget_not_the_capacity():
     prefill(static, tokens, None)
     prefill(dense, tokens, None)
     assert static.kv_bytes() == sum(t.nbytes for t in static.tensors())
-    k = static.main.k
-    assert k.shape[3] == 6 + 1 + 1  # budget + slack + the trash slot
+    for layer in range(spec_of(model()).num_layers):
+        assert {part.shape[2] for part in layer_parts(static.main, layer)} == {6 + 1 + 1}  # budget + slack + trash
     assert static.kv_bytes() < dense.kv_bytes() / 2
     addresses = [t.data_ptr() for t in static.tensors()]
     static.reset(2)  # same batch: cleared in place

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvcompress.cache.base import PAD_POSITION, ModelSpec
+from kvcompress.cache.base import PAD_POSITION
 from kvcompress.cache.checks import fail, number_in
 from kvcompress.cache.policy.base import EvictionPolicy
 from kvcompress.cache.policy.wrapper import ScorerWrapper, keep_per_head
@@ -29,20 +29,13 @@ from kvcompress.cache.storage.base import TokenStore
 class AdaKV(ScorerWrapper):
     """Head-adaptive budgets over any scorer's per-head scores (``scorer``; the YAML default is SnapKV)."""
 
-    scorer_per_head = True
+    uneven_heads = True
 
     def __init__(self, scorer: EvictionPolicy | None = None, alpha: float = 0.2, **kwargs):
         self.alpha = number_in("policy.alpha", alpha, 0.0, 1.0)
         if kwargs.pop("per_head", True) is not True:
             fail("policy.per_head", "true for adakv (it allocates budgets per KV head)", False)
         super().__init__(scorer, per_head=True, **kwargs)
-
-    def check(self, spec: ModelSpec, storage: TokenStore) -> None:
-        if spec.num_kv_heads > 1 and not storage.ragged_heads:
-            raise ValueError(f"policy=adakv keeps a different number of tokens per KV head, so the storage must hold "
-                             f"ragged heads; {type(storage).__name__} with these settings cannot "
-                             "(a latent across heads: set storage.per_head=true)")
-        super().check(spec, storage)
 
     def reset(self, batch_size: int, owners: list[int]) -> None:
         super().reset(batch_size, owners)
@@ -55,7 +48,7 @@ class AdaKV(ScorerWrapper):
         heads = self.spec.num_kv_heads
         pos = store.positions()
         pos = (pos[:, None] if pos.dim() == 2 else pos).expand(-1, heads, -1)
-        score = self.score(owner, store, pos).expand(-1, heads, -1)
+        score = self.score(self.candidates(owner, store, pos)).expand(-1, heads, -1)
         prio = self.head_priority(score, pos, budget, protect)
         keep = torch.zeros_like(prio, dtype=torch.bool)
         best = top_slots(prio, pos, min(heads * budget, prio[0].numel()))

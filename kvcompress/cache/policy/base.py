@@ -1,10 +1,13 @@
 """The policy axis: which tokens each store keeps, never how they are stored or which layers read them.
 
 ``Policy`` (``policy=none``) keeps everything: the identity. ``EvictionPolicy`` is the base of every
-eviction method; a method implements ``score`` (higher = keep) and, if it scores by attention,
-``queries_needed`` and ``observe``. The composed cache calls the hooks per store ("owner"): a store
-read by several layers (a CLA group, a MiniCache pair) gets the attention weights of all its readers,
-summed, and is evicted once per step, after its last reader attended.
+eviction method; a method is one score with fixed shapes (``policy.score``): ``score(candidates)`` (higher =
+keep) and, if it scores by attention, ``queries_needed`` and ``update(weights, state, heads)``. The eager path
+(``evict``) and the captured one (``cache.static.evict``) call the same functions; a method declares what it
+is (``captured``, ``uneven_heads``, ``rewrites_values``, ``replays``): nothing is inferred from its code. The
+composed cache calls the hooks per store ("owner"): a store read by several layers (a CLA group, a MiniCache
+pair) gets the attention weights of all its readers, summed, and is evicted once per step, after its last reader
+attended.
 
 * Budget: a token count (int >= 1) or a fraction in (0, 1] of the tokens seen by the row.
 * Protected tokens: ``sinks`` (the lowest positions held) and ``recent`` (the highest; an int, or a
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -35,14 +37,10 @@ from torch import Tensor
 from kvcompress.cache.base import PAD_POSITION, ModelSpec
 from kvcompress.cache.buffers import fit, follow, take
 from kvcompress.cache.checks import fail, int_at_least, is_int, is_number, one_of
+from kvcompress.cache.policy.score import Candidates, group_weights
 from kvcompress.cache.storage.base import TokenStore
 
 WHEN = ("prefill", "decode", "both")
-# a method's static form holds while these are defined no lower than its ``static_score`` ...
-STATIC_SCORING = ("score", "observe", "queries_needed", "group_weights", "reset", "start_step")
-# ... and these are the base's (the eviction rules the static form mirrors on the device)
-STATIC_RULES = ("before_attend", "after_attend", "evict", "priority", "merge_evicted", "layer_budget", "row_budget",
-                "target", "recent_tokens", "weights_wanted", "observe_queries", "remap")
 
 
 class Policy:
@@ -134,7 +132,15 @@ def check_budget(budget, sinks, recent) -> None:
 
 
 class EvictionPolicy(Policy):
-    """Base of every eviction method: budgets, protection, timing; subclasses score tokens."""
+    """Base of every eviction method: budgets, protection, timing; subclasses score tokens (``score``, and
+    ``update`` + ``queries_needed`` when they score by attention)."""
+
+    # -- what a method declares (class attributes; the static form and kvcompress.testing read them) ----------
+    captured = False  # the score ranks the candidates alone (no slot order, no host sync, the base's keep rule):
+    #                   the policy has a captured (static-capacity) decode form too
+    uneven_heads = False  # heads keep different token counts (AdaKV, DuoAttention): a storage that pads heads
+    rewrites_values = False  # ``merge_evicted`` rewrites kept values (CaM): a storage with writable values
+    replays = False  # scores a replay of the prompt (KVzip): the engine feeds it again when prefill compresses
 
     def __init__(self, budget: int | float = 512, sinks: int = 0, recent: int | float = 0, when: str = "decode",
                  slack: int = 0, per_head: bool = False, rerotate: bool = False):
@@ -150,9 +156,13 @@ class EvictionPolicy(Policy):
         self.never_evicts = is_int(self.budget) and min(
             self.layer_budget(layer, self.budget) for layer in range(spec.num_layers)) >= spec.max_position
         name = type(storage).__name__
-        if self.per_head and spec.num_kv_heads > 1 and not storage.ragged_heads:
-            raise ValueError(f"policy.per_head=true needs a storage that keeps different tokens per KV head; "
+        if (self.per_head or self.uneven_heads) and spec.num_kv_heads > 1 and not storage.ragged_heads:
+            setting = f"policy={type(self).__name__}" if self.uneven_heads else "policy.per_head=true"
+            raise ValueError(f"{setting} keeps different tokens per KV head, so the storage must hold ragged heads; "
                              f"{name} with these settings cannot (a latent across heads: set storage.per_head=true)")
+        if self.rewrites_values and not storage.values_writable:
+            raise ValueError(f"policy={type(self).__name__} merges evicted values into kept ones, so the storage "
+                             f"must rewrite values; {name} cannot (its values live in a latent)")
         if self.rerotate and storage.keys != "pre_rope":
             raise ValueError(f"policy.rerotate=true rotates keys at their slot in the cache, so the storage must "
                              f"hold them unrotated: set storage.keys=pre_rope ({name} has keys={storage.keys})")
@@ -185,6 +195,10 @@ class EvictionPolicy(Policy):
     def target(self, owner: int) -> int:
         return self.layer_budget(owner, self.row_budget())
 
+    def heads(self) -> int:
+        """Selection groups: Hkv with ``per_head`` (each KV head keeps its own tokens), else 1."""
+        return self.spec.num_kv_heads if self.per_head else 1
+
     # -- the composed cache's calls -------------------------------------------------------------
     def end_prompt(self) -> None:
         self.prompt_ended = True
@@ -202,10 +216,28 @@ class EvictionPolicy(Policy):
             if self.when == "prefill":
                 self.state[owner] = None  # no eviction can follow: free the state
 
+    def observing(self, owner: int) -> bool:
+        """False once no eviction can follow (a budget never reached, or prefill compression done)."""
+        return not (self.never_evicts or (self.when == "prefill" and self.compressed[owner]))
+
     def weights_wanted(self, owner: int, steps: int) -> int:
-        if self.never_evicts or (self.when == "prefill" and self.compressed[owner]):
-            return 0  # no eviction can follow: no scores needed (and attention stays the plain kernel)
-        return self.queries_needed(owner, steps)
+        # no eviction can follow: no scores needed (and attention stays the plain kernel)
+        return self.queries_needed(owner, steps) if self.observing(owner) else 0
+
+    def observe(self, owner: int, weights: Tensor, pos: Tensor) -> None:
+        self.state[owner] = self.update(weights, fit(self.state[owner], weights.shape[-1]), self.heads())
+
+    def observe_queries(self, owner: int, q: Tensor, q_pos: Tensor, rope) -> None:
+        if self.observing(owner):
+            self.update_queries(owner, q, q_pos, rope)
+
+    def replay_wanted(self) -> bool:
+        return self.replays and self.when != "decode" and not self.never_evicts \
+            and not any(self.compressed.values())
+
+    def start_replay(self) -> None:
+        for owner in self.state:
+            self.state[owner] = None  # the score is the replay's attention alone
 
     def remap(self, owner: int, idx: Tensor) -> None:
         if self.state[owner] is not None:
@@ -218,6 +250,11 @@ class EvictionPolicy(Policy):
         self.held[owner] = store.length
 
     # -- eviction ----------------------------------------------------------------------------
+    def candidates(self, owner: int, store: TokenStore, pos: Tensor) -> Candidates:
+        """The store's held tokens as the score sees them; ``pos`` (B, 1|Hkv, T)."""
+        return Candidates(owner, pos, fit(self.state[owner], store.length), self.heads(),
+                          lambda: store.read()[:2])
+
     def evict(self, owner: int, store: TokenStore, protect: int = 0) -> None:
         """Keep the store's best tokens within its budget; the last ``protect`` slots always stay."""
         held, budget = store.length, self.target(owner)
@@ -226,7 +263,7 @@ class EvictionPolicy(Policy):
         pos = store.positions()
         if pos.dim() == 2:
             pos = pos[:, None]
-        score = self.score(owner, store, pos)
+        score = self.score(self.candidates(owner, store, pos))
         if self.per_head and score.shape[1] == 1:
             score = score.expand(-1, self.spec.num_kv_heads, -1)
         if not self.per_head and score.shape[1] > 1:
@@ -264,18 +301,6 @@ class EvictionPolicy(Policy):
         return prio.masked_fill(lifted, float("inf"))
 
     # -- the static form (captured decode) ------------------------------------------------------
-    static_state = False  # True: ``static_score`` carries a per-slot state from step to step (H2O's accumulation)
-
-    def static_score(self, pos: Tensor, weights: Tensor | None, keys: Callable[[], Tensor],
-                     state: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """The method's ``score`` in fixed shapes, for the static form (``cache.static.evict``); defining it is how
-        a method offers one. The candidates are a layer's slots and the step's new tokens, at positions ``pos``
-        (B, 1, N) (``PAD_POSITION``: empty); ``weights`` (B, Hq, n, N): the softmax weights of the step's last
-        ``n = queries_needed`` queries (padding queries zeroed, None when n = 0); ``keys()``: their rotated keys
-        (B, Hkv, N, D); ``state`` (B, 1, N): the per-slot state (``static_state``; 0 for new tokens). Returns the
-        scores (B, 1|Hkv, N), higher = keep, and the new state (or None)."""
-        raise NotImplementedError
-
     def static_keep(self, score: Tensor, pos: Tensor, row_seen: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
         """``after_attend``'s eviction on the device (no host sync, fixed shapes): ``score`` (B, 1|Hkv, N) of the
         candidate slots at ``pos`` (B, N), ``row_seen`` (B,) tokens seen per row, ``held`` (0-d) the slots the
@@ -299,49 +324,43 @@ class EvictionPolicy(Policy):
     def static_form(self, storage: TokenStore, capacity: int):
         """Fixed-budget eviction over ``storage``'s static form (``cache.static.evict``), or None (eager decode).
 
-        Needs ``when=decode`` (``prefill``/``both``, as SnapKV and PyramidKV use, compress once when prefill ends,
-        before that step attends: not in the static form yet), no ``per_head``, no ``rerotate``, the same budget
-        for every store, a method that defines ``static_score`` where it defines its scoring and keeps the base's
-        eviction rules, and a slot-addressable static storage. Slots: budget + slack (``ceil(fraction *
+        Needs a method that declares ``captured``, ``when=decode`` (``prefill``/``both`` compress once at the
+        prompt's end, before that step attends: not in the static form yet), no ``per_head``, no ``rerotate``, no
+        query statistics, and a slot-addressable static storage. Slots: budget + slack (``ceil(fraction *
         capacity)`` for a fractional budget), at most ``capacity``. A budget no store reaches within ``capacity``
         evicts nothing: the storage's own static form."""
         from kvcompress.cache.static.evict import StaticEvictionCache
 
-        if self.when != "decode" or self.per_head or self.rerotate or self.wants_queries \
-                or self.replay_wanted() or not self.has_static_score():
+        if not self.captured or self.when != "decode" or self.per_head or self.rerotate or self.wants_queries:
             return None
         if getattr(self, "never_evicts", False) or (is_int(self.budget) and self.budget + self.slack >= capacity):
             return storage.static_form(capacity)
         budget = self.budget if is_int(self.budget) else math.ceil(self.budget * capacity)
         return StaticEvictionCache.over(storage, self, capacity, min(budget + self.slack, capacity))
 
-    def has_static_score(self) -> bool:
-        """``static_score`` is defined where (or below where) the scoring hooks are, and the eviction rules are
-        the base's: a subclass that changes either (CaM's merging, PyramidKV's budgets) has no static form."""
-        cls = type(self)
-        where = lambda name: next(c for c in cls.__mro__ if name in vars(c))  # noqa: E731
-        mine = where("static_score")
-        return mine is not EvictionPolicy \
-            and all(issubclass(mine, where(h)) for h in STATIC_SCORING) \
-            and all(where(h) in (EvictionPolicy, Policy) for h in STATIC_RULES)
-
-    # -- what a method implements ---------------------------------------------------------------
-    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        """(B, 1 or Hkv, T) importance of every held token, higher = keep. ``pos`` is (B, 1|Hkv, T)."""
+    # -- what a method implements (kvcompress.cache.policy.score: the same calls on both decode paths) -----------
+    def score(self, c: Candidates) -> Tensor:
+        """(B, 1 or Hkv, N) importance of the candidates ``c`` (positions, state, keys(), values()), higher = keep."""
         raise NotImplementedError
 
     def queries_needed(self, owner: int, steps: int) -> int:
         """How many trailing queries the method scores with (0: it needs no attention weights)."""
         return 0
 
+    def update(self, weights: Tensor, state: Tensor | None, heads: int) -> Tensor | None:
+        """A step's attention weights (B, Hq, n, N) folded into the per-token state (B, heads, ..., N) (None before
+        the first step; new tokens' entries zero); returns the new state. Default: no state."""
+        return None
+
+    def update_queries(self, owner: int, q: Tensor, q_pos: Tensor, rope) -> None:
+        """Rotated queries of a layer reading the store (methods that declare ``wants_queries``)."""
+
     def merge_evicted(self, owner: int, store: TokenStore, idx: Tensor) -> None:
         """Before ``store.keep(idx)``: fold what is about to go into what stays (CaM). Default: drop it."""
 
     def group_weights(self, weights: Tensor) -> Tensor:
         """(B, Hq, n, T) -> (B, Hkv, n, T) per KV head, or (B, 1, n, T) when heads share a selection."""
-        b, hq, n, t = weights.shape
-        hkv = self.spec.num_kv_heads if self.per_head else 1
-        return weights.float().view(b, hkv, hq // hkv, n, t).sum(2)
+        return group_weights(weights, self.heads())
 
     # -- accounting ---------------------------------------------------------------------------
     def tensors(self) -> list[Tensor]:

@@ -36,11 +36,8 @@ class CaM(H2O):
         self.normalize = bool(normalize)
         super().__init__(budget=budget, **kwargs)
 
-    def check(self, spec, storage: TokenStore) -> None:
-        if not storage.values_writable:
-            raise ValueError(f"policy=cam merges evicted values into kept ones, so the storage must rewrite values; "
-                             f"{type(storage).__name__} cannot (its values live in a latent)")
-        super().check(spec, storage)
+    captured = False  # merging reads kept slots in position order: eager only
+    rewrites_values = True
 
     def merge_evicted(self, owner: int, store: TokenStore, idx: Tensor) -> None:
         if not store.values_writable:

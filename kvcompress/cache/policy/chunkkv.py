@@ -17,8 +17,8 @@ from torch import Tensor
 from kvcompress.cache.base import PAD_POSITION
 from kvcompress.cache.checks import int_at_least
 from kvcompress.cache.policy.base import EvictionPolicy
+from kvcompress.cache.policy.score import Candidates
 from kvcompress.cache.policy.wrapper import ScorerWrapper
-from kvcompress.cache.storage.base import TokenStore
 
 
 class ChunkKV(ScorerWrapper):
@@ -28,8 +28,8 @@ class ChunkKV(ScorerWrapper):
         self.chunk = int_at_least("policy.chunk", chunk, 1)
         super().__init__(scorer, **kwargs)
 
-    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        s = self.scorer.score(owner, store, pos).float()
+    def score(self, c: Candidates) -> Tensor:  # chunks follow slot order (the eager store's): no captured form
+        s, pos = self.scorer.score(c).float(), c.pos
         if not self.per_head and s.shape[1] > 1:
             s = s.mean(1, keepdim=True)
         s = s.expand(-1, max(s.shape[1], pos.shape[1]), -1)

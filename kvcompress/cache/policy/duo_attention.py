@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache import artifacts
-from kvcompress.cache.base import PAD_POSITION, ModelSpec
+from kvcompress.cache.base import PAD_POSITION
 from kvcompress.cache.checks import fail, int_at_least
 from kvcompress.cache.policy.base import EvictionPolicy
+from kvcompress.cache.policy.score import Candidates
 from kvcompress.cache.policy.wrapper import keep_per_head
 from kvcompress.cache.storage.base import TokenStore
 
@@ -31,6 +32,8 @@ from kvcompress.cache.storage.base import TokenStore
 class DuoAttention(EvictionPolicy):
     """Retrieval heads keep all, streaming heads sinks + recent; ``probe_recent`` is a streamed head's window while
     calibrating; ``calibration_file`` names a saved split (null: under the calibration folder, by key)."""
+
+    uneven_heads = True
 
     def __init__(self, budget: int | float = 512, sinks: int = 4, recent: int | float = 0.25, probe_recent: int = 64,
                  calibration_file: str | None = None, **kwargs):
@@ -42,13 +45,6 @@ class DuoAttention(EvictionPolicy):
         self.head_scores: Tensor | None = None
         self.probe: tuple[int, int] | None = None  # calibration: stream exactly this (layer, head)
         super().__init__(budget=budget, sinks=sinks, recent=recent, per_head=True, **kwargs)
-
-    def check(self, spec: ModelSpec, storage: TokenStore) -> None:
-        if spec.num_kv_heads > 1 and not storage.ragged_heads:
-            raise ValueError(f"policy=duo_attention keeps different tokens per KV head, so the storage must hold "
-                             f"ragged heads; {type(storage).__name__} with these settings cannot "
-                             "(a latent across heads: set storage.per_head=true)")
-        super().check(spec, storage)
 
     # -- calibration ------------------------------------------------------------------------------
     def calibrate(self, ctx) -> None:
@@ -115,8 +111,8 @@ class DuoAttention(EvictionPolicy):
         self.state[owner] = keep_per_head(store, keep, self.state[owner])
         self.evictions += 1
 
-    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        return pos.float()
+    def score(self, c: Candidates) -> Tensor:
+        return c.pos.float()
 
     def report(self) -> dict[str, float]:
         return {**super().report(), **({"duo_calibration": self.calibration_path}

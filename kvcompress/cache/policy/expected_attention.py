@@ -22,6 +22,7 @@ from torch import Tensor
 from kvcompress.cache.base import PAD_POSITION
 from kvcompress.cache.checks import int_at_least, number_in
 from kvcompress.cache.policy.base import EvictionPolicy
+from kvcompress.cache.policy.score import Candidates
 from kvcompress.cache.storage.base import TokenStore
 
 
@@ -51,9 +52,7 @@ class ExpectedAttention(EvictionPolicy):
         if self.when == "prefill" and self.compressed[owner]:
             self.stats.pop(owner, None)  # compressed for good: the statistics are freed
 
-    def observe_queries(self, owner: int, q: Tensor, q_pos: Tensor, rope) -> None:
-        if self.never_evicts or (self.when == "prefill" and self.compressed[owner]):
-            return
+    def update_queries(self, owner: int, q: Tensor, q_pos: Tensor, rope) -> None:
         self.rope = rope
         use = ((q_pos < PAD_POSITION) & (q_pos >= self.sinks)).float()[:, None, :, None]  # (B, 1, n, 1)
         x = rope.rotate(q, -q_pos).float() * use  # back to pre-RoPE
@@ -61,11 +60,11 @@ class ExpectedAttention(EvictionPolicy):
         old = self.stats.get(owner)
         self.stats[owner] = new if old is None else [a + b for a, b in zip(old, new, strict=True)]
 
-    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        k, v, _ = store.read()
-        stats = self.stats.get(owner)
+    def score(self, c: Candidates) -> Tensor:
+        stats, pos = self.stats.get(c.owner), c.pos
         if stats is None:
-            return pos.float().new_zeros(pos.shape)
+            return c.zeros()
+        k, v = c.keys(), c.values()
         real = pos < PAD_POSITION
         nxt = torch.where(real, pos, -1).flatten(1).amax(1) + 1  # each row's next position
         z = expected_logits(k.float(), *stats, self.rope_mean(nxt, k.shape[-1]), self.covariance)  # (B, Hq, T)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kvcompress.cache.buffers import fit
 from kvcompress.cache.policy.base import EvictionPolicy
-from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.policy.score import Candidates, group_weights
 
 
 class H2O(EvictionPolicy):
@@ -19,20 +18,14 @@ class H2O(EvictionPolicy):
     def __init__(self, budget: int | float = 512, sinks: int = 0, recent: int | float = 0.5, **kwargs):
         super().__init__(budget=budget, sinks=sinks, recent=recent, **kwargs)
 
+    captured = True
+
     def queries_needed(self, owner: int, steps: int) -> int:
         return steps
 
-    def observe(self, owner: int, weights: Tensor, pos: Tensor) -> None:
-        w = self.group_weights(weights).sum(2)
-        acc = fit(self.state[owner], w.shape[-1])
-        self.state[owner] = w if acc is None else acc + w
+    def update(self, weights: Tensor, acc: Tensor | None, heads: int) -> Tensor:
+        w = group_weights(weights, heads).sum(2)  # (B, heads, N): this step's queries' weights, summed
+        return w if acc is None else acc + w
 
-    static_state = True
-
-    def static_score(self, pos, weights, keys, acc):
-        acc = acc + self.group_weights(weights).sum(2)
-        return acc, acc
-
-    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        acc = fit(self.state[owner], store.length)
-        return acc if acc is not None else pos.float().new_zeros(pos.shape)
+    def score(self, c: Candidates) -> Tensor:
+        return c.state if c.state is not None else c.zeros()

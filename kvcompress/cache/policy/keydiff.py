@@ -12,17 +12,16 @@ from torch import Tensor
 
 from kvcompress.cache.base import PAD_POSITION
 from kvcompress.cache.policy.base import EvictionPolicy
-from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.policy.score import Candidates
 
 
 class KeyDiff(EvictionPolicy):
     """Score = minus the cosine similarity of each key to its head's mean unit key (padding excluded)."""
 
-    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        return self.distinctness(store.read()[0], pos)
+    captured = True
 
-    def static_score(self, pos, weights, keys, state):
-        return self.distinctness(keys(), pos), None
+    def score(self, c: Candidates) -> Tensor:
+        return self.distinctness(c.keys(), c.pos)
 
     @staticmethod
     def distinctness(k: Tensor, pos: Tensor) -> Tensor:

@@ -6,15 +6,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from kvcompress.cache.policy.base import EvictionPolicy
-from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.policy.score import Candidates
 
 
 class KeyNorm(EvictionPolicy):
     """Score = -||k|| per KV head (rotation keeps norms, so pre- or post-RoPE storage agree)."""
 
-    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        k = store.read()[0]
-        return -k.float().norm(dim=-1)
+    captured = True
 
-    def static_score(self, pos, weights, keys, state):
-        return -keys().float().norm(dim=-1), None
+    def score(self, c: Candidates) -> Tensor:
+        return -c.keys().float().norm(dim=-1)

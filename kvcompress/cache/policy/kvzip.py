@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kvcompress.cache.buffers import fit
 from kvcompress.cache.policy.base import EvictionPolicy
-from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.policy.score import Candidates
 
 FALLBACK = 32
 
@@ -34,17 +33,13 @@ class KVzip(EvictionPolicy):
     def __init__(self, budget: int | float = 512, sinks: int = 4, **kwargs):
         super().__init__(budget=budget, sinks=sinks, **kwargs)
 
-    def replay_wanted(self) -> bool:
-        return self.when != "decode" and not self.never_evicts and not any(self.compressed.values())
-
     def reset(self, batch_size: int, owners: list[int]) -> None:
         super().reset(batch_size, owners)
         self.replaying = False
 
     def start_replay(self) -> None:
+        super().start_replay()
         self.replaying = True
-        for owner in self.state:
-            self.state[owner] = None  # the score is the reconstruction's attention alone
 
     def start_step(self, steps: int, pos) -> None:
         super().start_step(steps, pos)
@@ -54,13 +49,11 @@ class KVzip(EvictionPolicy):
         # every replay query; otherwise the last FALLBACK queries (a cheap score should no replay follow)
         return steps if self.replaying or self.when == "decode" else min(steps, FALLBACK)
 
-    def observe(self, owner: int, weights: Tensor, pos: Tensor) -> None:
+    def update(self, weights: Tensor, old: Tensor | None, heads: int) -> Tensor:
         b, hq, n, t = weights.shape
-        hkv = self.spec.num_kv_heads
+        hkv = self.spec.num_kv_heads  # per KV head whatever ``heads``: evict averages them for a shared selection
         w = weights.float().view(b, hkv, hq // hkv, n, t).amax((2, 3))  # (B, Hkv, T)
-        old = fit(self.state[owner], t)
-        self.state[owner] = w if old is None else old.maximum(w)
+        return w if old is None else old.maximum(w)
 
-    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        s = fit(self.state[owner], store.length)
-        return s if s is not None else pos.float().new_zeros(pos.shape)
+    def score(self, c: Candidates) -> Tensor:
+        return c.state if c.state is not None else c.zeros()

@@ -11,7 +11,8 @@ from kvcompress.cache.policy.snapkv import SnapKV
 
 class PyramidKV(SnapKV):
     """The unprotected part of the budget (budget - sinks - recent) follows an arithmetic schedule over layers
-    from ``2 - 1/beta`` times the mean at layer 0 to ``1/beta`` times it at the last layer.
+    from ``2 - 1/beta`` times the mean at layer 0 to ``1/beta`` times it at the last layer. Eager only (SnapKV's
+    pooling; a budget per layer where the static form has one slot count).
     """
 
     def __init__(self, budget: int | float = 512, beta: float = 20.0, **kwargs):

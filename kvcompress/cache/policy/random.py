@@ -6,7 +6,7 @@ from torch import Tensor
 
 from kvcompress.cache.checks import fail, is_int
 from kvcompress.cache.policy.base import EvictionPolicy
-from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.policy.score import Candidates
 
 
 class RandomPolicy(EvictionPolicy):
@@ -22,7 +22,6 @@ class RandomPolicy(EvictionPolicy):
         super().reset(batch_size, owners)
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        heads = self.spec.num_kv_heads if self.per_head else 1
-        shape = (pos.shape[0], heads, pos.shape[-1])
-        return torch.rand(shape, generator=self.generator).to(pos.device)
+    def score(self, c: Candidates) -> Tensor:
+        shape = (c.pos.shape[0], c.heads, c.pos.shape[-1])  # a host generator, drawn per eviction: eager only
+        return torch.rand(shape, generator=self.generator).to(c.pos.device)

@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvcompress.cache.buffers import fit
 from kvcompress.cache.checks import fail, int_at_least, one_of
 from kvcompress.cache.policy.base import EvictionPolicy
-from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.policy.score import Candidates, group_weights
 
 POOLINGS = ("max", "avg")
 
@@ -36,18 +35,15 @@ class SnapKV(EvictionPolicy):
     def queries_needed(self, owner: int, steps: int) -> int:
         return min(self.window, steps)
 
-    def observe(self, owner: int, weights: Tensor, pos: Tensor) -> None:
-        rows = self.group_weights(weights)  # (B, H', n, T)
-        old = fit(self.state[owner], rows.shape[-1])
+    def update(self, weights: Tensor, old: Tensor | None, heads: int) -> Tensor:
+        rows = group_weights(weights, heads)  # (B, heads, n, T)
         if old is not None:
             rows = torch.cat([old, rows], 2)
-        self.state[owner] = rows[:, :, -self.window :].contiguous()
+        return rows[:, :, -self.window :].contiguous()
 
-    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        rows = fit(self.state[owner], store.length)
-        if rows is None:
-            return pos.float().new_zeros(pos.shape)
-        return self.pool(rows.sum(2))
+    def score(self, c: Candidates) -> Tensor:
+        # pooling reads slot neighbours: slots in position order (the eager store), so no captured form
+        return c.zeros() if c.state is None else self.pool(c.state.sum(2))
 
     def pool(self, s: Tensor) -> Tensor:
         if self.kernel == 1:

@@ -6,17 +6,16 @@ from __future__ import annotations
 from torch import Tensor
 
 from kvcompress.cache.policy.base import EvictionPolicy
-from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.policy.score import Candidates
 
 
 class StreamingLLM(EvictionPolicy):
     """Score = position, so the budget holds ``sinks`` first tokens and the last budget - sinks."""
 
+    captured = True
+
     def __init__(self, budget: int | float = 512, sinks: int = 4, **kwargs):
         super().__init__(budget=budget, sinks=sinks, **kwargs)
 
-    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        return pos.float()
-
-    def static_score(self, pos, weights, keys, state):
-        return pos.float(), None
+    def score(self, c: Candidates) -> Tensor:
+        return c.pos.float()

@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvcompress.cache.buffers import fit
 from kvcompress.cache.policy.base import EvictionPolicy
-from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.policy.score import Candidates, group_weights
 
 
 class TOVA(EvictionPolicy):
@@ -18,22 +17,15 @@ class TOVA(EvictionPolicy):
     last prompt query.
     """
 
-    static_state = True  # the previous scores, for a row with no real query in the step
+    captured = True  # the state: the previous scores, for a row with no real query in the step
 
     def queries_needed(self, owner: int, steps: int) -> int:
         return steps
 
-    def observe(self, owner: int, weights: Tensor, pos: Tensor) -> None:
-        self.state[owner] = self.last_real(weights, fit(self.state[owner], weights.shape[-1]))
-
-    def static_score(self, pos, weights, keys, state):
-        scores = self.last_real(weights, state)
-        return scores, scores
-
-    def last_real(self, weights: Tensor, before: Tensor | None) -> Tensor:
-        """(B, Hq, n, T) weights, padding queries zeroed -> (B, 1|Hkv, T): each row's last real query's, else
+    def update(self, weights: Tensor, before: Tensor | None, heads: int) -> Tensor:
+        """(B, Hq, n, T) weights, padding queries zeroed -> (B, heads, T): each row's last real query's, else
         ``before`` (or zeros)."""
-        w = self.group_weights(weights)
+        w = group_weights(weights, heads)
         real = w.sum(-1) > 0  # (B, G, n)
         steps = torch.arange(1, w.shape[2] + 1, device=w.device)
         last = (real * steps).argmax(-1)  # the last real query (0 when none)
@@ -42,6 +34,5 @@ class TOVA(EvictionPolicy):
             return scores
         return torch.where(real.any(-1, keepdim=True), scores, before.to(scores.dtype).expand_as(scores))
 
-    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        last = fit(self.state[owner], store.length)
-        return last if last is not None else pos.float().new_zeros(pos.shape)
+    def score(self, c: Candidates) -> Tensor:
+        return c.state if c.state is not None else c.zeros()

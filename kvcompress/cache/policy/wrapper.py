@@ -2,9 +2,10 @@
 tokens per KV head (AdaKV, DuoAttention).
 
 The scorer is any eviction policy, built by Hydra from a nested node (``scorer: {_target_: ...}``, or the group
-``conf/policy/scorer/``: ``policy/scorer=h2o``); the wrapper owns budgets, protection and timing, the scorer
-only observes and scores. Both share one per-token state dict, so eviction, ``remap`` and ``when=prefill``'s
-freeing act on the scorer's state too.
+``conf/policy/scorer/``: ``policy/scorer=h2o``). The wrapper owns budgets, protection, timing and the per-token
+state; it calls the scorer's two functions (``update``, ``score``) with that state and its own selection groups,
+and never writes to the scorer (a scorer instance can serve several wrappers). The scorer's own eviction settings
+(budget, when, per_head) are unused.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import Tensor
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.buffers import fit, take
 from kvcompress.cache.policy.base import EvictionPolicy
+from kvcompress.cache.policy.score import Candidates
 from kvcompress.cache.storage.base import TokenStore
 
 
@@ -40,8 +42,6 @@ def keep_per_head(store: TokenStore, keep: Tensor, state: Tensor | None = None) 
 class ScorerWrapper(EvictionPolicy):
     """An eviction policy whose token scores come from another policy (``scorer``)."""
 
-    scorer_per_head: bool | None = None  # force the scorer's per_head (None: follow the wrapper's)
-
     def __init__(self, scorer: EvictionPolicy | None = None, **kwargs):
         if not isinstance(scorer, EvictionPolicy):
             raise ValueError("policy.scorer must be a scoring policy (a node with _target_: "
@@ -54,10 +54,12 @@ class ScorerWrapper(EvictionPolicy):
     def wants_queries(self) -> bool:
         return self.scorer.wants_queries
 
+    @property
+    def replays(self) -> bool:
+        return self.scorer.replays
+
     def check(self, spec: ModelSpec, storage: TokenStore) -> None:
-        self.scorer.per_head = self.per_head if self.scorer_per_head is None else self.scorer_per_head
-        self.scorer.rerotate = self.rerotate
-        self.scorer.check(spec, storage)
+        self.scorer.check(spec, storage)  # its own settings as given (the wrapper's are checked below)
         super().check(spec, storage)
 
     def calibrate(self, ctx) -> None:
@@ -65,31 +67,27 @@ class ScorerWrapper(EvictionPolicy):
 
     def reset(self, batch_size: int, owners: list[int]) -> None:
         super().reset(batch_size, owners)
-        self.scorer.reset(batch_size, owners)
-        self.scorer.state = self.state  # one per-token state: eviction and remap move the scorer's along
+        self.scorer.reset(batch_size, owners)  # the scorer's own statistics (query moments, a generator)
 
     def start_step(self, steps: int, pos: Tensor) -> None:
         super().start_step(steps, pos)
-        self.scorer.row_seen = self.row_seen
+        self.scorer.start_step(steps, pos)
+
+    def start_replay(self) -> None:
+        super().start_replay()
+        self.scorer.start_replay()
 
     def queries_needed(self, owner: int, steps: int) -> int:
         return self.scorer.queries_needed(owner, steps)
 
-    def observe(self, owner: int, weights: Tensor, pos: Tensor) -> None:
-        self.scorer.observe(owner, weights, pos)
+    def update(self, weights: Tensor, state: Tensor | None, heads: int) -> Tensor | None:
+        return self.scorer.update(weights, state, heads)
 
-    def observe_queries(self, owner: int, q: Tensor, q_pos: Tensor, rope) -> None:
-        self.scorer.observe_queries(owner, q, q_pos, rope)
+    def update_queries(self, owner: int, q: Tensor, q_pos: Tensor, rope) -> None:
+        self.scorer.update_queries(owner, q, q_pos, rope)
 
-    def replay_wanted(self) -> bool:
-        return (self.when != "decode" and getattr(self.scorer, "replays", False)
-                and not any(self.compressed.values()))
-
-    def start_replay(self) -> None:
-        self.scorer.start_replay()
-
-    def score(self, owner: int, store: TokenStore, pos: Tensor) -> Tensor:
-        return self.scorer.score(owner, store, pos)
+    def score(self, c: Candidates) -> Tensor:
+        return self.scorer.score(c)
 
     def tensors(self) -> list[Tensor]:
-        return self.scorer.tensors()
+        return super().tensors() + self.scorer.tensors()  # the scorer's statistics (its own state stays empty)

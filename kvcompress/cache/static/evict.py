@@ -1,13 +1,15 @@
 """Fixed-budget eviction in static-capacity buffers: an eviction policy's decode step with fixed shapes.
 
 Each layer has ``slots`` slots (budget + slack, at most the capacity) plus one trash slot, its own positions
-(``PAD_POSITION``: empty) and, when the method keeps one, a per-slot score state (H2O's accumulated weights).
+(``PAD_POSITION``: empty) and, when the method scores by attention, a per-slot state (H2O's accumulated weights,
+TOVA's last scores; a method's ``update`` keeps one (B, 1, N) tensor per store, zeros for new tokens).
 Slots never move. A step of T tokens:
 
 1. the new tokens are encoded into a T-slot stage (the storage's own static form, one layer);
 2. the queries attend over the layer's slots and the stage together (one explicit softmax: the policy may
    read the weights), masked by position (``key_pos <= query_pos``);
-3. the policy scores every candidate (held slots and new tokens) and ``EvictionPolicy.static_keep`` picks
+3. the policy scores every candidate (held slots and new tokens) with the functions its eager path calls
+   (``update(weights, state, heads)``, ``score(Candidates)``: ``policy.score``) and ``static_keep`` picks
    the survivors on the device: all of them, or, once the eager store would hold more than budget + slack,
    the top-``budget`` by the same ``priority`` rules (sinks, recent window, padding) -- the set the eager
    ``evict`` keeps, only not re-ordered;
@@ -31,12 +33,22 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache.base import PAD_POSITION, KVCache, ModelSpec, Rotary
-from kvcompress.cache.static.dense import StaticKVCache
+from kvcompress.cache.buffers import as_bytes
+from kvcompress.cache.policy.score import Candidates
 
 
 def slot_addressable(form: KVCache | None) -> bool:
     """A static form the eviction cache can hold: written at any slots, every payload tensor per slot."""
     return bool(getattr(form, "slot_addressable", False))
+
+
+def layer_parts(form: KVCache, layer: int) -> list[Tensor]:
+    """A slot-addressable form's per-slot tensors of one layer, (B, H, slots, ...) each: a codec in fixed slots
+    (``storage.fixed``) holds them per layer; the older forms stack layers first, (L, B, H, slots, ...)."""
+    slots = getattr(form, "slots", None)
+    if slots is not None and hasattr(slots, "view"):
+        return list(slots.view(layer).values())
+    return [buf[layer] for buf in form.payload()]
 
 
 def joint_attention(q: Tensor, q_pos: Tensor, keys: list[Tensor], values: list[Tensor], k_pos: Tensor
@@ -91,7 +103,7 @@ class StaticEvictionCache(KVCache):
             t.zero_()
         self.pos.fill_(PAD_POSITION)
 
-    def _form(self, slots: int, spec: ModelSpec, like: Tensor) -> StaticKVCache:
+    def _form(self, slots: int, spec: ModelSpec, like: Tensor) -> KVCache:
         form = self.storage.static_form(slots)
         form.setup(spec)
         form.reset(self.batch_size)
@@ -105,7 +117,8 @@ class StaticEvictionCache(KVCache):
         self.one_layer = dataclasses.replace(self.spec, num_layers=1)
         self.stage = self.new = self._form(1, self.one_layer, k)  # a decode step's stage: fixed address
         self.pos = torch.full((L, B, self.slots + 1), PAD_POSITION, dtype=torch.int64, device=dev)
-        self.state = torch.zeros((L, B, 1, self.slots + 1), device=dev) if self.policy.static_state else None
+        weighs = self.policy.queries_needed(0, 1) > 0  # a method that scores by attention keeps a per-slot state
+        self.state = torch.zeros((L, B, 1, self.slots + 1), device=dev) if weighs else None
         self.held = torch.zeros((), dtype=torch.int64, device=dev)  # slots the eager store holds (padding too)
         self.row_seen = torch.zeros((B,), dtype=torch.int64, device=dev)
         self.evictions = torch.zeros((), dtype=torch.int64, device=dev)
@@ -130,8 +143,10 @@ class StaticEvictionCache(KVCache):
         n = self.policy.queries_needed(layer, T)
         weights = w[:, :, T - n :] * (q_pos[:, T - n :] < PAD_POSITION)[:, None, :, None] if n else None
         state = None if self.state is None else torch.cat([self.state[layer], self.state.new_zeros(B, 1, T)], -1)
-        score, state = self.policy.static_score(pos[:, None], weights, lambda: torch.cat([km, kn], 2), state)
-        keep, held = self.policy.static_keep(score, pos, self.row_seen, self.held)
+        if weights is not None:
+            state = self.policy.update(weights, state, 1)
+        tokens = Candidates(layer, pos[:, None], state, 1, lambda: (torch.cat([km, kn], 2), torch.cat([vm, vn], 2)))
+        keep, held = self.policy.static_keep(self.policy.score(tokens), pos, self.row_seen, self.held)
         self._settle(layer, keep, pos, state)
         if layer == self.spec.num_layers - 1:  # every layer evicts on the same rule: count once per step
             self.evictions.add_(self.spec.num_layers * (held < self.held))
@@ -151,10 +166,10 @@ class StaticEvictionCache(KVCache):
         lowest = free.topk(k, -1, largest=False).values  # free slots ascending, then S
         dest = torch.where(new, lowest.gather(-1, (new.cumsum(-1) - 1).clamp(0, k - 1)), S)  # (B, T)
         self.pos[layer].copy_(old_pos.scatter(-1, dest, torch.where(new, pos[:, S + 1 :], PAD_POSITION)))
-        for buf, staged in zip(self.main.payload(), self.new.payload(), strict=True):
-            src = staged[0]
+        for buf, src in zip(layer_parts(self.main, layer), layer_parts(self.new, 0), strict=True):
+            buf, src = as_bytes(buf), as_bytes(src)  # float8 parts move as bytes (CPU has no float8 scatter)
             idx = dest.view(B, 1, T, *[1] * (src.dim() - 3)).expand_as(src)
-            buf[layer].scatter_(2, idx, src)
+            buf.scatter_(2, idx, src)
         if state is not None:
             old = torch.where(kept[:, None], state[..., : S + 1], 0.0)
             self.state[layer].copy_(old.scatter(-1, dest[:, None], torch.where(new[:, None], state[..., S + 1 :], 0.0)))
