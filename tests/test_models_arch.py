@@ -134,3 +134,80 @@ def test_mistral_windows_use_the_same_mechanism():
     cache = ready(FullCache(), model, 2)
     assert (forward_chunks(model, toks, cache, chunk=1) - ref).abs().max() < TOL
     assert {v.length for v in cache.views} == {7}
+
+
+# -- GGUF files of both architectures: metadata and tensor names as llama.cpp writes them -------------------------
+def write_gguf(path: Path, hf, arch: str) -> None:
+    """The weights of a transformers model as a GGUF file of ``arch`` (fp32 tensors, llama.cpp's names; Gemma's
+    norms stored as 1 + w, as llama.cpp's converter stores them)."""
+    import gguf
+
+    from kvcompress.engine.gguf_file import GEMMA_LAYER_NAMES, GLOBAL_NAMES, LAYER_NAMES
+
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), arch)
+    for add, v in ((w.add_context_length, c.max_position_embeddings), (w.add_embedding_length, c.hidden_size),
+                   (w.add_block_count, c.num_hidden_layers), (w.add_feed_forward_length, c.intermediate_size),
+                   (w.add_head_count, c.num_attention_heads), (w.add_head_count_kv, c.num_key_value_heads),
+                   (w.add_layer_norm_rms_eps, c.rms_norm_eps), (w.add_vocab_size, c.vocab_size),
+                   (w.add_rope_freq_base, 1e6 if arch == "gemma3" else 10000.0)):
+        add(v)
+    if arch == "gemma3":
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+        w.add_sliding_window(c.sliding_window)
+    names = {hf_name: gguf_name for gguf_name, hf_name in (GEMMA_LAYER_NAMES if arch == "gemma3" else
+                                                           LAYER_NAMES).items()}
+    globals_ = {hf_name: gguf_name for gguf_name, hf_name in GLOBAL_NAMES.items()}
+    for name, t in hf.state_dict().items():
+        base, kind = name.rsplit(".", 1)
+        if base.startswith("model.layers."):
+            _, _, i, part = base.split(".", 3)
+            target = f"blk.{i}.{names[part]}"
+        elif base in globals_ and not (base == "lm_head" and c.tie_word_embeddings):
+            target = globals_[base]
+        else:
+            continue
+        t = t.float() + (1.0 if arch == "gemma3" and base.endswith("norm") else 0.0)
+        w.add_tensor(f"{target}.{kind}", t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+GGUF_ARCHS = {"qwen2": QWEN2, "gemma3": {**GEMMA3, "num_hidden_layers": 6, "sliding_window_pattern": 6,
+                                         "query_pre_attn_scalar": 256, "final_logit_softcapping": None}}
+
+
+@pytest.mark.parametrize("arch", GGUF_ARCHS)
+def test_gguf_file_loads_as_transformers_reads_the_model(tmp_path, arch):
+    from kvcompress.engine.loaders import load_weights, read_config
+
+    _, hf = tiny_pair(**GGUF_ARCHS[arch])
+    path = tmp_path / f"{arch}.gguf"
+    write_gguf(path, hf, arch)
+    config = read_config(path, "g")
+    before = dict(vars(config))
+    model = load_weights(path, config)
+    assert vars(config) == before  # the config given is not modified
+    assert config.tie_embeddings == hf.config.tie_word_embeddings
+    toks = tokens(n=24)
+    with torch.inference_mode():
+        ref = hf(toks).logits
+    assert (forward_chunks(model, toks, ready(FullCache(), model, 2), chunk=5) - ref).abs().max() < TOL
+
+
+def test_bf16_weights_run_on_cpu(tmp_path):
+    from kvcompress.engine.loaders import load_weights, read_config
+
+    _, hf = tiny_pair(**QWEN2)
+    path = tmp_path / "q.gguf"
+    write_gguf(path, hf, "qwen2")
+    model = load_weights(path, read_config(path, "g"), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    toks = tokens(n=24)
+    with torch.inference_mode():
+        ref = hf(toks).logits
+    out = forward_chunks(model, toks, ready(FullCache(), model, 2), chunk=8).float()
+    assert torch.isfinite(out).all() and (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
