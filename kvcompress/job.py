@@ -14,6 +14,37 @@ from kvcompress.cache import ComposedCache, KVCache
 
 AXES = ("storage", "policy", "layout")
 IDENTITY = {"storage": "dense", "policy": "none", "layout": "per_layer"}
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def presets(axis: str) -> dict[str, dict]:
+    """``conf/<axis>/<name>.yaml`` -> its settings (``_target_`` included), as written."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for f in sorted((CONF_DIR / axis).glob("*.yaml")):
+        conf = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+        if isinstance(conf, dict):
+            out[f.stem] = conf
+    return out
+
+
+def effective_choice(axis: str, choice: str, settings: dict) -> str:
+    """The preset a run's settings make: ``storage=int4 storage.bits=8`` is int8 (so recorded). A preset's defining
+    settings are those in which it differs from a sibling preset (same class) in that one setting only (int4 vs
+    int8: ``bits``); when the run changes one to a sibling's value, the run is that sibling (its other settings
+    then show as changes against the sibling's file)."""
+    known = presets(axis)
+    mine = known.get(choice)
+    if mine is None:
+        return choice
+    for name, other in known.items():
+        if name == choice or other.get("_target_") != mine.get("_target_") or set(other) != set(mine):
+            continue
+        differ = [k for k in mine if k != "_target_" and other[k] != mine[k]]
+        if len(differ) == 1 and settings.get(differ[0], mine[differ[0]]) == other[differ[0]]:
+            return name
+    return choice
 
 
 def choices(cfg: DictConfig) -> dict[str, str]:
@@ -47,7 +78,8 @@ def cache_fields(cfg: DictConfig) -> dict:
     fields: dict[str, Any] = {}
     merged: dict[str, Any] = {}
     for axis in AXES:
-        fields[axis], fields[f"{axis}_params"] = names.get(axis, "?"), params(resolved.get(axis))
+        fields[f"{axis}_params"] = params(resolved.get(axis))
+        fields[axis] = effective_choice(axis, names.get(axis, "?"), fields[f"{axis}_params"])
         merged.update({f"{axis}.{k}": v for k, v in fields[f"{axis}_params"].items()})
     short = [fields[axis] for axis in AXES if fields[axis] != IDENTITY[axis]]
     return {"cache": "+".join(short) or "full", "cache_params": merged, **fields}
@@ -75,8 +107,26 @@ def build_cache(cfg: DictConfig) -> KVCache:
     return ComposedCache(**{axis: make(axis) for axis in AXES})
 
 
+def check_combination(cache: KVCache, cfg: DictConfig) -> None:
+    """Combinations refused before weights load, naming both choices: AdaKV and DuoAttention keep a different
+    number of tokens per KV head, which a MiniCache pair (it re-packs the pair's merged parts) cannot hold."""
+    from kvcompress.cache.layout.minicache import MiniCache
+    from kvcompress.cache.policy.adakv import AdaKV
+    from kvcompress.cache.policy.duo_attention import DuoAttention
+
+    if isinstance(cache, ComposedCache) and isinstance(cache.layout, MiniCache) and \
+            isinstance(cache.policy, (AdaKV, DuoAttention)):
+        names = choices(cfg)
+        policy, layout = f"policy={names.get('policy', '?')}", f"layout={names.get('layout', 'minicache')}"
+        raise ValueError(f"{policy} {layout}: {policy} keeps a different number of tokens per KV head, which "
+                         f"{layout} cannot hold (a merged pair re-packs its parts for both layers); choose "
+                         "layout=per_layer or layout=cla, or a policy that keeps the same tokens in every head "
+                         "(e.g. policy=snapkv)")
+
+
 def setup_cache(cache: KVCache, spec, cfg: DictConfig) -> None:
     """``cache.setup`` with the axis choices named in an impossible combination's error."""
+    check_combination(cache, cfg)
     try:
         cache.setup(spec)
     except ValueError as e:
@@ -111,9 +161,9 @@ class Prepared:
     device: torch.device
 
 
-def prepare(cfg: DictConfig, check=None) -> Prepared:
-    """Validate everything (cache settings against the model's dimensions, then ``check(spec, data_dir,
-    tokenizer)``) before any weights load; then load the model and calibrate the cache if it wants data."""
+def prepare(cfg: DictConfig, check=None, check_cache=None) -> Prepared:
+    """Validate everything (cache settings against the model's dimensions, ``check_cache(cache)``, then
+    ``check(spec, data_dir, tokenizer)``) before any weights load; then load the model and calibrate the cache."""
     from kvcompress.engine.loaders import DTYPES, load, load_tokenizer, read_config, resolve_source
     from kvcompress.eval.calibration import Calibration
 
@@ -125,6 +175,8 @@ def prepare(cfg: DictConfig, check=None) -> Prepared:
     source = resolve_source(str(cfg.model.source), cfg.paths.models)
     config = read_config(source, cfg.model.name)
     setup_cache(cache, config.spec(), cfg)
+    if check_cache is not None:  # the evaluation against the cache (eval=ppl refuses prefill-time policies)
+        check_cache(cache)
     data_dir = Path(cfg.paths.data).expanduser()
     if check is not None:  # the tokenizer loads without the weights: checks may count a text's tokens
         check(config.spec(), data_dir, _tokenizer_or_none(load_tokenizer, source))

@@ -18,11 +18,80 @@ NOT_CODE = ("kvcompress/report", "kvcompress/loggers", "kvcompress/harness/table
             "conf/logger")
 
 
-def config_hash(resolved: dict) -> str:
-    """Stable hash of what determines a run's result (model, cache or its axes, eval, seed, device, dtype)."""
+def config_hash(resolved: dict, data: dict | None = None) -> str:
+    """Stable hash of what determines a run's result (model, cache or its axes, eval, seed, device, dtype) and of
+    the data it reads, by content (``data_fingerprint``): the same config over other text is another config."""
     keys = ("model", "cache", "storage", "policy", "layout", "eval", "seed", "device", "dtype", "calibration")
-    payload = json.dumps({k: resolved.get(k) for k in keys}, sort_keys=True, default=str)
+    payload = json.dumps({**{k: resolved.get(k) for k in keys}, "data": data}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def folder_digest(folder: Path) -> str:
+    """Hash of every file's relative name and content under ``folder`` ("missing" when it is not a folder)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "missing"
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def text_digest(name: str, data_dir: Path) -> str:
+    """A dataset name or path by content: the hash of its local file, ``hub:<name>`` for a hub-only dataset,
+    ``missing:<name>`` when it cannot be found (the evaluation's own check then says why)."""
+    from kvcompress.eval.data import dataset_path
+
+    try:
+        path = dataset_path(str(name), data_dir)
+    except ValueError:
+        return f"missing:{name}"
+    return f"hub:{name}" if path is None else file_digest(path)
+
+
+DATA_FIELDS = ("dataset", "haystack")  # eval settings that name a text file (conf/eval/*.yaml)
+
+
+def data_fingerprint(resolved: dict) -> dict:
+    """The data a run reads, by content: each text an eval setting names (``eval.dataset``, ``eval.haystack``)
+    and the calibration text, hashed; an evaluation that names no text (lm_eval's tasks, passkey) reads the data
+    folder, hashed whole. Resume keys on it: another data folder or an edited file is another config."""
+    data_dir = Path(str((resolved.get("paths") or {}).get("data", "."))).expanduser()
+    ev = resolved.get("eval") or {}
+    out = {f"eval.{k}": text_digest(ev[k], data_dir) for k in DATA_FIELDS if isinstance(ev.get(k), str)}
+    if not out:
+        out["data_dir"] = folder_digest(data_dir)
+    cal = (resolved.get("calibration") or {}).get("dataset")
+    if cal:
+        out["calibration.dataset"] = text_digest(cal, data_dir)
+    return out
+
+
+def host() -> dict:
+    """Where a number was computed: low-bit codes amplify the host's floating-point rounding (the order of
+    reductions depends on the vector ISA and the thread count), so a quantized ppl may move across machines."""
+    import torch
+
+    info = {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "machine": platform.machine()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def versions() -> dict:
@@ -84,11 +153,25 @@ def is_committed(path: Path) -> bool:
     return bool(out and out.strip())
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``: readers see the old
+    file or the new one, never a half-written one. The temporary keeps ``path``'s suffix (savefig needs it)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def _ends_mid_line(fd: int) -> bool:

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -28,7 +29,9 @@ from kvcompress.records import (
     append_jsonl,
     code_version,
     config_hash,
+    data_fingerprint,
     git_sha,
+    host,
     versions,
     write_json_atomic,
 )
@@ -55,12 +58,13 @@ def _choice(group: str) -> str:
 def new_record(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     params = lambda d: {k: v for k, v in (d or {}).items() if k != "_target_"}
+    data = data_fingerprint(resolved)
     return {
         "status": "running", "error": None,
         "model": cfg.model.name, **cache_fields(cfg), "eval": _choice("eval"),
         "eval_params": params(resolved.get("eval")), "seed": cfg.seed, "device": None, "dtype": cfg.dtype,
         "metrics": {}, "versions": versions(), "git_sha": git_sha(),
-        "code_version": code_version(), "config_hash": config_hash(resolved),
+        "code_version": code_version(), "config_hash": config_hash(resolved, data), "data": data, "host": host(),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "duration_s": None,
     }
 
@@ -70,24 +74,77 @@ def evaluate(cfg: DictConfig, record: dict) -> dict:
     from kvcompress.job import prepare
 
     evaluation = instantiate(cfg.eval, _convert_="all")
-    run = prepare(cfg, evaluation.check)
+    run = prepare(cfg, evaluation.check, evaluation.check_cache)
     record["device"] = str(run.device)
+    count_rows(run.cache)
     ctx = EvalContext(run.model, run.tokenizer, run.cache, run.data_dir, cfg.seed, cfg.progress)
     metrics = evaluation.run(ctx)
     metrics["peak_memory_bytes"] = peak_memory_bytes(run.device)
+    per_row_and_token(metrics, run.cache.spec.fp16_bytes_per_token())
     return metrics
 
 
-def summary_line(r: dict) -> str:
+def count_rows(cache) -> None:
+    """The cache's memory reports also say how many batch rows they count (``kv_rows``): ``kv_bytes`` is the
+    whole batch's, so a table that compares caches needs it per row."""
+    report = cache.memory_report
+
+    def with_rows() -> dict:
+        rows = getattr(cache, "batch_size", None)
+        return {**report(), **({"kv_rows": rows} if isinstance(rows, int) and rows > 0 else {})}
+    cache.memory_report = with_rows
+
+
+def per_row_and_token(metrics: dict, fp16_bytes_per_token: int) -> None:
+    """``kv_bytes_per_row`` = kv_bytes / rows (the report's ``kv_rows``, else the eval's ``batch_size``: a static
+    decode form reports for itself); ``kv_bytes_per_token`` = kv_bytes / tokens seen, the tokens seen being
+    ``kv_bytes_fp16 / fp16_bytes_per_token``: both independent of ``eval.batch_size``."""
+    held, rows = metrics.get("kv_bytes"), metrics.get("kv_rows", metrics.get("batch_size"))
+    if not isinstance(held, (int, float)):
+        return
+    if isinstance(rows, int) and rows > 0:
+        metrics["kv_rows"] = rows
+        metrics["kv_bytes_per_row"] = held / rows
+    tokens = (metrics.get("kv_bytes_fp16") or 0) / fp16_bytes_per_token
+    if tokens > 0:
+        metrics["kv_bytes_per_token"] = held / tokens
+
+
+def no_eviction_warning(record: dict) -> str | None:
+    """A policy with a budget below the tokens a store held that evicted nothing measured the full cache under
+    its own name (e.g. ``policy.when=prefill`` where the evaluation never ends a prompt): say so, loudly."""
+    m, params = record.get("metrics") or {}, record.get("policy_params") or {}
+    budget, held = params.get("budget"), m.get("tokens_held_max")
+    if record.get("policy") in (None, "none") or m.get("evictions") != 0 or not isinstance(held, (int, float)):
+        return None
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool):
+        return None
+    limit = math.ceil(budget * held) if isinstance(budget, float) else budget
+    if limit >= held:
+        return None
+    when = params.get("when")
+    why = f" (policy.when={when}: this evaluation never ended a prompt)" if when in ("prefill", "both") else ""
+    return (f"policy={record['policy']} evicted nothing although policy.budget={budget} is below the "
+            f"{held:g} tokens a store held{why}: this number is the full cache's, not {record['cache']}'s")
+
+
+def summary_line(r: dict, results: str | None = None) -> str:
+    """One line per job; a skipped job says which record it reuses (not that record's duration as its own)."""
     m = r["metrics"]
-    parts = [f"[{r['status']}] {r['model']} cache={r['cache']} eval={r['eval']}"]
+    parts = [f"[{'skipped' if r.get('reused') else r['status']}] {r['model']} cache={r['cache']} eval={r['eval']}"]
     for key, fmt in (("ppl", "ppl={:.3f}"), ("compression_ratio", "ratio={:.2f}x"),
-                     ("kv_bytes", "kv={:.2f}MB"), ("decode_tokens_per_s", "decode={:.1f}tok/s")):
+                     ("kv_bytes_per_row", "kv/row={:.3f}MB"), ("decode_tokens_per_s", "decode={:.1f}tok/s")):
         if isinstance(m.get(key), (int, float)):
-            parts.append(fmt.format(m[key] / 1e6 if key == "kv_bytes" else m[key]))
-    parts.append(f"{r['duration_s']:.1f}s")
+            parts.append(fmt.format(m[key] / 1e6 if key == "kv_bytes_per_row" else m[key]))
+    if r.get("reused"):
+        where = f" in {Path(results) / RECORDS_FILE}" if results else ""
+        parts.append(f"reuses the ok record {r['config_hash']} of {r.get('started_at')} (code version "
+                     f"{r.get('code_version')}){where}")
+    else:
+        parts.append(f"{r['duration_s']:.1f}s")
     if r["error"]:
         parts.append(f"error: {r['error']}")
+    parts += [f"WARNING: {w}" for w in r.get("warnings") or []]
     return "  ".join(parts)
 
 
@@ -103,7 +160,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
     """Run one job and write its record, whatever happens. Returns the record."""
     record = new_record(cfg)
     if (done := resume(cfg, record)) is not None:  # multirun: an ok record of this config exists (force=true)
-        return done
+        return {**done, "reused": True}  # never written: the record reused stays as it is
     t0 = time.perf_counter()
     refused = unpublished(cfg)  # committed results are added to only on request (publish=true)
     try:
@@ -112,6 +169,8 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
         record["metrics"] = evaluate(cfg, record)
         check_metrics(record["metrics"])  # any NaN/inf metric fails the run
         record["status"] = "ok"
+        if warning := no_eviction_warning(record):
+            record["warnings"] = [warning]
     except Exception as e:  # a failed job is recorded, never lost
         record["status"], record["error"] = "failed", f"{type(e).__name__}: {e}"
         record["traceback"] = traceback.format_exc(limit=8)
@@ -127,7 +186,8 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
 def hydra_main(cfg: DictConfig) -> tuple[float, float] | None:
     hc = HydraConfig.get()
     record = execute(cfg, Path(hc.runtime.output_dir))
-    print(summary_line(record), flush=True)
+    OUTCOMES.append("skipped" if record.get("reused") else record["status"])
+    print(summary_line(record, str(cfg.results_dir)), flush=True)
     if hc.mode == RunMode.RUN:
         print_table(record)
         if record["status"] != "ok":
@@ -153,9 +213,27 @@ def shared_axis_settings(argv: list[str]) -> list[str]:
     return [f"++{a}" if shared(a) else a for a in argv]
 
 
+OUTCOMES: list[str] = []  # per job of this process: ok | failed | skipped
+
+
+def sweep_status(outcomes: list[str], failed_records: int) -> int:
+    """A multirun's exit status: 1 when any job failed (counted here, or as failed records a launcher's other
+    processes added: ``SweepReport.failed``), with a line that says how many; else 0."""
+    failed = max(outcomes.count("failed"), failed_records)
+    counts = {k: outcomes.count(k) for k in ("ok", "failed", "skipped")} if outcomes else {}
+    shown = ", ".join(f"{n} {k}" for k, n in counts.items()) or f"{failed} failed record(s)"
+    print(f"kvc: sweep: {shown}" + (f"; exit status 1 ({failed} job(s) failed)" if failed else ""),
+          file=sys.stderr if failed else sys.stdout, flush=True)
+    return 1 if failed else 0
+
+
 def main() -> None:
     sys.argv = shared_axis_settings(sys.argv)
     hydra_main()
+    if any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+        from kvcompress.report.callback import SweepReport
+
+        sys.exit(sweep_status(OUTCOMES, SweepReport.failed))
 
 
 if __name__ == "__main__":

@@ -126,15 +126,17 @@ def test_resume_skips_only_records_of_the_same_code(tmp_path):
     assert finished_record(tmp_path, "h", "new")["code_version"] == "new"
 
 
-def test_report_names_code_versions_and_flags_a_mix(tmp_path):
-    from kvcompress.report.table import markdown, rows
+def test_report_names_its_code_version_and_leaves_others_out(tmp_path):
+    """A table never mixes code versions (issue 26 item 3): it names the one it shows and the ones it leaves out."""
+    from kvcompress.report.markdown import markdown
+    from kvcompress.report.table import rows
 
     points = (("full", "aaa", 2.0), ("h2o", "bbb", 3.0))
     recs = [{"status": "ok", "model": "m", "cache": c, "eval": "ppl", "config_hash": c, "code_version": v,
              "metrics": {"ppl": p, "compression_ratio": 1.0}} for c, v, p in points]
-    md = markdown(rows(recs))
-    assert "aaa" in md and "bbb" in md and "mixes 2 code versions" in md
-    assert "mixes" not in markdown(rows(recs[:1]))
+    md = markdown(rows(recs, current="aaa"))
+    assert "Code version: `aaa` (the current code)" in md and "`bbb` (1 record)" in md and "mixes" not in md
+    assert "left out" not in markdown(rows(recs[:1], current="aaa"))
 
 
 # -- item 6: committed results are written only on request ----------------------------------------------------

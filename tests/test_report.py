@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from kvcompress.report import build_report
-from kvcompress.report.table import markdown, record_settings, rows
+from kvcompress.report.markdown import markdown
+from kvcompress.report.table import record_settings, rows
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -166,7 +166,7 @@ def test_report_from_records(tmp_path, capsys):
     with pytest.warns(UserWarning, match="corrupt record line"):
         assert kvc_report([str(tmp_path)]) == 0
     said = capsys.readouterr().out
-    assert "7 run(s) (1 failed)" in said and "1 corrupt line(s)" in said  # the torn line is reported, not hidden
+    assert "6 ok run(s) (1 failed, 0 missing)" in said and "1 corrupt line(s)" in said  # the torn line is reported, not hidden
     table = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert len(table) == 7
     by = {(r["cache"], r["eval_params"], r["compression_ratio"]): r for r in table}

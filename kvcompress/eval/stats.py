@@ -24,8 +24,9 @@ LEVEL = 0.95
 
 def bootstrap(statistic: Callable[[np.ndarray], np.ndarray], n: int, resamples: int, seed: int,
               level: float = LEVEL) -> tuple[float, float]:
-    """Percentile interval of ``statistic(idx)`` -> (R,) over R index resamples idx (R, n)."""
-    if n == 0 or resamples <= 0:
+    """Percentile interval of ``statistic(idx)`` -> (R,) over R index resamples idx (R, n); none (NaN, NaN) for
+    n < 2: one sample cannot estimate a spread (its resamples are all the same, a zero-width "interval")."""
+    if n < 2 or resamples <= 0:
         return math.nan, math.nan
     idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     values = statistic(idx)
@@ -43,7 +44,7 @@ def stratified_mean_ci(groups: Sequence[Sequence[float]], resamples: int = 1000,
                        ) -> tuple[float, float]:
     """Interval of mean_g(mean(group g)): each group resampled independently (same seed stream)."""
     groups = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
-    if not groups or resamples <= 0:
+    if all(len(g) < 2 for g in groups) or resamples <= 0:  # no group with a spread (none at all: no interval)
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
     means = np.stack([g[rng.integers(0, len(g), size=(resamples, len(g)))].mean(1) for g in groups])

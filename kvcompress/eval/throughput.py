@@ -6,6 +6,11 @@ are measured, never computed: one untimed pass at ``probe_batch`` rows gives ``k
 after ``context + decode_tokens - 1`` tokens (the most a row holds here), the batch is
 ``min(max_batch, floor(budget / bytes_per_row))``, and an untimed pass at that batch verifies
 ``kv_bytes <= budget`` (shrinking ``B <- floor(B * budget / kv_bytes)`` if the cache is not linear in rows).
+
+Defaults that run anywhere: ``context=null`` is ``min(1024, max_position - decode_tokens)``; ``kv_budget_bytes=auto``
+is ``auto_fraction`` of the free GPU memory on CUDA, and on a CPU the fp16 full cache of ``auto_rows`` rows at this
+context (``auto_rows x fp16_bytes_per_token x (context + decode_tokens - 1)``): how many rows of a compressed cache
+fit in the memory that ``auto_rows`` uncompressed rows take.
 """
 from __future__ import annotations
 
@@ -44,6 +49,9 @@ def shrink(batch: int, held: int, budget: int) -> int:
     return min(batch - 1, math.floor(batch * budget / held))
 
 
+DEFAULT_CONTEXT = 1024
+
+
 def free_device_bytes(device: torch.device, fraction: float) -> int:
     """``fraction`` of the accelerator's free memory (after the weights loaded): the ``auto`` budget."""
     if device.type != "cuda":
@@ -52,11 +60,17 @@ def free_device_bytes(device: torch.device, fraction: float) -> int:
     return int(torch.cuda.mem_get_info(device)[0] * fraction)
 
 
+def full_rows_bytes(spec: ModelSpec, rows: int, tokens: int) -> int:
+    """The ``auto`` budget on a CPU: ``rows`` rows of the fp16 full cache holding ``tokens`` tokens each."""
+    return rows * spec.fp16_bytes_per_token() * tokens
+
+
 @dataclass
 class Throughput(Evaluation):
-    context: int = 1024
+    context: int | None = None     # null: min(1024, max_position - decode_tokens)
     kv_budget_bytes: int | float | str = "auto"
     auto_fraction: float = 0.5
+    auto_rows: int = 8
     decode_tokens: int = 16
     probe_batch: int = 2
     max_batch: int = 4096
@@ -66,17 +80,29 @@ class Throughput(Evaluation):
     budget_counts: str = "held"
     decode_path: str = "eager"
 
+    def tokens_per_row(self, spec: ModelSpec) -> int:
+        """The context (``null``: the default, within the model's positions) and the decode tokens less one."""
+        return self.effective_context(spec) + self.decode_tokens - 1
+
+    def effective_context(self, spec: ModelSpec) -> int:
+        return min(DEFAULT_CONTEXT, spec.max_position - self.decode_tokens) if self.context is None else self.context
+
     def check(self, spec: ModelSpec, data_dir: Path, tokenizer=None) -> None:
         check_dataset(self.dataset, data_dir)
         limit = spec.max_position - self.decode_tokens
-        require(1 <= self.context <= limit, "eval.context", f"in [1, max_position - decode_tokens = {limit}]",
-                self.context)
+        require(self.context is None or 1 <= self.context <= limit, "eval.context",
+                f"null or in [1, max_position - decode_tokens = {limit}]", self.context)
+        require(self.decode_tokens >= 2, "eval.decode_tokens", ">= 2", self.decode_tokens)
+        require(self.effective_context(spec) >= 1, "eval.decode_tokens",
+                f"< max_position = {spec.max_position} (room for a context)", self.decode_tokens)
         budget = self.kv_budget_bytes
         number = isinstance(budget, (int, float)) and not isinstance(budget, bool)
-        require(budget == "auto" or (number and budget >= 1), "eval.kv_budget_bytes",
-                "a positive number of bytes or auto (free GPU memory x eval.auto_fraction)", budget)
+        require(budget == "auto" or (number and budget >= 1), "eval.kv_budget_bytes", "a positive number of bytes or "
+                "auto (CUDA: free GPU memory x eval.auto_fraction; CPU: eval.auto_rows rows of the fp16 full cache)",
+                budget)
         require(0 < self.auto_fraction <= 1, "eval.auto_fraction", "in (0, 1]", self.auto_fraction)
-        require(self.decode_tokens >= 2, "eval.decode_tokens", ">= 2", self.decode_tokens)
+        require(isinstance(self.auto_rows, int) and self.auto_rows >= 1, "eval.auto_rows", "an int >= 1",
+                self.auto_rows)
         require(self.probe_batch >= 1, "eval.probe_batch", ">= 1", self.probe_batch)
         require(self.max_batch >= 1, "eval.max_batch", ">= 1", self.max_batch)
         require(self.repeats >= 1, "eval.repeats", ">= 1", self.repeats)
@@ -96,16 +122,25 @@ class Throughput(Evaluation):
         time_prefill_decode(ctx.model, tokens, dec.cache, self.decode_tokens, self.prefill_chunk, step=dec.step)
         return (dec.cache.kv_bytes() if self.budget_counts == "held" else dec.cache.kv_bytes_allocated()), dec
 
+    def budget(self, ctx: EvalContext) -> int:
+        """The byte budget: a number as given, else ``auto`` (free GPU memory, or on a CPU ``auto_rows`` fp16 rows)."""
+        if self.kv_budget_bytes != "auto":
+            return int(self.kv_budget_bytes)
+        if ctx.model.device.type == "cuda":
+            return free_device_bytes(ctx.model.device, self.auto_fraction)
+        spec = ctx.cache.spec
+        return full_rows_bytes(spec, self.auto_rows, self.tokens_per_row(spec))
+
     def run(self, ctx: EvalContext) -> dict[str, float]:
         auto = self.kv_budget_bytes == "auto"
-        budget = free_device_bytes(ctx.model.device, self.auto_fraction) if auto else int(self.kv_budget_bytes)
+        budget, context = self.budget(ctx), self.effective_context(ctx.cache.spec)
         text = load_text(self.dataset, ctx.data_dir)
-        pool = text_windows(ctx.tokenizer, text, self.context + self.decode_tokens, POOL, bos=False)
+        pool = text_windows(ctx.tokenizer, text, context + self.decode_tokens, POOL, bos=False)
         pool = pool.to(ctx.model.device)
         per_row = self._held(ctx, self._rows(pool, self.probe_batch))[0] / self.probe_batch
         batch = fit_batch(per_row, budget, self.max_batch)
         require(batch >= 1, "eval.kv_budget_bytes", f">= one row's cache ({per_row:.0f} bytes at context "
-                f"{self.context} + {self.decode_tokens} decode tokens)", budget)
+                f"{context} + {self.decode_tokens} decode tokens)", budget)
         for _ in range(VERIFY_TRIES):
             tokens = self._rows(pool, batch)
             held, dec = self._held(ctx, tokens)  # also the warm-up at the real batch
@@ -122,6 +157,7 @@ class Throughput(Evaluation):
             "batch_limit": "max_batch" if batch == self.max_batch else "kv_budget",
             "kv_budget_bytes": budget,
             "kv_budget_auto": int(auto),
+            "context": context,
             "bytes_per_row": per_row,
             "kv_budget_used": held / budget,
             **rate,

@@ -1,7 +1,7 @@
 """``kvc-lm-eval`` / ``python -m kvcompress.harness``: lm-eval's own CLI with ``kvcompress`` registered and the
 offline ``kvc_*`` tasks on the include path (lm-eval 0.4.x has no plugin discovery for models).
 
-    python -m kvcompress.harness --model kvcompress --model_args model=smollm2-135m,cache=int4 --tasks hellaswag
+    python -m kvcompress.harness --model kvcompress --model_args model=smollm2-135m,storage=int4 --tasks kvc_wikitext2
 """
 from __future__ import annotations
 

@@ -31,6 +31,19 @@ def _device(value: str | None) -> str | None:
 class HarnessLM(KVCompressLM):
     """``--model kvcompress``: composes and builds the model and cache from model args, then scores as the LM."""
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> HarnessLM:
+        """lm-eval's CLI passes its own ``--batch_size`` (default 1), ``--max_batch_size`` and ``--device`` beside
+        the model args: a setting given in ``--model_args`` wins over the CLI's (never a duplicate keyword)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> HarnessLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     def __init__(self, **args: Any) -> None:
         from kvcompress.harness.config import build, compose
         from kvcompress.job import cache_fields

@@ -86,6 +86,12 @@ class WandbLogger:
             raise ValueError(f"logger.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 
     # -- wandb plumbing ----------------------------------------------------------------------
+    def folder(self, default: Path) -> Path:
+        """Where W&B writes: ``logger.dir``, else ``$WANDB_DIR`` (as wandb itself honours it), else ``default``
+        (the Hydra run folder, or the sweep folder for the summary)."""
+        chosen = self.dir or os.environ.get("WANDB_DIR")
+        return Path(chosen).expanduser() if chosen else Path(default)
+
     def _mode(self) -> str:
         if self.mode == "online" and not has_api_key():
             print("kvc: W&B: no WANDB_API_KEY (or wandb login); logging offline", file=sys.stderr)
@@ -127,7 +133,7 @@ class WandbLogger:
         config["kvc"] = {k: record.get(k) for k in ("cache", *AXES, "eval", "config_hash", "code_version", "git_sha")}
         short = record_settings(record)
         name = f"{record['cache']} {short}".strip()[:100] + f" | {record['eval']}"
-        run = self._init(Path(self.dir).expanduser() if self.dir else run_dir, config=config,
+        run = self._init(self.folder(run_dir), config=config,
                          group=self.group or sweep_name(cfg), job_type=str(record["eval"]), name=name,
                          tags=sorted({t[:64] for t in tags if t}))
         try:
@@ -147,7 +153,7 @@ class WandbLogger:
         import wandb
 
         group = self.group or sweep_name(cfg) or "sweep"
-        where = Path(self.dir).expanduser() if self.dir else Path(str(OmegaConf.select(cfg, "hydra.sweep.dir")))
+        where = self.folder(Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))))
         run = self._init(where, group=group, job_type="sweep-summary", name=f"{group} summary", tags=["summary"])
         try:
             table = pd.read_csv(paths["csv"]).astype(object).where(lambda d: d.notna(), None)

@@ -1,6 +1,7 @@
 """Hydra callback: at the end of every multirun, aggregate ``results_dir`` and log the sweep's summary."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import traceback
@@ -24,6 +25,23 @@ def sweep_command(config: DictConfig) -> str:
     return " ".join(["kvc", "-m", *overrides(config)])
 
 
+def failed_since(results: Path, before: tuple[int, int] | None) -> int:
+    """Failed records appended to ``results/records.jsonl`` after it had ``before[0]`` bytes (by any process)."""
+    path = results / RECORDS_FILE
+    if not path.is_file():
+        return 0
+    with path.open("rb") as f:
+        f.seek(before[0] if before else 0)
+        tail = f.read().decode("utf-8", errors="replace")
+    count = 0
+    for line in tail.splitlines():
+        try:
+            count += json.loads(line).get("status") == "failed"
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    return count
+
+
 def records_state(results: Path) -> tuple[int, int] | None:
     """(size, mtime) of ``results/records.jsonl``: unchanged after a sweep means no job wrote a record."""
     path = results / RECORDS_FILE
@@ -37,8 +55,11 @@ class SweepReport(Callback):
     """Writes summary.csv, summary.md and the plots into ``results_dir`` when a multirun ends.
 
     A sweep that added no record (every job skipped) keeps the recorded command (sweep.json); a committed
-    results_dir that the sweep may not write to (no ``publish=true``) is left untouched.
+    results_dir that the sweep may not write to (no ``publish=true``) is left untouched. ``failed``: the failed
+    records the last multirun added (``kvc`` exits 1 when any), whichever launcher ran the jobs.
     """
+
+    failed = 0
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -50,6 +71,7 @@ class SweepReport(Callback):
             print(f"kvc: warning: {why}; jobs that are not skipped will fail", file=sys.stderr, flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepReport.failed = failed_since(Path(str(config.results_dir)), self.before)
         if not self.enabled:
             return
         try:

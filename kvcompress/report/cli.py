@@ -14,20 +14,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("source", type=Path, help="records.jsonl, a results folder, or a Hydra sweep folder")
     p.add_argument("--out", type=Path, default=None, help="where to write (default: the source folder)")
     p.add_argument("--command", default=None, help="the sweep command to name in summary.md")
+    p.add_argument("--code-version", default=None, help="the code version whose records make the table (default: "
+                   "the current code's, else the newest records')")
     args = p.parse_args(argv)
     try:
         records = load(args.source)
-        table = rows(records)
-        if not table:
+        if not records:
             print(f"kvc-report: error: no run records under {args.source}", file=sys.stderr)
             return 1
-        paths = build_report(args.source, args.out, args.command, records)
+        table = rows(records, args.code_version)
+        paths = build_report(args.source, args.out, args.command, records, table.version)
     except (OSError, ValueError) as e:
         print(f"kvc-report: error: {e}", file=sys.stderr)
         return 1
-    failed = sum(r["status"] != "ok" for r in table)
+    count = {s: sum(r["status"] == s for r in table) for s in ("ok", "missing")}
+    failed, warned = len(table) - sum(count.values()), sum(bool(r.get("warning")) for r in table)
+    notes = [f"{failed} failed", f"{count['missing']} missing"] + ([f"{warned} with a warning"] if warned else [])
     corrupt = f"; {len(records.corrupt)} corrupt line(s) skipped (see summary.md)" if records.corrupt else ""
-    print(f"kvc-report: {len(table)} run(s) ({failed} failed){corrupt} -> " + ", ".join(str(p) for p in paths.values()))
+    print(f"kvc-report: code version {table.version} ({table.why}): {count['ok']} ok run(s) ({', '.join(notes)})"
+          f"{corrupt} -> " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

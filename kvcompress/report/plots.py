@@ -6,10 +6,10 @@ strategy) in every panel and plot of a report; error bars where the records carr
 """
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 
+from kvcompress.records import write_atomic
 from kvcompress.report.pareto import pareto_front
 from kvcompress.report.table import finite, has_baseline, metric_ci, quality, quality_interval
 
@@ -106,10 +106,10 @@ def _xscale(ax, xs: list[float]) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    _plt().close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130, bbox_inches="tight"))
+    finally:
+        _plt().close(fig)
 
 
 def _empty(path: Path, message: str) -> None:

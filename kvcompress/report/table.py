@@ -8,24 +8,18 @@ import json
 import math
 from pathlib import Path
 
-from kvcompress.records import CorruptLine, Records, read_records
+from kvcompress.records import CorruptLine, Records, read_records, write_text_atomic
 from kvcompress.report.pareto import pareto_front
 
 BASELINE = "full"
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # settings are shown relative to conf/<group>/*.yaml
 AXES = ("storage", "policy", "layout")  # records of the composed cache name each axis and its settings
-# summary.md columns: (header, row key, format)
-MD_COLUMNS = [("cache", "cache", "{}"), ("settings", "settings", "{}"), ("ppl", "ppl", "{:.3f}"),
-              ("Δppl", "delta_ppl", "{:+.3f}"), ("Δppl %", "delta_ppl_pct", "{:+.2f}"),
-              ("Δppl (ppl eval)", "quality_dppl", "{:+.3f}"),
-              ("ratio", "compression_ratio", "{:.2f}x"), ("KV MB", "kv_mb", "{:.2f}"),
-              ("decode tok/s", "decode_tokens_per_s", "{:.1f}"), ("prefill tok/s", "prefill_tokens_per_s", "{:.0f}"),
-              ("Pareto", "pareto", "{}"), ("time s", "duration_s", "{:.1f}")]
 FIRST_CSV = ["status", "model", "eval", "cache", "settings", "storage", "policy", "layout", "ppl", "delta_ppl",
-             "delta_ppl_pct", "compression_ratio", "kv_bytes", "decode_tokens_per_s", "quality_dppl", "pareto",
-             "baseline_ppl", "group", "error"]
+             "delta_ppl_pct", "compression_ratio", "kv_bytes_per_row", "kv_bytes_per_token", "kv_bytes_batch",
+             "decode_tokens_per_s", "quality_dppl", "pareto", "warning", "baseline_ppl", "group", "error"]
 LAST_CSV = ["cache_params", "storage_params", "policy_params", "layout_params", "eval_params", "dtype", "device",
-            "seed", "config_hash", "code_version", "git_sha", "started_at", "duration_s"]
+            "seed", "config_hash", "data", "code_version", "host", "git_sha", "started_at", "duration_s"]
+NOT_CSV = {"kv_mb_per_row", "quality_ci", "ppl_ci", "kv_bytes", "versions"}  # shown in markdown, or renamed
 UNKNOWN_VERSION = "unknown"  # records written before code_version was recorded
 
 
@@ -127,35 +121,57 @@ def finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def rows(records: list[dict]) -> list[dict]:
-    """Flat rows (one per distinct config) with Δppl vs the group's full cache and the Pareto flag."""
-    recs = latest(records)
+class Table(list):
+    """Rows of one code version: ``version``, ``why`` it was chosen, and ``others`` (version -> records) left out."""
+
+    def __init__(self, items=(), version: str = UNKNOWN_VERSION, why: str = "", others: dict | None = None):
+        super().__init__(items)
+        self.version, self.why, self.others = version, why, dict(others or {})
+
+
+def version_of(r: dict) -> str:
+    return r.get("code_version") or UNKNOWN_VERSION
+
+
+def choose_version(records: list[dict], asked: str | None = None, current: str | None = None) -> tuple[str, str]:
+    """The code version a table shows, and why: ``asked``, else ``current`` (the code here) when any record has
+    it, else the version of the newest record. A version asked for that no record has is an error."""
+    present = list(dict.fromkeys(version_of(r) for r in records))
+    if asked is not None:
+        if asked not in present:
+            raise ValueError(f"no record of code version {asked!r}; the records hold: {', '.join(present) or 'none'}")
+        return asked, "asked for"
+    if current is not None and current in present:
+        return current, "the current code"
+    newest = version_of(records[-1]) if records else UNKNOWN_VERSION
+    why = "the newest records'" + (f"; no record of the current code `{current}`" if current else "")
+    return newest, why
+
+
+def current_version() -> str:
+    from kvcompress.records import code_version
+
+    return code_version()
+
+
+def rows(records: list[dict], version: str | None = None, current: str | None = "auto") -> Table:
+    """Flat rows (one per distinct config) of ONE code version (``choose_version``; ``current="auto"`` asks git
+    for the code here), with Δppl vs the group's full cache and the Pareto flag. A config with records of other
+    versions only is a ``missing`` row: never filled in from another version."""
+    current = current_version() if current == "auto" else current
+    chosen, why = choose_version(records, version, current)
+    mine = [r for r in records if version_of(r) == chosen]
+    others: dict[str, int] = {}
+    for r in records:
+        if version_of(r) != chosen:
+            others[version_of(r)] = others.get(version_of(r), 0) + 1
+    recs = latest(mine)
     base: dict[str, float] = {}
     for r in recs:
         ppl = (r.get("metrics") or {}).get("ppl")
         if r.get("status") == "ok" and r.get("cache") == BASELINE and finite(ppl):
             base[group_key(r)] = ppl
-    out = []
-    for r in recs:
-        m = r.get("metrics") or {}
-        row = {"status": r.get("status"), "model": r.get("model"), "eval": r.get("eval"), "cache": r.get("cache"),
-               "settings": record_settings(r), "group": group_key(r), "error": r.get("error"), **m}
-        row.update({k: r.get(k) for k in LAST_CSV})
-        row.update({axis: r.get(axis) for axis in AXES})
-        row["code_version"] = r.get("code_version") or UNKNOWN_VERSION
-        for key in ("cache_params", "eval_params"):
-            row[key] = json.dumps(r.get(key) or {}, sort_keys=True)
-        for key in (f"{axis}_params" for axis in AXES):  # None in old records (no axes)
-            row[key] = json.dumps(r[key], sort_keys=True) if r.get(key) is not None else None
-        b = base.get(row["group"])
-        row["baseline_ppl"] = b
-        if b is not None and finite(m.get("ppl")) and r.get("status") == "ok":
-            row["delta_ppl"] = m["ppl"] - b
-            row["delta_ppl_pct"] = 100 * (m["ppl"] - b) / b
-        row["quality_ci"] = shifted(metric_ci(m, "ppl"), b if "delta_ppl" in row else 0.0)
-        if finite(m.get("kv_bytes")):
-            row["kv_mb"] = m["kv_bytes"] / 1e6
-        out.append(row)
+    out = [row_of(r, base.get(group_key(r))) for r in recs]
     presetless_settings(out, recs)
     for row in out:  # a speed run's quality: Δppl of the same settings under a quality eval (not its few tokens)
         if row["status"] == "ok" and finite(row.get("decode_tokens_per_s")):
@@ -163,22 +179,63 @@ def rows(records: list[dict]) -> list[dict]:
             row["quality_dppl"] = source["delta_ppl"] if source else None
             row["quality_ci"] = source["quality_ci"] if source else None
     mark_pareto(out)
-    return out
+    have = {r.get("config_hash") for r in mine}
+    for r in latest([r for r in records if r.get("config_hash") and r.get("config_hash") not in have]):
+        versions = sorted({version_of(x) for x in records if x.get("config_hash") == r.get("config_hash")})
+        out.append({"status": "missing", "model": r.get("model"), "eval": r.get("eval"), "cache": r.get("cache"),
+                    "settings": record_settings(r), "group": group_key(r), "config_hash": r.get("config_hash"),
+                    "error": f"no record of code version {chosen} (records of {', '.join(versions)})",
+                    "code_version": chosen, **{axis: r.get(axis) for axis in AXES}})
+    return Table(out, chosen, why, others)
+
+
+def host_name(r: dict) -> str | None:
+    h = r.get("host") or {}
+    return f"{h.get('cpu', '?')} ({h.get('isa', '?')}, {h.get('threads', '?')} threads)" if h else None
+
+
+def row_of(r: dict, baseline: float | None) -> dict:
+    m = r.get("metrics") or {}
+    row = {"status": r.get("status"), "model": r.get("model"), "eval": r.get("eval"), "cache": r.get("cache"),
+           "settings": record_settings(r), "group": group_key(r), "error": r.get("error"), **m}
+    row.update({k: r.get(k) for k in LAST_CSV})
+    row.update({axis: r.get(axis) for axis in AXES})
+    row["code_version"] = version_of(r)
+    row["host"] = host_name(r)
+    row["warning"] = "; ".join(r.get("warnings") or []) or None
+    for key in ("cache_params", "eval_params", "data"):
+        row[key] = json.dumps(r.get(key) or {}, sort_keys=True)
+    for key in (f"{axis}_params" for axis in AXES):  # None in old records (no axes)
+        row[key] = json.dumps(r[key], sort_keys=True) if r.get(key) is not None else None
+    row["baseline_ppl"] = baseline
+    if baseline is not None and finite(m.get("ppl")) and r.get("status") == "ok":
+        row["delta_ppl"] = m["ppl"] - baseline
+        row["delta_ppl_pct"] = 100 * (m["ppl"] - baseline) / baseline
+    ci = metric_ci(m, "ppl")
+    row["quality_ci"] = shifted(ci, baseline if "delta_ppl" in row else 0.0)
+    n = m.get("n_windows")
+    row["ppl_ci"] = (f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"n={n}" if finite(n) and n < 2 else None) \
+        if finite(m.get("ppl")) else None
+    row.pop("kv_bytes", None)  # the whole batch's: renamed, and shown per row and per token
+    if finite(m.get("kv_bytes")):
+        row["kv_bytes_batch"] = m["kv_bytes"]
+    if finite(m.get("kv_bytes_per_row")):
+        row["kv_mb_per_row"] = m["kv_bytes_per_row"] / 1e6
+    return row
 
 
 def metric_ci(metrics: dict, name: str) -> tuple[float, float] | None:
-    """The interval recorded as ``<name>/ci_low``, ``<name>/ci_high`` (eval/stats.py), if both are finite."""
+    """The interval recorded as ``<name>/ci_low``, ``<name>/ci_high`` (eval/stats.py), if both are finite and it
+    could be estimated: an interval over fewer than 2 windows (an old record's zero-width one) is no interval."""
     lo, hi = metrics.get(f"{name}/ci_low"), metrics.get(f"{name}/ci_high")
+    n = metrics.get("n_windows")
+    if finite(n) and n < 2:
+        return None
     return (float(lo), float(hi)) if finite(lo) and finite(hi) else None
 
 
 def shifted(ci: tuple[float, float] | None, by: float | None) -> tuple[float, float] | None:
     return None if ci is None or by is None else (ci[0] - by, ci[1] - by)
-
-
-def quality_eval_delta(row: dict, table: list[dict]) -> float | None:
-    source = quality_eval_row(row, table)
-    return source["delta_ppl"] if source else None
 
 
 def quality_eval_row(row: dict, table: list[dict]) -> dict | None:
@@ -201,9 +258,13 @@ def quality(row: dict) -> float | None:
 
 
 def mark_pareto(table: list[dict]) -> None:
-    """Within each group of ok rows: on the front of (max compression ratio, min Δppl)."""
+    """Within each group of ok rows without a warning: on the front of (max compression ratio, min Δppl). A row
+    with a warning (its policy never evicted) is no clean result and is never on the front."""
     for g in {r["group"] for r in table}:
-        members = [r for r in table if r["group"] == g and r["status"] == "ok"]
+        members = [r for r in table if r["group"] == g and r["status"] == "ok" and not r.get("warning")]
+        for r in table:
+            if r["group"] == g and r["status"] == "ok" and r.get("warning"):
+                r["pareto"] = ""
         pts = [(r.get("compression_ratio"), quality(r)) for r in members]
         pts = [(a if finite(a) else math.nan, b if b is not None else math.nan) for a, b in pts]
         front = set(pareto_front(pts, maximize=(True, False)))
@@ -218,7 +279,7 @@ def sort_key(row: dict):
 
 
 def write_csv(table: list[dict], path: Path) -> None:
-    metrics = sorted({k for r in table for k in r} - set(FIRST_CSV) - set(LAST_CSV) - {"kv_mb", "quality_ci"})
+    metrics = sorted({k for r in table for k in r} - set(FIRST_CSV) - set(LAST_CSV) - NOT_CSV)
     cols = FIRST_CSV + metrics + LAST_CSV
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
@@ -228,30 +289,10 @@ def write_csv(table: list[dict], path: Path) -> None:
     atomic_text(path, buf.getvalue())
 
 
-def cell(row: dict, key: str, fmt: str) -> str:
-    v = row.get(key)
-    if v is None or v == "":
-        return "" if key != "delta_ppl" else "n/a"
-    try:
-        return fmt.format(v).replace("|", "\\|")
-    except (ValueError, TypeError):
-        return str(v)
-
-
 def quality_interval(row: dict) -> tuple[float, float] | None:
     """The interval of ``quality(row)`` where the records carry one (``ppl/ci_low``, ``ppl/ci_high``)."""
     ci = row.get("quality_ci")
     return tuple(ci) if ci and all(finite(x) for x in ci) else None
-
-
-def overlapping(front: list[dict]) -> list[tuple[dict, dict]]:
-    """Neighbouring front points whose quality intervals overlap: the data cannot tell them apart."""
-    out = []
-    for a, b in zip(front, front[1:], strict=False):
-        ia, ib = quality_interval(a), quality_interval(b)
-        if ia and ib and ia[0] <= ib[1] and ib[0] <= ia[1]:
-            out.append((a, b))
-    return out
 
 
 def has_baseline(members: list[dict]) -> bool:
@@ -259,88 +300,4 @@ def has_baseline(members: list[dict]) -> bool:
     return all(finite(r.get("quality_dppl")) or finite(r.get("delta_ppl")) for r in members if quality(r) is not None)
 
 
-def name(row: dict) -> str:
-    return f"{row['cache']} {row['settings']}".strip()
-
-
-def pareto_line(members: list[dict]) -> list[str]:
-    front = sorted((r for r in members if r.get("pareto")), key=lambda r: r.get("compression_ratio") or 0.0)
-    if not front:
-        return []
-    what = "Δppl" if has_baseline(members) else "ppl, no full baseline"
-    fmt = "{:+.3f}" if has_baseline(members) else "{:.3f}"
-    lines = ["", f"Pareto front (ratio up, {what} down): " + " → ".join(
-        f"{name(r)} ({cell(r, 'compression_ratio', '{:.2f}x')}, {fmt.format(quality(r))})" for r in front)]
-    pairs = overlapping(front)
-    if pairs:
-        lines += ["", "Intervals overlap (95% bootstrap; not distinguishable on this data): " + "; ".join(
-            f"{name(a)} ~ {name(b)}" for a, b in pairs) + "."]
-    return lines
-
-
-def version_lines(rows_: list[dict], scope: str) -> list[str]:
-    """Which code versions the rows come from (``scope="all"``), and a warning when they mix several."""
-    counts: dict[str, int] = {}
-    for r in rows_:
-        v = r.get("code_version") or UNKNOWN_VERSION
-        counts[v] = counts.get(v, 0) + 1
-    listed = ", ".join(f"`{v}` ({n} row{'s' * (n != 1)})" for v, n in sorted(counts.items(), key=lambda x: -x[1]))
-    if len(counts) > 1:
-        return [f"⚠ {'These rows mix' if scope == 'all' else 'This table mixes'} {len(counts)} code versions: "
-                f"{listed}; numbers (times above all) may not be comparable across versions (re-run with force=true)."]
-    return [f"Code version: {listed}."] if scope == "all" and counts else []
-
-
-def corrupt_lines(corrupt) -> list[str]:
-    if not corrupt:
-        return []
-    shown = "; ".join(f"`{c.file}:{c.line}`" for c in corrupt[:10]) + (" ..." if len(corrupt) > 10 else "")
-    return [f"⚠ {len(corrupt)} corrupt line{'s' * (len(corrupt) != 1)} in the records skipped (not JSON records, "
-            f"e.g. an interrupted write): {shown}.", ""]
-
-
-def markdown(table: list[dict], source: str = "", command: str | None = None, plots: list[str] = (),
-             corrupt=()) -> str:
-    ok = [r for r in table if r["status"] == "ok"]
-    failed = [r for r in table if r["status"] != "ok"]
-    lines = ["# Sweep summary", ""]
-    if command:
-        lines += [f"Produced by `{command}`; rebuilt at any time with `kvc-report {source}`.", ""]
-    elif source:
-        lines += [f"Built by `kvc-report {source}`.", ""]
-    lines += [f"{len(ok)} ok run(s), {len(failed)} failed. Δppl is against the `full` cache of the same model and "
-              "eval settings; ratio = fp16 KV bytes / bytes held; ★ = on the Pareto front of (max ratio, min Δppl).",
-              ""]
-    lines += corrupt_lines(corrupt)
-    lines += [*version_lines(table, "all"), ""]
-    lines += [f"![{p}]({p})" for p in plots] + ([""] if plots else [])
-    for g in sorted({r["group"] for r in ok}):
-        members = sorted((r for r in ok if r["group"] == g), key=sort_key)
-        cols = [c for c in MD_COLUMNS if any(r.get(c[1]) not in (None, "") for r in members) or c[1] == "delta_ppl"]
-        if any(finite(r.get("quality_dppl")) for r in members):  # speed runs: ppl of a few decoded tokens is noise
-            cols = [c for c in cols if c[1] not in ("ppl", "delta_ppl", "delta_ppl_pct")]
-        lines += [f"## {g}", "", "| " + " | ".join(h for h, _, _ in cols) + " |",
-                  "|" + "|".join("---" for _ in cols) + "|"]
-        lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in cols) + " |" for r in members]
-        lines += pareto_line(members)
-        if mixed := version_lines(members, "group"):
-            lines += ["", *mixed]
-        if not any(r["cache"] == BASELINE for r in members):
-            lines += ["", f"_No `{BASELINE}` run in this group, so no Δppl (rows sorted by ppl)._"]
-        lines.append("")
-    if failed:
-        lines += ["## Failed runs", "", "| model | eval | cache | settings | error |", "|---|---|---|---|---|"]
-        for r in sorted(failed, key=lambda r: (r["group"], r["cache"] or "", r["settings"])):
-            err = (r.get("error") or r.get("status") or "").replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {r['model']} | {r['eval']} | {r['cache']} | {r['settings']} | {err} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def atomic_text(path: Path, text: str) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+atomic_text = write_text_atomic  # summary.md, summary.csv: never half-written

@@ -58,10 +58,14 @@ def measure(ctx: CalibrationContext, share_pair: Callable[[int], KVCache], base:
     samples = ctx.kv_samples()
     key_cos = mean_cosines([k for k, _, _ in samples])
     value_cos = mean_cosines([v for _, v, _ in samples])
-    base_nll = ctx.nll(base)
     pairs = range(len(samples) - 1)
-    dnll = [ctx.nll(share_pair(i)) - base_nll for i in tqdm(pairs, desc="sharing cost per layer pair", leave=False,
-                                                                    disable=not getattr(ctx, "progress", True))]
+    windows = getattr(ctx, "windows", None)
+    tokens = windows.numel() if isinstance(windows, Tensor) else "the calibration"
+    log(f"[sharing] measuring what sharing costs: {len(pairs) + 1} NLL passes over {tokens} tokens (the full cache, "
+        f"then each of the {len(pairs)} adjacent layer pairs shared alone); once per model and calibration text")
+    base_nll = ctx.nll(base)
+    bar = tqdm(pairs, desc="sharing cost per layer pair", disable=not getattr(ctx, "progress", True))
+    dnll = [ctx.nll(share_pair(i)) - base_nll for i in bar]
     log(f"[sharing] layer similarity measured: base NLL {base_nll:.4f}, pair dNLL "
         f"min {min(dnll):.4f} (layers {dnll.index(min(dnll))}-{dnll.index(min(dnll)) + 1}) max {max(dnll):.4f}")
     return LayerSimilarity(ctx.key, key_cos, value_cos, torch.tensor(dnll, dtype=torch.float64), base_nll)
