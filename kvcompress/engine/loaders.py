@@ -95,14 +95,27 @@ def _converted(path: Path) -> Path:
     return conv
 
 
-def _save_converted(path: Path, model: Transformer, tokenizer) -> None:
-    from safetensors.torch import save_file
+def write_safetensors(file: Path, tensors: dict[str, Tensor]) -> None:
+    """A safetensors file written one tensor at a time (``safetensors.torch.save_file`` first serialises every
+    tensor to bytes: a second full copy of the weights in memory)."""
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    header, offset = {}, 0
+    for k, v in tensors.items():
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
+        offset += v.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for v in tensors.values():
+            f.write(memoryview(v.detach().contiguous().cpu().view(torch.uint8).flatten().numpy()))
 
+
+def _save_converted(path: Path, model: Transformer, tokenizer) -> None:
     target = _converted(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".kvc-"))
-    sd = {k: v.contiguous().cpu() for k, v in model.state_dict().items() if not (k == "lm_head.weight" and
-                                                                           model.config.tie_embeddings)}
-    save_file(sd, tmp / "model.safetensors")
+    sd = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.config.tie_embeddings)}
+    write_safetensors(tmp / "model.safetensors", sd)
     (tmp / "kvc_config.json").write_text(json.dumps(dataclasses.asdict(model.config)))
     tokenizer.save_pretrained(tmp / "tokenizer")
     (tmp / SOURCE_FILE).write_text(json.dumps(source_stamp(path)))
