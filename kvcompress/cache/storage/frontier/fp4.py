@@ -1,0 +1,96 @@
+"""``storage=fp4``: microscaled FP4 keys and values, e2m1 codes packed two a byte (``formats``), one scale per block
+of consecutive channels of a token's head vector.
+
+* ``nvfp4`` (NVIDIA Blackwell's NVFP4): blocks of 16, each with an e4m3 (float8) scale, times one fp32 scale per
+  layer and side. Block scale ``s_b = e4m3(amax_block / 6 / s_t)``, entry ``e2m1(x / (s_b s_t))``; 4.5 bits per
+  entry. The fp32 tensor scale is calibrated: ``s_t = amax / (448 * 6)`` with amax the calibration text's largest
+  entry (post-RoPE keys bounded by their rotate-half pair norms, as ``fp8``), so the block scales use e4m3's range;
+  uncalibrated, s_t = 1. A calibrated, not running, tensor scale keeps a token's codes its own.
+* ``mxfp4`` (OCP Microscaling v1.0): blocks of 32, a shared power-of-two scale ``2**e`` stored as its e8m0 byte
+  (e + 127), ``e = floor(log2 amax_block) - 2`` (2: the exponent of e2m1's largest value, 6); the block's largest
+  entries may saturate at 6 * 2**e. 4.25 bits per entry, no calibration.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvcompress.cache.base import ModelSpec
+from kvcompress.cache.checks import one_of
+from kvcompress.cache.storage.codec import CodecStore
+from kvcompress.cache.storage.frontier.formats import (
+    E2M1_MAX,
+    FP8_MAX,
+    TINY,
+    calibrated_absmax,
+    e2m1_codes,
+    e2m1_values,
+    e8m0_exponent,
+    pack_fp4,
+    to_fp8,
+    unpack_fp4,
+)
+from kvcompress.cache.storage.frontier.fp8 import key_bound
+
+BLOCK = {"nvfp4": 16, "mxfp4": 32}
+
+
+class Fp4Store(CodecStore):
+    def __init__(self, format: str = "nvfp4", keys: str = "post_rope"):
+        self.format = one_of("storage.format", format, tuple(BLOCK))
+        self.block = BLOCK[self.format]
+        self.tensor_scales: list[dict[str, Tensor]] | None = None  # nvfp4: per layer {"k": 0-d fp32, "v": ...}
+        super().__init__(keys)
+
+    def check(self, spec: ModelSpec) -> None:
+        super().check(spec)
+        if spec.head_dim % self.block:
+            raise ValueError(f"storage.format={self.format} scales blocks of {self.block} channels: head_dim must be "
+                             f"a multiple of {self.block}, got {spec.head_dim}")
+
+    def calibrate(self, ctx, groups: list[list[int]] | None = None) -> None:
+        if self.format != "nvfp4":
+            return
+        self.tensor_scales = [
+            {name: (calibrated_absmax(x, bound).amax() / (FP8_MAX["e4m3"] * E2M1_MAX)).clamp_min(TINY).float()
+             for name, x, bound in (("k", k, key_bound(self, ctx)), ("v", v, "value"))}
+            for k, v, _ in ctx.kv_samples()]
+
+    def _tensor_scale(self, name: str, like: Tensor) -> Tensor:
+        if self.tensor_scales is None:
+            return torch.ones((), device=like.device)
+        s = self.tensor_scales[self.layer][name]
+        if s.device != like.device:
+            s = self.tensor_scales[self.layer][name] = s.to(like.device)
+        return s
+
+    def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        parts = {}
+        for name, x in (("k", k), ("v", v)):
+            g = x.float().unflatten(-1, (-1, self.block))  # (B, H, T, D / block, block)
+            amax = g.abs().amax(-1)
+            if self.format == "nvfp4":
+                st = self._tensor_scale(name, x)
+                sb = to_fp8(amax / E2M1_MAX / st, "e4m3")
+                scale, parts[name + "_scale"] = sb.float() * st, sb
+            else:
+                e = e8m0_exponent(amax)
+                scale, parts[name + "_scale"] = torch.exp2(e), (e + 127).to(torch.uint8)
+            scale = torch.where(scale > 0, scale, 1.0)  # an all-zero block: any scale gives code 0
+            parts[name] = pack_fp4(e2m1_codes(g / scale[..., None]).flatten(-2))
+        return parts
+
+    def decode(self, parts: dict[str, Tensor], dtype) -> tuple[Tensor, Tensor]:
+        out = []
+        for name in ("k", "v"):
+            s = parts[name + "_scale"]
+            if self.format == "nvfp4":
+                scale = s.float() * self._tensor_scale(name, s)
+            else:
+                scale = torch.exp2(s.float() - 127)
+            x = e2m1_values(unpack_fp4(parts[name])).unflatten(-1, (-1, self.block)) * scale[..., None]
+            out.append(x.flatten(-2).to(dtype))
+        return out[0], out[1]
+
+    def calibration_tensors(self) -> list[Tensor]:
+        return [t for layer in self.tensor_scales or [] for t in layer.values()]
