@@ -1,6 +1,7 @@
 """Run records: one flat JSON object per run, written atomically to the run folder and a JSONL file."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 RECORDS_FILE = "records.jsonl"
 REPO = Path(__file__).resolve().parents[1]
+AXES = ("storage", "policy", "layout")  # records of the composed cache name each axis and its settings
 # What a number depends on: the package and conf/, less the parts that only present or log results.
 CODE_PATHS = ("kvcompress", "conf")
 NOT_CODE = ("kvcompress/report", "kvcompress/loggers", "kvcompress/harness/table.py", "conf/experiment",
@@ -143,6 +145,13 @@ def code_version(root: Path = REPO) -> str:
     return version
 
 
+@functools.cache
+def running_code_version() -> str:
+    """The code version of this process, computed once: a sweep's jobs run the modules imported when it started,
+    whatever is edited in the tree meanwhile, so they all carry one version (and its table shows them together)."""
+    return code_version()
+
+
 def is_committed(path: Path) -> bool:
     """True when git tracks a file under ``path`` (a folder of published results)."""
     path = Path(path).resolve()
@@ -238,3 +247,47 @@ def read_records(path: Path, warn: bool = True) -> Records:
         for c in out.corrupt:
             warnings.warn(f"skipping a corrupt record line: {c}", stacklevel=2)
     return out
+
+
+# -- a record's settings, shown against its presets (tables, W&B run names) --------------------------------------
+def flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested settings as ``(dotted.key, value)`` pairs."""
+    out = []
+    for k, v in d.items():
+        out += flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [(f"{prefix}{k}", v)]
+    return out
+
+
+@functools.cache
+def preset(axis: str, name: str) -> dict:
+    """The settings of ``conf/<axis>/<name>.yaml`` ({} when there is no such file or it cannot be read)."""
+    path = REPO / "conf" / axis / f"{name}.yaml"
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    try:
+        conf = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception:  # an unreadable preset only costs the short form
+        return {}
+    return {k: v for k, v in conf.items() if k != "_target_"} if isinstance(conf, dict) else {}
+
+
+def changed_settings(params: dict | None, axis: str | None = None, name: str | None = None) -> str:
+    """``budget=0.25 sinks=4`` (nested settings dotted); with a preset (``conf/<axis>/<name>.yaml``) only those that
+    differ from it."""
+    defaults = dict(flat(preset(axis, name))) if axis and name else {}
+    return " ".join(f"{k}={v}" for k, v in flat(params or {}) if k not in defaults or defaults[k] != v)
+
+
+def has_axes(r: dict) -> bool:
+    """A record of the composed cache (storage/policy/layout fields), not an old one with cache/cache_params only."""
+    return any(r.get(axis) for axis in AXES)
+
+
+def record_settings(r: dict) -> str:
+    """The settings that differ from the presets, per axis (``conf/<axis>/<name>.yaml``); an old record (cache +
+    cache_params, from before the three axes, whose presets are gone): all its settings."""
+    if not has_axes(r):
+        return changed_settings(r.get("cache_params"))
+    return " ".join(p for p in (changed_settings(r.get(f"{a}_params"), a, r.get(a)) for a in AXES) if p)

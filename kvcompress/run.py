@@ -27,11 +27,11 @@ from kvcompress.loggers import log_run
 from kvcompress.records import (
     RECORDS_FILE,
     append_jsonl,
-    code_version,
     config_hash,
     data_fingerprint,
     git_sha,
     host,
+    running_code_version,
     versions,
     write_json_atomic,
 )
@@ -64,7 +64,8 @@ def new_record(cfg: DictConfig) -> dict:
         "model": cfg.model.name, **cache_fields(cfg), "eval": _choice("eval"),
         "eval_params": params(resolved.get("eval")), "seed": cfg.seed, "device": None, "dtype": cfg.dtype,
         "metrics": {}, "versions": versions(), "git_sha": git_sha(),
-        "code_version": code_version(), "config_hash": config_hash(resolved, data), "data": data, "host": host(),
+        "code_version": running_code_version(), "config_hash": config_hash(resolved, data), "data": data,
+        "host": host(),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "duration_s": None,
     }
 

@@ -72,7 +72,8 @@ def offline_runs(folder: Path) -> list[Path]:
 
 def test_sweep_summary_failures_wandb_resume_force(tmp_path):
     out = kvc_m(tmp_path, "policy=none,stream16,bad", "logger=wandb")
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 1, out.stderr[-3000:]  # a job failed: the sweep says so in its exit status
+    assert "kvc: sweep: 2 ok, 1 failed, 0 skipped; exit status 1" in out.stderr
     recs = records(tmp_path)
     assert [(r["cache"], r["status"]) for r in recs] == [("full", "ok"), ("stream16", "ok"), ("bad", "failed")]
     assert "sinks must be < budget" in recs[2]["error"]
@@ -118,7 +119,7 @@ def test_sweep_summary_failures_wandb_resume_force(tmp_path):
 
     # re-run: ok jobs are skipped, the failed one runs again; logger=none logs nothing
     out = kvc_m(tmp_path, "policy=none,stream16,bad", "logger=none")
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 1, out.stderr[-3000:]
     assert out.stdout.count("kvc: skip") == 2
     assert [(r["cache"], r["status"]) for r in records(tmp_path)[3:]] == [("bad", "failed")]
     assert len(list((tmp_path / "sweep").rglob("offline-run-*"))) == 4
@@ -166,7 +167,7 @@ def test_report_from_records(tmp_path, capsys):
     with pytest.warns(UserWarning, match="corrupt record line"):
         assert kvc_report([str(tmp_path)]) == 0
     said = capsys.readouterr().out
-    assert "6 ok run(s) (1 failed, 0 missing)" in said and "1 corrupt line(s)" in said  # the torn line is reported, not hidden
+    assert "6 ok run(s) (1 failed, 0 missing)" in said and "1 corrupt line(s)" in said  # the torn line is reported
     table = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert len(table) == 7
     by = {(r["cache"], r["eval_params"], r["compression_ratio"]): r for r in table}

@@ -14,16 +14,15 @@ from pathlib import Path
 from kvcompress.cache.base import ModelSpec
 from kvcompress.eval.base import EvalContext, Evaluation, require
 
-
-def _local_tasks() -> tuple[str, ...]:
-    from kvcompress.harness import LOCAL_TASKS
-
-    return LOCAL_TASKS
+# The offline kvc_* tasks (lm-eval YAML beside the harness integration); the evaluation layer names their folder and
+# never imports the top-level ``kvcompress.harness`` (which registers the model with lm-eval and imports this).
+TASKS_DIR = Path(__file__).resolve().parents[1] / "harness" / "tasks"
+LOCAL_TASKS = ("kvc_wikitext2", "kvc_tinystories_cloze", "kvc_passkey")
 
 
 @dataclass
 class LmEval(Evaluation):
-    tasks: list[str] = field(default_factory=lambda: list(_local_tasks()))
+    tasks: list[str] = field(default_factory=lambda: list(LOCAL_TASKS))
     limit: float | dict[str, float] | None = None  # examples per task (int) or fraction (< 1), or {task: limit}
     num_fewshot: int | None = None
     batch_size: int = 8
@@ -38,8 +37,6 @@ class LmEval(Evaluation):
 
     def _task_manager(self, data_dir: Path):
         from lm_eval.tasks import TaskManager
-
-        from kvcompress.harness import TASKS_DIR
 
         paths = [str(TASKS_DIR)] + ([str(Path(self.include_path).expanduser())] if self.include_path else [])
         only_ours = all(t.startswith("kvc_") for t in self.tasks) and not self.include_path  # skip lm-eval's index
@@ -68,7 +65,7 @@ class LmEval(Evaluation):
         unknown = [t for t in self.tasks if t not in known]
         if unknown:
             raise ValueError(f"eval.tasks: unknown lm-eval task(s) {unknown}; kvcompress tasks: "
-                             f"{', '.join(_local_tasks())}, or any lm-eval task or group (`lm_eval ls tasks`)")
+                             f"{', '.join(LOCAL_TASKS)}, or any lm-eval task or group (`lm_eval ls tasks`)")
 
     def run(self, ctx: EvalContext) -> dict[str, float]:
         from lm_eval import simple_evaluate

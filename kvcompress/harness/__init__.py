@@ -2,18 +2,16 @@
 
 Importing this package registers the model under the name ``kvcompress`` in lm-eval's registry
 (lm-eval 0.4.x has no plugin discovery, so something must import it: ``kvc-lm-eval`` /
-``python -m kvcompress.harness`` do, and so does ``eval=lm_eval``).
+``python -m kvcompress.harness`` do; ``eval=lm_eval`` passes its LM object and needs no registration).
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import lm_eval.models  # noqa: F401  (fills lm-eval's lazy model table first: get_model skips it once non-empty)
 from lm_eval.api.registry import model_registry
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+from kvcompress.eval.harness import LOCAL_TASKS, TASKS_DIR  # the offline kvc_* tasks
+
 MODEL_NAME = "kvcompress"
-LOCAL_TASKS = ("kvc_wikitext2", "kvc_tinystories_cloze", "kvc_passkey")
 
 if MODEL_NAME not in model_registry:
     model_registry.register(MODEL_NAME, target="kvcompress.harness.model:HarnessLM")

@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvcompress.records import read_records
-from kvcompress.report.table import record_settings
+from kvcompress.records import read_records, record_settings
 
 COLUMNS = {  # metric key -> column title
     "kvc_wikitext2/word_perplexity": "wikitext2 word ppl ↓",
@@ -22,8 +21,8 @@ COLUMNS = {  # metric key -> column title
 
 
 def label(record: dict) -> str:
-    """The cache name plus the settings that differ from its presets (conf/<axis>/<name>.yaml for composed-cache
-    records, conf/cache/<name>.yaml for old ones)."""
+    """The cache name plus the settings that differ from its presets (conf/<axis>/<name>.yaml; all of an old
+    record's settings)."""
     changed = record_settings(record)
     return f"{record['cache']} ({', '.join(changed.split())})" if changed else record["cache"]
 

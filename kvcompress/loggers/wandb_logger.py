@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from kvcompress.report.table import record_settings
+from kvcompress.records import record_settings
 
 MODES = ("offline", "online", "disabled")
 _UNREACHABLE: list[str] = []  # set once an online init failed: later runs of this process go offline at once

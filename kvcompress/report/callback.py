@@ -12,6 +12,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from kvcompress.loggers import log_sweep
 from kvcompress.records import RECORDS_FILE, write_json_atomic
 from kvcompress.report import SWEEP_FILE, build_report
 from kvcompress.report.jobs import unpublished
@@ -100,6 +101,4 @@ class SweepReport(Callback):
             print(f"kvc: sweep summary failed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}",
                   file=sys.stderr)
             return
-        from kvcompress.loggers import log_sweep
-
         log_sweep(config, paths)

@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import math
 from pathlib import Path
 
-from kvcompress.records import CorruptLine, Records, read_records, write_text_atomic
+from kvcompress.records import (
+    AXES,
+    CorruptLine,
+    Records,
+    flat,
+    has_axes,
+    read_records,
+    record_settings,
+    write_text_atomic,
+)
 from kvcompress.report.pareto import pareto_front
 
 BASELINE = "full"
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # settings are shown relative to conf/<group>/*.yaml
-AXES = ("storage", "policy", "layout")  # records of the composed cache name each axis and its settings
 FIRST_CSV = ["status", "model", "eval", "cache", "settings", "storage", "policy", "layout", "ppl", "delta_ppl",
              "delta_ppl_pct", "compression_ratio", "kv_bytes_per_row", "kv_bytes_per_token", "kv_bytes_batch",
              "decode_tokens_per_s", "quality_dppl", "pareto", "warning", "baseline_ppl", "group", "error"]
@@ -51,64 +57,19 @@ def latest(records: list[dict]) -> list[dict]:
     return list(chosen.values())
 
 
-def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
-    out = []
-    for k, v in d.items():
-        out += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [(f"{prefix}{k}", v)]
-    return out
-
-
-def settings(params: dict | None, cache: str | None = None, group: str = "cache") -> str:
-    """``budget=0.25 storage=int4`` (nested dicts flattened with dots).
-
-    With ``cache`` (a ``conf/<group>/<cache>.yaml`` name) only the settings that differ from that file.
-    """
-    defaults = dict(_flat(cache_defaults(cache, group))) if cache else {}
-    return " ".join(f"{k}={v}" for k, v in _flat(params or {}) if k not in defaults or defaults[k] != v)
-
-
-def has_axes(r: dict) -> bool:
-    """A record of the composed cache (storage/policy/layout fields), not an old one with cache/cache_params only."""
-    return any(r.get(axis) for axis in AXES)
-
-
-def record_settings(r: dict) -> str:
-    """The settings that differ from the presets: per axis (``conf/<axis>/<name>.yaml``) for composed-cache
-    records, else against ``conf/cache/<cache>.yaml``."""
-    if not has_axes(r):
-        return settings(r.get("cache_params"), r.get("cache"))
-    parts = [settings(r.get(f"{axis}_params"), r.get(axis), axis) for axis in AXES]
-    return " ".join(p for p in parts if p)
-
-
 def presetless_settings(table: list[dict], recs: list[dict]) -> None:
-    """Old records (cache + cache_params only) whose ``conf/cache/<name>.yaml`` is gone: show the settings that
-    vary between the rows of that cache, not every setting."""
+    """Old records (cache + cache_params only, from before the three axes; their presets are gone): show the
+    settings that vary between the rows of that cache, not every setting."""
     by_cache: dict[str, list[int]] = {}
     for i, r in enumerate(recs):
-        if not has_axes(r) and r.get("cache") and not cache_defaults(r["cache"]):
+        if not has_axes(r) and r.get("cache"):
             by_cache.setdefault(r["cache"], []).append(i)
     for idx in by_cache.values():
-        flats = [dict(_flat(recs[i].get("cache_params") or {})) for i in idx]
+        flats = [dict(flat(recs[i].get("cache_params") or {})) for i in idx]
         keys = list(dict.fromkeys(k for f in flats for k in f))  # first-seen order
         varying = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
         for i, f in zip(idx, flats, strict=True):
             table[i]["settings"] = " ".join(f"{k}={f.get(k)}" for k in varying)
-
-
-@functools.cache
-def cache_defaults(cache: str, group: str = "cache") -> dict:
-    """The settings of ``conf/<group>/<cache>.yaml`` ({} when there is no such file)."""
-    path = CONF_DIR / group / f"{cache}.yaml"
-    if not path.is_file():
-        return {}
-    from omegaconf import OmegaConf
-
-    try:
-        conf = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception:  # an unreadable preset only costs the short form
-        return {}
-    return {k: v for k, v in conf.items() if k != "_target_"} if isinstance(conf, dict) else {}
 
 
 def group_key(r: dict) -> str:
@@ -149,9 +110,9 @@ def choose_version(records: list[dict], asked: str | None = None, current: str |
 
 
 def current_version() -> str:
-    from kvcompress.records import code_version
+    from kvcompress.records import running_code_version
 
-    return code_version()
+    return running_code_version()
 
 
 def rows(records: list[dict], version: str | None = None, current: str | None = "auto") -> Table:
