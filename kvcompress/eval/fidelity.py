@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvcompress.cache import FullCache
-from kvcompress.engine.generate import positions_like
+from kvcompress.engine.session import Session
 from kvcompress.eval.base import EvalContext
 from kvcompress.eval.data import load_text
 from kvcompress.eval.ppl import Perplexity, text_windows
@@ -18,8 +19,10 @@ from kvcompress.eval.ppl import Perplexity, text_windows
 
 @dataclass
 class Fidelity(Perplexity):
-    """Settings as ``eval=ppl``; also reports the full cache's perplexity on the same tokens."""
+    """Settings as ``eval=ppl``; also reports the full cache's perplexity on the same tokens. Teacher-forced, no
+    prompt: ``policy.when=prefill|both`` are refused before weights load, as under ``eval=ppl``."""
 
+    name: ClassVar[str] = "fidelity"
     max_windows: int | None = 4
 
     @torch.inference_mode()
@@ -34,15 +37,14 @@ class Fidelity(Perplexity):
         steps = len(windows.split(self.batch_size)) * math.ceil(self.window / self.chunk)
         with tqdm(total=steps, desc=f"fidelity {self.dataset}", disable=not ctx.progress, leave=False) as bar:
             for batch in windows.split(self.batch_size):
-                ctx.cache.reset(batch.shape[0])
-                reference.reset(batch.shape[0])
+                session = Session(model, ctx.cache).start(batch.shape[0])
+                full = Session(model, reference).start(batch.shape[0])
                 for lo in range(0, batch.shape[1], self.chunk):
                     tokens = batch[:, lo : lo + self.chunk]
-                    pos = positions_like(tokens, lo)
                     target = batch[:, lo + 1 : lo + 1 + self.chunk]
                     n = target.shape[1]
-                    got = model(tokens, pos, ctx.cache)[:, :n].float().log_softmax(-1)
-                    ref = model(tokens, pos, reference)[:, :n].float().log_softmax(-1)
+                    got = session.score(tokens, start=lo)[:, :n].float().log_softmax(-1)  # both in lockstep
+                    ref = full.score(tokens, start=lo)[:, :n].float().log_softmax(-1)
                     sums += torch.stack([
                         F.kl_div(got, ref, log_target=True, reduction="sum"),
                         (got.argmax(-1) == ref.argmax(-1)).sum(),
@@ -51,7 +53,8 @@ class Fidelity(Perplexity):
                     ]).double()
                     count += target.numel()
                     bar.update(1)
-                memory = memory or ctx.cache.memory_report()
+                full.finish("fidelity (full cache)")
+                memory = memory or session.finish("fidelity")
         kl, agree, nll, nll_full = (sums / count).tolist()
         return {"kl": kl, "top1_agreement": agree, "ppl": math.exp(nll), "ppl_full": math.exp(nll_full),
                 "delta_ppl_pct": 100 * (math.exp(nll - nll_full) - 1), "nll": nll, "n_tokens": count,

@@ -20,8 +20,8 @@ from lm_eval.models.utils import Collator
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from kvcompress.cache.base import PAD_POSITION
-from kvcompress.engine.generate import Sampling, prefill, require_finite
+from kvcompress.engine.generate import Sampling
+from kvcompress.engine.session import Session, padded
 from kvcompress.eval.data import tokenize, wants_bos
 
 log = logging.getLogger(__name__)
@@ -132,22 +132,15 @@ class KVCompressLM(TemplateLM):
         never attended). Returns (B, T-1) log-probs of each row's own next tokens, whether each was the argmax,
         and (B, V) log-probs after each row's last token."""
         dev = self.model.device
-        lengths = torch.tensor([len(r) for r in rows], device=dev)
-        T = int(lengths.max())
-        tokens = torch.zeros(len(rows), T, dtype=torch.long, device=dev)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = torch.as_tensor(r, device=dev)
-        pos = torch.arange(T, device=dev)[None].expand(len(rows), -1)
-        pos = torch.where(pos < lengths[:, None], pos, torch.full_like(pos, PAD_POSITION))
+        tokens, pos, lengths = padded(rows, dev)
+        T = tokens.shape[1]
         logp = torch.zeros(len(rows), T - 1, dtype=torch.float64, device=dev)
         greedy = torch.zeros(len(rows), T - 1, dtype=torch.bool, device=dev)
         last = torch.zeros(len(rows), self.model.config.vocab_size, dtype=torch.float64, device=dev)
-        self.cache.reset(len(rows))
-        finite = torch.ones((), dtype=torch.bool, device=dev)
-        for lo in range(0, T, self.chunk):
-            hi = min(lo + self.chunk, T)
-            raw = self.model(tokens[:, lo:hi], pos[:, lo:hi], self.cache)
-            finite &= (torch.isfinite(raw).all(-1) | (pos[:, lo:hi] == PAD_POSITION)).all()  # pads may be anything
+        session = Session(self.model, self.cache).start(len(rows))
+
+        def take(raw: torch.Tensor, lo: int, hi: int) -> None:
+            nonlocal last
             lp = F.log_softmax(raw.float(), dim=-1)
             n = min(hi, T - 1) - lo  # positions here whose next token is inside the row
             if n > 0:
@@ -157,7 +150,9 @@ class KVCompressLM(TemplateLM):
             ends = (lengths - 1 >= lo) & (lengths - 1 < hi)
             at = (lengths - 1 - lo).clamp(0, hi - lo - 1)
             last = torch.where(ends[:, None], lp[torch.arange(len(rows), device=dev), at].double(), last)
-        require_finite(finite, "kvcompress lm-eval scoring")
+
+        session.score(tokens, self.chunk, pos=pos, on_chunk=take)  # teacher-forced: no prompt boundary
+        session.finish("kvcompress lm-eval scoring")
         self._note_memory()
         return logp, greedy, last
 
@@ -221,12 +216,11 @@ class KVCompressLM(TemplateLM):
     # -- generation -------------------------------------------------------------------------------
     @torch.inference_mode()
     def _generate(self, prompts: list[list[int]], until: list[str], max_new: int, sampling: Sampling) -> list[str]:
-        self.cache.reset(len(prompts))
-        logits, pos = prefill(self.model, prompts, self.cache, self.prefill_chunk)
+        session = Session(self.model, self.cache).start(len(prompts))
+        logits, pos = session.prefill(prompts, self.prefill_chunk)  # replayed if asked; the prompt ends here
         eos = self.eot_token_id
         rows: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
-        finite = torch.ones((), dtype=torch.bool, device=pos.device)
         for step in range(max_new):
             nxt = sampling.pick(logits).tolist()
             for i, t in enumerate(nxt):
@@ -240,10 +234,9 @@ class KVCompressLM(TemplateLM):
                 done[i] = any(s and s in text for s in until)
             if all(done) or step + 1 == max_new:
                 break
-            logits = self.model(torch.tensor(nxt, device=pos.device)[:, None], pos[:, None], self.cache)[:, -1]
-            finite &= torch.isfinite(logits).all()
+            logits = session.step(torch.tensor(nxt, device=pos.device), pos)
             pos = pos + 1
-        require_finite(finite, "kvcompress lm-eval generation")
+        session.finish("kvcompress lm-eval generation")
         self._note_memory()
         texts = [self.tokenizer.decode(r) for r in rows]
         for s in until:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvcompress.cache.base import ModelSpec
-from kvcompress.engine.generate import forward_chunks
+from kvcompress.engine.session import Session
 from kvcompress.eval.base import EvalContext, Evaluation, require
 from kvcompress.eval.data import check_dataset, load_text, tokenize, wants_bos
 from kvcompress.eval.stats import interval_metrics, ratio_ci
@@ -39,9 +40,9 @@ def text_windows(tokenizer, text: str, window: int, n_windows: int | None, bos: 
 
 def window_nll(model, windows: torch.Tensor, cache, chunk: int, bar=None, per_window: list | None = None
                ) -> tuple[float, int, dict]:
-    """Summed NLL and scored-token count of a batch of windows; memory report at the window's end.
-    ``per_window`` (a list) is extended with each window's summed NLL."""
-    cache.reset(windows.shape[0])
+    """Summed NLL and scored-token count of a batch of windows (teacher-forced: ``Session.score``); memory report
+    at the window's end. ``per_window`` (a list) is extended with each window's summed NLL."""
+    session = Session(model, cache).start(windows.shape[0])
     total = torch.zeros(windows.shape[0], dtype=torch.float64, device=windows.device)
 
     def score(logits, lo, hi):
@@ -53,14 +54,17 @@ def window_nll(model, windows: torch.Tensor, cache, chunk: int, bar=None, per_wi
         if bar is not None:
             bar.update(1)
 
-    forward_chunks(model, windows, cache, chunk, on_chunk=score)
+    session.score(windows, chunk, on_chunk=score)
+    memory = session.finish("ppl")
     if per_window is not None:
         per_window.extend(total.tolist())
-    return float(total.sum()), windows.numel() - windows.shape[0], cache.memory_report()
+    return float(total.sum()), windows.numel() - windows.shape[0], memory
 
 
 @dataclass
 class Perplexity(Evaluation):
+    name: ClassVar[str] = "ppl"
+    defines_prompt: ClassVar[bool] = False  # teacher-forced windows: policy.when=prefill|both refused
     dataset: str = "wikitext2"
     window: int = 1024
     max_windows: int | None = 8
