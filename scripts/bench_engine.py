@@ -2,12 +2,16 @@
 
     .venv/bin/python scripts/bench_engine.py                      # CPU, fp32, SmolLM2-135M, 1k context
     .venv/bin/python scripts/bench_engine.py --device cuda --dtype bfloat16 --static --peak-gbps 4800
+    .venv/bin/python scripts/bench_engine.py --batch 1 --decode 64 --compiled --no-hf   # CPU: the compiled step
 
 Each row is the best of ``--repeats`` interleaved runs (engine, transformers, engine, ...), so
 background load hits both alike. ``--static`` adds the engine's captured decode step (a static-capacity
 cache, ``kvcompress.engine.static``: a CUDA graph on CUDA, the same step eager elsewhere) as ``engine_static``.
-``--peak-gbps`` (the GPU's memory bandwidth) adds the fraction of the memory roofline each decode row
-reaches: a step moves at least the weights plus the KV cache held (``bytes / step time / peak``).
+``--compiled`` adds that static step compiled by Inductor (``kvcompress.engine.compiled``) as
+``engine_compiled``, with its compile seconds (``compile_s``: once per shape; a later run reloads it from disk).
+``--no-hf`` leaves transformers out (ratios are then absent). ``--peak-gbps`` (the GPU's memory bandwidth) adds
+the fraction of the memory roofline each decode row reaches: a step moves at least
+the weights plus the KV cache held (``bytes / step time / peak``).
 Writes results/engine_bench/<device>-<dtype>.{json,md} (``--out`` elsewhere), with the GPU's name.
 """
 from __future__ import annotations
@@ -18,12 +22,14 @@ import platform
 import shlex
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from kvcompress.cache import FullCache
 from kvcompress.cache.static import StaticKVCache
+from kvcompress.engine.compiled import CompiledDecode
 from kvcompress.engine.generate import positions_like
 from kvcompress.engine.loaders import DTYPES, ensure_asset, load
 from kvcompress.engine.static import CapturedDecode
@@ -52,19 +58,36 @@ def run_engine(model, tokens, decode):
     return t1 - t0, time.perf_counter() - t1
 
 
-@torch.inference_mode()
-def run_static(model, tokens, decode):
-    """Prefill eager into a static-capacity cache, capture the decode step (not timed), then replay it."""
-    B, C = tokens.shape
-    cache = StaticKVCache(C + decode + 1, dtype=model.dtype, device=tokens.device)
+COMPILED: dict[tuple[int, int], tuple[StaticKVCache, CompiledDecode]] = {}  # (batch, capacity) -> cache, step
+
+
+def static_cache(model, batch: int, capacity: int, compiled: bool):
+    """A static cache and its decode step; a compiled step (compiled once per batch and capacity) stays bound to its
+    cache, so both are kept and reused, while the captured step is recorded afresh each run (not timed)."""
+    if compiled and (batch, capacity) in COMPILED:
+        cache, step = COMPILED[(batch, capacity)]
+        cache.reset(batch)
+        return cache, step
+    cache = StaticKVCache(capacity, dtype=model.dtype, device=model.device)
     cache.setup(model.config.spec())
-    cache.reset(B)
+    cache.reset(batch)
+    if compiled:
+        COMPILED[(batch, capacity)] = cache, CompiledDecode(model, cache, batch)
+        return COMPILED[(batch, capacity)]
+    return cache, None
+
+
+@torch.inference_mode()
+def run_static(model, tokens, decode, capacity: int | None = None, compiled: bool = False):
+    """Prefill eager into a static-capacity cache, capture (or compile) the decode step, not timed, then run it."""
+    B, C = tokens.shape
+    cache, step = static_cache(model, B, capacity or C + decode + 1, compiled)
     sync(tokens.device)
     t0 = time.perf_counter()
     logits = model(tokens, positions_like(tokens), cache, select=torch.full((B,), C - 1, device=tokens.device))
     sync(tokens.device)
     prefill_s = time.perf_counter() - t0
-    step = CapturedDecode(model, cache, B)
+    step = step or CapturedDecode(model, cache, B)
     nxt = logits[:, -1].argmax(-1, keepdim=True)
     pos = torch.full((B, 1), C, device=tokens.device)
     sync(tokens.device)
@@ -115,14 +138,16 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="results/engine_bench")
     ap.add_argument("--static", action="store_true", help="also time the captured static decode step")
+    ap.add_argument("--compiled", action="store_true", help="also time that step compiled by Inductor")
+    ap.add_argument("--no-hf", action="store_true", help="leave transformers out")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth, for the roofline fraction")
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     gguf = ensure_asset("smollm2-135m", "~/.cache/kvcompress/models")
     model, tok = load(gguf, "smollm2-135m", device, dtype)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype).to(device).eval()
     text_path = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/wiki.test.raw"
     n_ids = args.context * max(args.batch)
     if text_path.is_file():
@@ -131,45 +156,64 @@ def main():
         ids = torch.randint(0, model.config.vocab_size, (n_ids,), generator=torch.Generator().manual_seed(0))
         ids = ids.to(device)
     ids = ids.repeat(-(-n_ids // ids.numel()))[:n_ids]
-    runners = [("engine", run_engine, model), ("transformers", run_hf, hf)]
-    if args.static:
-        runners.insert(1, ("engine_static", run_static, model))
+    capacity = args.context + args.decode + 1  # the compiled step's one shape: its warm-up compiles it
+    runners = [("engine", run_engine, model)]
+    runners += [("engine_static", run_static, model)] if args.static else []
+    if args.compiled:
+        runners.append(("engine_compiled", partial(run_static, capacity=capacity, compiled=True), model))
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype).to(device).eval()
+        runners.append(("transformers", run_hf, hf))
     rows = []
     for B in args.batch:
         tokens = ids[: B * args.context].view(B, args.context)
         for _, fn, m in runners:
-            fn(m, tokens[:, :64], 4)  # warm-up
+            fn(m, tokens[:, :64], 4)  # warm-up (compiles the compiled step)
         best = {name: [float("inf")] * 2 for name, _, _ in runners}
         for _ in range(args.repeats):
             for name, fn, m in runners:
                 p, d = fn(m, tokens, args.decode)
                 best[name] = [min(best[name][0], p), min(best[name][1], d)]
         for phase, i, n in (("prefill", 0, B * args.context), ("decode", 1, B * args.decode)):
-            rate = {name: n / best[name][i] for name in best}
-            e, h = rate["engine"], rate["transformers"]
-            row = {"phase": phase, "batch": B, "context": args.context, "engine_tok_s": round(e, 1),
-                   "transformers_tok_s": round(h, 1), "ratio": round(e / h, 3)}
-            if args.static:
-                row |= {"engine_static_tok_s": round(rate["engine_static"], 1),
-                        "static_ratio": round(rate["engine_static"] / h, 3)}
-            if phase == "decode" and args.peak_gbps:
-                floor = step_bytes(model, B, args.context, args.decode)
-                fastest = max(e, rate.get("engine_static", 0.0))
-                row["roofline_fraction"] = round(floor * fastest / B / (args.peak_gbps * 1e9), 4)
-            rows.append(row)
+            rows.append(bench_row(phase, B, args, {name: n / best[name][i] for name in best}, model))
             print(rows[-1], flush=True)
     meta = {"device": str(device), "device_name": device_name(device), "dtype": args.dtype,
             "torch": torch.__version__, "cpu": platform.processor(), "threads": torch.get_num_threads(),
             "decode_tokens": args.decode, "repeats": args.repeats, "peak_gbps": args.peak_gbps}
-    out = Path(args.out)
+    if args.compiled:
+        step = COMPILED[(max(args.batch), capacity)][1]
+        meta |= {"compiled": step.compiled, "compiled_reason": step.reason,
+                 "compile_s": {f"batch {b}": round(COMPILED[(b, capacity)][1].compile_s, 1) for b in args.batch}}
+    write(Path(args.out), f"{device.type}-{args.dtype}", meta, rows)
+
+
+def bench_row(phase: str, B: int, args, rate: dict[str, float], model) -> dict:
+    """One phase's row: tok/s of each runner (``<name>_tok_s``) and the ratios to transformers where it ran."""
+    row = {"phase": phase, "batch": B, "context": args.context}
+    row |= {f"{name}_tok_s": round(r, 1) for name, r in rate.items()}
+    h = rate.get("transformers")
+    if h:
+        row["ratio"] = round(rate["engine"] / h, 3)
+        row |= {f"{name[len('engine_'):]}_ratio": round(rate[name] / h, 3) for name in rate if "_" in name
+                and name.startswith("engine_")}
+    if phase == "decode" and args.peak_gbps:
+        floor = step_bytes(model, B, args.context, args.decode)
+        fastest = max(r for name, r in rate.items() if name.startswith("engine"))
+        row["roofline_fraction"] = round(floor * fastest / B / (args.peak_gbps * 1e9), 4)
+    return row
+
+
+def write(out: Path, stem: str, meta: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{device.type}-{args.dtype}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    cols = [("phase", "phase"), ("batch", "batch"), ("context", "context"), ("engine_tok_s", "engine tok/s")]
-    cols += [("engine_static_tok_s", "engine static tok/s")] if args.static else []
-    cols += [("transformers_tok_s", "transformers tok/s"), ("ratio", "engine / transformers")]
-    cols += [("static_ratio", "static / transformers")] if args.static else []
-    cols += [("roofline_fraction", "roofline fraction")] if args.peak_gbps else []
+    names = {"engine_tok_s": "engine tok/s", "engine_static_tok_s": "engine static tok/s",
+             "engine_compiled_tok_s": "engine compiled tok/s", "transformers_tok_s": "transformers tok/s",
+             "ratio": "engine / transformers", "static_ratio": "static / transformers",
+             "compiled_ratio": "compiled / transformers", "roofline_fraction": "roofline fraction"}
+    cols = [("phase", "phase"), ("batch", "batch"), ("context", "context")]
+    cols += [(k, h) for k, h in names.items() if any(k in r for r in rows)]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(k, r.get(k)) for k, _ in cols) + " |" for r in rows]
     (out / f"{stem}.md").write_text(f"`python scripts/bench_engine.py {shlex.join(sys.argv[1:])}` "

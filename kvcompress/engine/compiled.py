@@ -1,0 +1,89 @@
+"""The captured decode step compiled for the CPU by Inductor: what a CUDA graph is to the GPU.
+
+A decode step over a static-capacity cache (``kvcompress.engine.static``) has fixed shapes and no host
+synchronisation, so ``torch.compile(fullgraph=True)`` traces it as one graph. On the CPU the eager step is
+bound by its ~211 matrix-vector products per token (7 per layer + the LM head), which PyTorch's eager GEMV runs
+at a fraction of the memory bandwidth. Inductor with ``freezing`` (weights become constants, prepacked for the
+GEMM) and ``max_autotune`` (picks, per shape, between its own C++ GEMM template and the packed MKL/oneDNN
+kernel) removes that overhead and fuses the elementwise ops (RMSNorm, rotary, SwiGLU) around them.
+
+Compiling costs tens of seconds per (model, cache, batch, capacity) shape; it is paid once per shape and machine:
+Inductor's FX graph cache and autotuning results live under ``~/.cache/kvcompress/inductor``
+(``TORCHINDUCTOR_CACHE_DIR`` overrides), so a later run reloads them. A step that cannot be compiled (a graph
+break such as dynamic-NTK rope's host read of max(pos), or any compiler error) runs eagerly and says why once
+on stderr: ``reason``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import types
+
+import torch
+from torch import Tensor
+
+from kvcompress.cache.base import KVCache
+from kvcompress.engine.static import decode_step
+
+# freezing: weights are constants (prepacked); the CPP template is Inductor's own GEMM, ATEN the packed MKL one
+COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+CACHE_DIR = "~/.cache/kvcompress/inductor"
+
+
+def use_disk_cache() -> str:
+    """Inductor's caches (FX graphs, autotuning) under ``CACHE_DIR`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set."""
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser(CACHE_DIR))
+
+
+def _fresh_step():
+    """``decode_step`` under a code object of its own: Dynamo keeps compiled graphs (and its recompile limit) per
+    code object, so each compiled step owns its graph instead of piling guards onto one shared function."""
+    return types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, "compiled_decode_step")
+
+
+class CompiledDecode:
+    """``decode_step`` of one token per row over a static cache, compiled by Inductor at construction.
+
+    ``__call__(tokens (B, 1), pos (B, 1))`` returns logits (B, 1, V) (a fresh tensor each call). Construction
+    compiles and runs one step (``compile_s`` seconds, cache state restored afterwards). Where compiling fails,
+    ``compiled`` is False, ``reason`` says why (also printed on stderr) and the step runs eagerly.
+    """
+
+    def __init__(self, model, cache: KVCache, batch_size: int, options: dict | None = None):
+        self.model, self.cache = model, cache
+        self.compiled, self.reason, self.compile_s = False, None, 0.0
+        if getattr(model.rope, "kind", "default") == "dynamic":
+            self._eager("dynamic-NTK rope reads max(pos) on the host each step (a graph break)")
+            return
+        use_disk_cache()
+        self._step = torch.compile(_fresh_step(), fullgraph=True, dynamic=False,
+                                   options=dict(COMPILE_OPTIONS if options is None else options))
+        tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=model.device)
+        t0 = time.perf_counter()
+        try:
+            self._first_step(tokens)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly, and say why
+            self._eager(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            return
+        self.compiled, self.compile_s = True, time.perf_counter() - t0
+
+    def _eager(self, reason: str) -> None:
+        self.reason = reason
+        print(f"kvc: warning: the compiled decode step runs eagerly: {reason}", file=sys.stderr)
+
+    @torch.inference_mode()
+    def _first_step(self, tokens: Tensor) -> None:
+        """Compile by running one step at position 0, then restore the cache (the step's write is undone)."""
+        saved = [t.clone() for t in self.cache.tensors()]
+        self._step(self.model, tokens, torch.zeros_like(tokens), self.cache)
+        if not saved:  # the step allocated the buffers: clear them in place (addresses kept)
+            self.cache.reset(tokens.shape[0])
+        for t, s in zip(self.cache.tensors() if saved else (), saved, strict=True):
+            t.copy_(s)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        if not self.compiled:
+            return decode_step(self.model, tokens, pos, self.cache)
+        return self._step(self.model, tokens, pos, self.cache)
