@@ -109,14 +109,14 @@ def test_speed_on_the_static_path_keeps_the_perplexity(stories):
 @torch.inference_mode()
 def test_static_quant_cache_equals_the_quantized_storage(bits, symmetric):
     from kvcompress.cache import ComposedCache
-    from kvcompress.cache.static import StaticQuantKVCache
     from kvcompress.cache.storage.quant.store import QuantizedStore
 
     model = tiny_model()
     tokens = torch.randint(0, 97, (2, 12))
     eager = ComposedCache(QuantizedStore(bits=bits, group_size=8, symmetric=symmetric))
-    static = StaticQuantKVCache(capacity=20, bits=bits, group_size=8, symmetric=symmetric)
-    a, b = prefill(model, eager, tokens), prefill(model, static, tokens)
+    a = prefill(model, eager, tokens)
+    static = eager.static_form(20)  # the per-token codec in fixed slots
+    b = prefill(model, static, tokens)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     nxt = a[:, -1:].argmax(-1)
     torch.testing.assert_close(steps(model, static, nxt, 12, 5), steps(model, eager, nxt, 12, 5), atol=1e-5, rtol=1e-5)
@@ -142,6 +142,7 @@ def test_static_quant_decode_step_traces_as_one_graph():
 def test_static_forms_follow_the_axes():
     """Only identity policy and layout, and a storage that declares one, have a static form."""
     from kvcompress.cache.static import StaticQuantKVCache
+    from kvcompress.cache.storage.fixed import FixedSlotCache
     from kvcompress.cache.storage.quant.store import QuantizedStore
 
     spec = spec_of(tiny_model())
@@ -150,9 +151,10 @@ def test_static_forms_follow_the_axes():
         cache.setup(spec)
         return cache.static_form(32)
     assert isinstance(form(), StaticKVCache)
-    q = form(storage=QuantizedStore(bits=4, group_size=8))
-    assert isinstance(q, StaticQuantKVCache) and {(c.bits, c.group_size) for c in q.configs} == {(4, 8)}
+    q = form(storage=QuantizedStore(bits=4, group_size=8))  # per-token codes: the codec in fixed slots
+    assert isinstance(q, FixedSlotCache) and {(c.bits, c.group_size) for c in q.store.configs.values()} == {(4, 8)}
     kivi = form(storage=QuantizedStore(bits=2, group_size=8, key_axis="channel", residual=16))
+    assert isinstance(kivi, StaticQuantKVCache)  # per-channel groups and a residual: the residual stage's form
     assert [c.axis for c in kivi.configs] == ["channel", "token"] and kivi.residual == 16
     assert form(storage=QuantizedStore(bits=4, group_size=8, keys="pre_rope")) is None  # rotated at read time
     assert form(policy=SnapKV(budget=16)) is None and form(layout=CLA(group_size=2)) is None

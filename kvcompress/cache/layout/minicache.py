@@ -5,7 +5,8 @@ For a pair (a, a+1), keys and values are split into a magnitude (vector norm) an
 layers' directions are merged by SLERP at ``t``: merge(u, w) = sin((1-t)θ)/sin θ · u + sin(tθ)/sin θ · w,
 θ = angle(u, w); each layer keeps its own magnitude and reconstructs ``direction x its magnitude``.
 A token whose directions disagree too much (θ >= ``threshold`` radians, for any head, K or V) is
-*retained*: stored unmerged for both layers. ``threshold=0`` retains everything (the full cache);
+*retained*: stored unmerged for both layers. ``threshold=0`` retains everything: no pair is built, the
+per-layer layout exactly (bit for bit, whatever the storage);
 ``threshold=pi`` merges everything. Keys are merged before RoPE: both layers rotate a token by the same
 angle, so angles, norms and SLERP commute with the rotation.
 
@@ -205,6 +206,8 @@ class MiniCache(Layout):
                              f"so that at least one pair is merged, got {self.start_layer}")
 
     def pairs(self) -> list[tuple[int, int]]:
+        if self.threshold == 0:  # every angle is >= 0: every token would be retained, nothing merges
+            return []
         return [(a, a + 1) for a in range(self.start_layer, self.spec.num_layers - 1, 2)]
 
     def owners(self) -> list[int]:

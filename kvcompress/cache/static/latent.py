@@ -20,7 +20,7 @@ from torch import Tensor
 
 from kvcompress.cache.base import ModelSpec, Rotary, attention
 from kvcompress.cache.checks import DTYPES
-from kvcompress.cache.static.dense import StaticKVCache
+from kvcompress.cache.storage.fixed import FixedSlotCache
 from kvcompress.kernels import resolve
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class Unrotated:
         return x
 
 
-class StaticLatentKVCache(StaticKVCache):
+class StaticLatentKVCache(FixedSlotCache):
     """The latent storage's tokens of every layer in fixed buffers of ``capacity`` tokens (captured-decode form).
 
     Made by ``LatentStore.static_form(capacity)`` from a store that is (or will be, before the first append)
@@ -46,7 +46,7 @@ class StaticLatentKVCache(StaticKVCache):
 
     def __init__(self, store: LatentStore, capacity: int, device: torch.device | str | None = None,
                  backend: str | None = None):
-        super().__init__(capacity, device=device)
+        super().__init__(store, capacity, device=device)
         self.store, self.backend = store, backend
         self.codecs: list[LatentStore] = []
         self.lat: list[dict[str, Tensor]] = []

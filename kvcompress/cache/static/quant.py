@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache.base import ModelSpec
-from kvcompress.cache.static.dense import StaticKVCache
+from kvcompress.cache.storage.fixed import FixedSlotCache
 from kvcompress.cache.storage.quant.part import prefix_length
 from kvcompress.cache.storage.quant.quantizer import QuantConfig, quantize
 from kvcompress.kernels import Packed, dense, quant_attention, quantize_tokens, resolve
@@ -127,7 +127,7 @@ class StaticPart:
         return torch.where((t < q)[:, None], prefix, res)
 
 
-class StaticQuantKVCache(StaticKVCache):
+class StaticQuantKVCache(FixedSlotCache):
     """The quantized storage (``storage.quant.store.QuantizedStore``) in static-capacity buffers.
 
     Settings mirror the storage's: ``bits``, ``group_size`` (channels per group for per-token groups, tokens
@@ -141,7 +141,7 @@ class StaticQuantKVCache(StaticKVCache):
                  residual_dtype: torch.dtype | None = torch.float16, device: torch.device | str | None = None,
                  backend: str | None = None, residual: int = 0, key_axis: str = "token", value_axis: str = "token",
                  key_group_size: int | None = None, value_group_size: int | None = None):
-        super().__init__(capacity, device=device)
+        super().__init__(None, capacity, device=device)
         self.residual_dtype, self.backend, self.residual = residual_dtype, backend, residual
         self.parts: list[StaticPart] = []
         self.configs = [QuantConfig(bits, key_group_size or group_size, key_axis, symmetric),

@@ -43,7 +43,8 @@ class FixedSlotCache(KVCache):
         if self.capacity > spec.max_position:
             raise ValueError(f"capacity={self.capacity} must be <= max_position={spec.max_position}")
         super().setup(spec)
-        self.store.check(spec)
+        if self.store is not None:
+            self.store.check(spec)
 
     def reset(self, batch_size: int) -> None:
         """Clear the buffers in place (same addresses); another batch size drops them for a new allocation."""
@@ -106,7 +107,7 @@ class FixedSlotCache(KVCache):
         return [] if self.pos is None else [*self.payload(), self.pos, self.index]
 
     def calibration_tensors(self) -> list[Tensor]:
-        return self.store.calibration_tensors()
+        return [] if self.store is None else self.store.calibration_tensors()
 
     @property
     def tokens_seen(self) -> int:

@@ -15,18 +15,20 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache import artifacts
-from kvcompress.cache.base import PAD_POSITION
-from kvcompress.cache.composed import FullCache
+from kvcompress.cache.base import PAD_POSITION, KVCache
+from kvcompress.cache.storage.dense import DenseStore
 
 VERSION = 1
 
 
-class _Moments(FullCache):
-    """The full cache, summing squares of query and key channels as they pass."""
+class _Moments(KVCache):
+    """The full cache (a dense store per layer; the storage axis needs no composed cache), summing squares of query
+    and key channels as they pass."""
 
     def setup(self, spec) -> None:
         super().setup(spec)
         L, D = spec.num_layers, spec.head_dim
+        self.stores: list[DenseStore] = []
         self.sums = {"q": torch.zeros(L, spec.num_heads, D, dtype=torch.float64),
                      "k_pre": torch.zeros(L, spec.num_kv_heads, D, dtype=torch.float64),
                      "k_post": torch.zeros(L, spec.num_kv_heads, D, dtype=torch.float64)}
@@ -35,17 +37,27 @@ class _Moments(FullCache):
     def _add(self, name: str, layer: int, x: Tensor, real: Tensor) -> None:
         self.sums[name][layer] += (x.double().square() * real[:, None, :, None]).sum((0, 2)).cpu()
 
+    def reset(self, batch_size: int) -> None:
+        self.stores = [DenseStore().fresh(layer) for layer in range(self.spec.num_layers)]
+
     def append(self, layer, k, v, pos, rope):
         real = pos < PAD_POSITION
         self._add("k_pre", layer, k, real)
         self._add("k_post", layer, rope.rotate(k, pos), real)
-        super().append(layer, k, v, pos, rope)
+        self.stores[layer].append(k, v, pos, rope)
 
     def attend(self, layer, q, q_pos):
         real = q_pos < PAD_POSITION
         self._add("q", layer, q, real)
         self.count[layer] += real.sum().item()
-        return super().attend(layer, q, q_pos)
+        return self.stores[layer].attend(q, q_pos)[0]
+
+    def tensors(self):
+        return [t for s in self.stores for t in s.tensors()]
+
+    @property
+    def tokens_seen(self) -> int:
+        return 0
 
 
 def channel_moments(ctx, spec) -> dict[str, Tensor]:

@@ -7,7 +7,8 @@ Asymmetric: ``zero`` is the group minimum rounded *down* to fp16 and ``scale`` i
 ``(max - zero) / (2**bits - 1)`` rounded *up* to fp16, so every value maps inside the code range
 and ``|x - dequant(x)| <= scale / 2``. Symmetric: ``scale = absmax / (2**(bits-1) - 1)`` rounded up,
 codes in ``[-qmax, qmax]`` stored with an offset, no zero point, same ``scale / 2`` bound.
-Codes are packed ``8 // bits`` per byte along the channel dimension.
+Codes are packed ``8 // bits`` per byte along the channel dimension (``kernels.reference.pack``: the one
+packing, shared with the kernels).
 """
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from kvcompress.kernels.reference import TINY as _TINY
+from kvcompress.kernels.reference import pack, round_fp16, unpack
+
 Axis = Literal["token", "channel"]
 BITS = (2, 4, 8)
 AXES = ("token", "channel")
-_TINY = 2.0**-24  # smallest positive fp16: scale floor, so constant groups never divide by zero
 
 
 @dataclass(frozen=True)
@@ -71,32 +74,6 @@ class QTensor:
     zero: Tensor | None
 
 
-def pack(codes: Tensor, bits: int) -> Tensor:
-    """uint8 codes (..., D) with values < 2**bits -> (..., D * bits / 8) bytes, low bits first."""
-    if bits == 8:
-        return codes
-    per = 8 // bits
-    c = codes.unflatten(-1, (-1, per))
-    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
-    return (c << shifts).sum(-1, dtype=torch.uint8)
-
-
-def unpack(packed: Tensor, bits: int) -> Tensor:
-    """Inverse of ``pack``: (..., D * bits / 8) bytes -> uint8 codes (..., D)."""
-    if bits == 8:
-        return packed
-    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-    mask = (1 << bits) - 1
-    return ((packed[..., None] >> shifts) & mask).flatten(-2)
-
-
-def _round_fp16(x: Tensor, direction: float) -> Tensor:
-    """Round fp32 ``x`` to fp16 towards ``direction`` (-inf: down, +inf: up)."""
-    h = x.clamp(-65504.0, 65504.0).half()
-    off = (h.float() > x) if direction < 0 else (h.float() < x)
-    return torch.where(off, torch.nextafter(h, torch.full_like(h, direction)), h)
-
-
 def _grouped(x: Tensor, cfg: QuantConfig) -> tuple[Tensor, int]:
     """View x (B, H, T, D) as groups, and the dim to reduce over."""
     if cfg.axis == "token":
@@ -110,13 +87,13 @@ def quantize(x: Tensor, cfg: QuantConfig) -> QTensor:
     if cfg.symmetric:
         qmax = 2 ** (cfg.bits - 1) - 1
         absmax = g.abs().amax(dim, keepdim=True)
-        scale = _round_fp16(absmax / qmax, float("inf")).clamp_min(_TINY)
+        scale = round_fp16(absmax / qmax, up=True).clamp_min(_TINY)
         q = (g / scale.float()).round().clamp(-qmax, qmax) + 2 ** (cfg.bits - 1)
         zero = None
     else:
         levels = 2**cfg.bits - 1
-        zero = _round_fp16(g.amin(dim, keepdim=True), float("-inf"))
-        scale = _round_fp16((g.amax(dim, keepdim=True) - zero.float()) / levels, float("inf")).clamp_min(_TINY)
+        zero = round_fp16(g.amin(dim, keepdim=True), up=False)
+        scale = round_fp16((g.amax(dim, keepdim=True) - zero.float()) / levels, up=True).clamp_min(_TINY)
         q = ((g - zero.float()) / scale.float()).round().clamp(0, levels)
         zero = zero.squeeze(dim)
     codes = q.to(torch.uint8).flatten(-2) if cfg.axis == "token" else q.to(torch.uint8).flatten(2, 3)

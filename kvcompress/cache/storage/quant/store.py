@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kvcompress.cache.base import ModelSpec
+from kvcompress.cache.base import ModelSpec, attention_weights
 from kvcompress.cache.checks import DTYPES, int_at_least, one_of
 from kvcompress.cache.static import StaticQuantKVCache
 from kvcompress.cache.storage.base import PartsStore
+from kvcompress.cache.storage.fixed import FixedSlotCache
+from kvcompress.cache.storage.quant.codec import TokenQuantStore
 from kvcompress.cache.storage.quant.part import QuantPart
 from kvcompress.cache.storage.quant.quantizer import QuantConfig
 from kvcompress.kernels import from_part, quant_attention
@@ -72,16 +74,40 @@ class QuantizedStore(PartsStore):
     def attend(self, q: Tensor, q_pos: Tensor, n_weights: int = 0) -> tuple[Tensor, Tensor | None]:
         """A decode step reads the packed codes, scales and residual directly (``kernels.quant_attention``: Triton
         on CUDA, its PyTorch reference elsewhere), never a full-precision copy of the history. Prefill chunks,
-        steps whose attention weights a policy needs, pre-RoPE keys and ``dequant_cache`` dequantize, then attend."""
-        if q.shape[2] == 1 and n_weights == 0 and self.keys == "post_rope" and not self.dequant_cache:
-            return quant_attention(q, q_pos, self.positions(), from_part(self.k), from_part(self.v)), None
+        pre-RoPE keys and ``dequant_cache`` dequantize, then attend. Weights a policy asks for are computed beside
+        the output: the same computation whether or not a policy observes it."""
+        if q.shape[2] == 1 and self.keys == "post_rope" and not self.dequant_cache:
+            out = quant_attention(q, q_pos, self.positions(), from_part(self.k), from_part(self.v))
+            if not n_weights:
+                return out, None
+            k, _, pos = self.read()
+            return out, attention_weights(q, k.to(q.dtype), q_pos, pos)
         return super().attend(q, q_pos, n_weights)
+
+    @property
+    def per_token_codec(self) -> bool:
+        """No residual, per-token groups on both sides, no dequantized copy: every token is coded alone (a codec)."""
+        return not self.residual and not self.dequant_cache and all(c.axis == "token" for c in self.configs.values())
+
+    def codec(self) -> TokenQuantStore:
+        store = TokenQuantStore(self.configs, DTYPES[self.residual_dtype], self.keys)
+        if hasattr(self, "spec"):
+            store.check(self.spec)
+        return store
+
+    def fresh(self, layer: int):
+        """Per-layer stores: the per-token codec where it serves (``per_token_codec``), else K and V parts with the
+        residual stage (``QuantPart``)."""
+        return self.codec().fresh(layer) if self.per_token_codec else super().fresh(layer)
 
     def static_form(self, capacity: int):
         """The same codes in static-capacity buffers (captured decode), for post-RoPE keys without
-        ``dequant_cache`` (pre-RoPE keys are rotated at read time: eager)."""
+        ``dequant_cache`` (pre-RoPE keys are rotated at read time: eager): the per-token codec in fixed slots, or the
+        residual stage's form (``static.quant``)."""
         if self.keys != "post_rope" or self.dequant_cache:
             return None
+        if self.per_token_codec:
+            return FixedSlotCache(self.codec(), capacity)
         k, v = self.configs["key"], self.configs["value"]
         return StaticQuantKVCache(capacity, k.bits, k.group_size, k.symmetric, DTYPES[self.residual_dtype],
                                   residual=self.residual, key_axis=k.axis, value_axis=v.axis,
