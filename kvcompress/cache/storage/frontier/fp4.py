@@ -27,6 +27,7 @@ from kvcompress.cache.storage.frontier.formats import (
     e2m1_values,
     e8m0_exponent,
     pack_fp4,
+    static_form_of,
     to_fp8,
     unpack_fp4,
 )
@@ -91,6 +92,9 @@ class Fp4Store(CodecStore):
             x = e2m1_values(unpack_fp4(parts[name])).unflatten(-1, (-1, self.block)) * scale[..., None]
             out.append(x.flatten(-2).to(dtype))
         return out[0], out[1]
+
+    def static_form(self, capacity: int):
+        return static_form_of(self, capacity, per_layer=self.format == "nvfp4")
 
     def calibration_tensors(self) -> list[Tensor]:
         return [t for layer in self.tensor_scales or [] for t in layer.values()]

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from kvcompress.cache.checks import one_of
 from kvcompress.cache.storage.codec import CodecStore
-from kvcompress.cache.storage.frontier.formats import FP8, FP8_MAX, TINY, calibrated_absmax, to_fp8
+from kvcompress.cache.storage.frontier.formats import FP8, FP8_MAX, TINY, calibrated_absmax, static_form_of, to_fp8
 
 SCALES = ("token", "head", "tensor")
 
@@ -75,6 +75,9 @@ class Fp8Store(CodecStore):
             s = parts[name + "_scale"].float() if self.scale == "token" else self._fixed_scale(name, parts[name])
             out.append((parts[name].float() * s).to(dtype))
         return out[0], out[1]
+
+    def static_form(self, capacity: int):
+        return static_form_of(self, capacity, per_layer=self.scale != "token")
 
     def calibration_tensors(self) -> list[Tensor]:
         return [t for layer in self.scales or [] for t in layer.values()]

@@ -23,6 +23,7 @@ from kvcompress.cache import artifacts
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.checks import int_at_least
 from kvcompress.cache.storage.codec import CodecStore
+from kvcompress.cache.storage.frontier.formats import static_form_of
 
 CENTROIDS = 256
 
@@ -121,6 +122,9 @@ class PQStore(CodecStore):
             m = torch.arange(M, device=codes.device)[None, None, None, :]
             out.append(book[h, m, codes].flatten(-2).to(dtype))
         return out[0], out[1]
+
+    def static_form(self, capacity: int):
+        return static_form_of(self, capacity, per_layer=True)
 
     def calibration_tensors(self) -> list[Tensor]:
         return [t for layer in self.books or [] for t in layer.values()]

@@ -25,6 +25,7 @@ from torch import Tensor
 from kvcompress.cache.base import ModelSpec, expand_heads, visibility_mask
 from kvcompress.cache.checks import int_at_least, one_of
 from kvcompress.cache.storage.codec import CodecStore
+from kvcompress.cache.storage.frontier.formats import static_form_of
 from kvcompress.cache.storage.frontier.fp4 import Fp4Store
 from kvcompress.cache.storage.frontier.fp8 import Fp8Store
 from kvcompress.cache.storage.quant.quantizer import QTensor, QuantConfig, dequantize, quantize
@@ -136,8 +137,11 @@ class RotatedStore(CodecStore):
         return self.turn(k, "k", back=True).to(dtype), self.turn(v, "v", back=True).to(dtype)
 
     def attend_packed(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
-                      lengths: Tensor | None = None) -> Tensor:
-        """Attention in the rotated space: the query turned by R, the output turned back by R^T (see module)."""
+                      lengths: Tensor | None = None) -> Tensor | None:
+        """A decode step's attention in the rotated space: the query turned by R, the output turned back by R^T (see
+        module). Multi-token steps decode and attend (as the eager store does), so both forms agree there."""
+        if q.shape[2] > 1:
+            return None
         k, v = self.inner.decode(parts, q.dtype)
         qr = self.turn(q, "k").to(q.dtype)
         mask = visibility_mask(q_pos, k_pos)
@@ -146,6 +150,12 @@ class RotatedStore(CodecStore):
             mask = expand_heads(mask, groups)
         out = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, enable_gqa=groups > 1)
         return self.turn(out, "v", back=True).to(q.dtype)
+
+    def static_form(self, capacity: int):
+        """Captured alone; under an eviction policy eager: the policy's static form attends over decoded (un-rotated)
+        tokens where the eager store attends in the rotated space, equal in exact arithmetic but codes of later layers
+        may round the other way on that fp noise."""
+        return static_form_of(self, capacity, per_layer=True)
 
     def calibration_tensors(self) -> list[Tensor]:
         return [self.matrix, *self.inner.calibration_tensors()] if self.matrix is not None else []
