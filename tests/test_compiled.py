@@ -1,8 +1,10 @@
 """The compiled CPU decode step (``kvcompress.engine.compiled``): its logits equal the eager static step's, and a
 step that cannot compile runs eagerly and says why.
 
-Compiling costs seconds to minutes on a loaded 2-core CPU, so CI compiles one step for the whole module (the full
-cache on the tiny model, batch 2); every other combination with a static form is in the ``slow`` suite at the end.
+Compiling (Inductor with freezing and max_autotune, the production options) took 5-10 minutes for the tiny model on
+the shared 2-core CPU, even with the disk cache warm, so every test that compiles is marked ``slow`` (``-m slow``):
+CI runs the fallbacks (which fail before Inductor starts) and the eval's refusal; the slow suite checks the full
+cache, every storage x policy x layout with a static form, and the speed eval on the compiled path.
 """
 from __future__ import annotations
 
@@ -32,12 +34,13 @@ def compiled_against_eager(model, make, tokens, n: int = 4):
 
 
 @pytest.fixture(scope="module")
-def full_cache_run():
+def full_cache_run():  # compiled once for the module
     torch.manual_seed(0)
     model = tiny_model()
     return compiled_against_eager(model, lambda: StaticKVCache(capacity=16), torch.randint(0, 97, (2, 8)))
 
 
+@pytest.mark.slow
 def test_the_compiled_full_cache_step_equals_the_eager_step(full_cache_run):
     step, got, want = full_cache_run
     assert step.compiled and step.reason is None and step.compile_s > 0
@@ -70,3 +73,46 @@ def test_dynamic_ntk_rope_runs_eager_and_says_why(capsys):
     static_prefill(model, cache, torch.randint(0, 97, (1, 6)))
     step = CompiledDecode(model, cache, 1)
     assert not step.compiled and "dynamic" in step.reason and "dynamic" in capsys.readouterr().err
+
+
+def test_the_speed_eval_refuses_compiled_for_a_cache_without_a_static_form(stories):
+    from kvcompress.cache import ComposedCache
+    from kvcompress.cache.layout.cla import CLA
+    from tests.test_static import speed
+
+    with pytest.raises(ValueError, match="eval.decode_path"):  # sharing layouts have no static form
+        speed(stories, ComposedCache(layout=CLA(group_size=2)), decode_path="compiled")
+
+
+@pytest.mark.slow
+def test_the_speed_eval_on_the_compiled_path_keeps_the_perplexity(stories):
+    from kvcompress.cache import FullCache
+    from tests.test_static import speed
+
+    eager, compiled = speed(stories, FullCache()), speed(stories, FullCache(), decode_path="compiled")
+    assert compiled["decode_path"] == "compiled" and compiled["compile_s"] > 0 == eager["compile_s"]
+    assert abs(compiled["ppl"] - eager["ppl"]) < 1e-4 * eager["ppl"]
+
+
+def static_combinations():
+    from tests.test_axes import COMBOS, has_static_form
+
+    return [c for c in COMBOS if c != ("dense", "none", "per_layer") and has_static_form(*c)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage,policy,layout", static_combinations())
+def test_every_static_form_compiles_to_the_eager_step(tmp_path, storage, policy, layout):
+    """The contract matrix's combinations with a static form: the compiled step's logits equal the eager static
+    step's (int codes may round the other way on fp-reordering noise: 1e-3)."""
+    from kvcompress.testing import build
+    from kvcompress.testing.contract import tiny_model as contract_model
+    from tests.test_axes import combination
+
+    model = contract_model()
+    cache = build(model, combination(storage, policy, layout), tmp_path)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.stack([torch.randperm(model.config.vocab_size, generator=g)[:40] for _ in range(2)])
+    step, got, want = compiled_against_eager(model, lambda: cache.static_form(48), tokens)
+    assert step.compiled, step.reason
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)

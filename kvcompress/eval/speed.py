@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvcompress.cache.base import KVCache, ModelSpec
+from kvcompress.engine.compiled import CompiledDecode
 from kvcompress.engine.generate import positions_like
 from kvcompress.engine.static import CapturedDecode, static_form
 from kvcompress.eval.base import EvalContext, Evaluation, require
@@ -63,7 +64,7 @@ def time_prefill_decode(model, tokens: torch.Tensor, cache, decode_tokens: int, 
     return prefill_s, steps, float(nll)
 
 
-DECODE_PATHS = ("eager", "auto", "graph")
+DECODE_PATHS = ("eager", "auto", "graph", "compiled")
 NOISE = 0.20  # (max - min) / median of the timed passes above this marks the measurement noisy
 
 
@@ -82,16 +83,21 @@ def spread(name: str, values: list[float]) -> dict[str, float]:
 class Decoder:
     """The cache a measurement runs on, the decode step (None: the eager forward) and the path's name:
     ``eager`` (the cache's own step), ``graph`` (a static-capacity step replayed as a CUDA graph) or
-    ``static`` (that same static step run eagerly, where no CUDA graph exists)."""
+    ``static`` (that same static step run eagerly, where no CUDA graph exists) or ``compiled`` (that step compiled
+    by Inductor, ``kvcompress.engine.compiled``; ``compile_s`` its compile seconds, not timed)."""
 
     cache: KVCache
     step: Callable | None = None
     path: str = "eager"
+    compile_s: float = 0.0
 
 
 def decoder(ctx: EvalContext, batch: int, capacity: int, want: str = "eager") -> Decoder:
-    """``eager``: the cache as it is. ``graph``: its static form (an error if it has none); ``auto``: that form
-    where it has one and CUDA is there, else eager. The static form is exact (equal logits), so ppl holds."""
+    """``eager``: the cache as it is. ``graph``: its static form (an error if it has none); ``compiled``: that form
+    with the step compiled by Inductor (where compiling fails: the static step, eagerly, and the reason on stderr);
+    ``auto``: the graph where the form exists and CUDA is there, else eager (on this repository's 2-core CPU the
+    compiled step has not yet beaten eager decode: results/cpu_bench/README.md). The static form is exact (equal
+    logits), so ppl holds."""
     if want == "eager":
         return Decoder(ctx.cache)
     static = static_form(ctx.cache, capacity)
@@ -103,6 +109,9 @@ def decoder(ctx: EvalContext, batch: int, capacity: int, want: str = "eager") ->
         return Decoder(ctx.cache)
     static.setup(ctx.model.config.spec())
     static.reset(batch)
+    if want == "compiled":
+        step = CompiledDecode(ctx.model, static, batch)
+        return Decoder(static, step, "compiled" if step.compiled else "static", step.compile_s)
     step = CapturedDecode(ctx.model, static, batch)
     return Decoder(static, step, "graph" if step.captured else "static")
 
@@ -171,5 +180,6 @@ class Speed(Evaluation):
             "decode_latency_ms_p90": 1000 * percentile(steps, 90),
             "prefill_s": prefill_s,
             "decode_path": dec.path,
+            "compile_s": dec.compile_s,
             **dec.cache.memory_report(),
         }
