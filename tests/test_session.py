@@ -189,3 +189,29 @@ def test_captured_decode_refuses_a_cache_without_a_static_form():
         Session(model, cache, decode="captured").start(1)
     with pytest.raises(ValueError, match="eager, captured"):
         Session(model, cache, decode="graph")
+
+
+# -- lm-eval: the request's context is the prompt ------------------------------------------------------
+def test_lm_eval_loglikelihood_prompt_is_the_context(stories):
+    """A prefill-time policy under lm-eval's loglikelihood compresses the context when it ends (it measured the
+    full cache: teacher-forced rows never ended a prompt). The score equals eval=prefill_decode's on the same
+    tokens; a budget never reached equals the full cache; a decode-time policy keeps the teacher-forced rows."""
+    model, tok = stories
+    ids = tok(TEXT.read_text()[:2000]).input_ids
+    requests = [(("", ""), ids[:70], ids[70:82]), (("", ""), ids[100:150], ids[150:155]),
+                (("", ""), ids[:70], ids[70:71])]
+
+    def loglik(policy):
+        cache = ready(policy, model)
+        lm = KVCompressLM(batch_size=2, chunk=8, loaded=Loaded(model, tok, cache, "stories260k", "test"))
+        return [ll for ll, _ in lm._loglikelihood_tokens(requests, disable_tqdm=True)], cache
+
+    full, _ = loglik(None)
+    same, _ = loglik(H2O(budget=10_000, when="prefill"))
+    assert same == pytest.approx(full, rel=1e-5, abs=1e-4)
+    small, cache = loglik(SnapKV(budget=16, when="prefill"))
+    assert cache.policy.evictions > 0 and small[0] != pytest.approx(full[0], rel=1e-4)
+    assert small[2] == pytest.approx(full[2], rel=1e-5, abs=1e-4)  # one token: predicted by the prefill itself
+    total, _, _ = continuation_nll(model, torch.tensor([ids[:82]]), ready(SnapKV(budget=16, when="prefill"), model),
+                                   70, 8, continuation_chunk=8)
+    assert small[0] == pytest.approx(-total, rel=1e-5)

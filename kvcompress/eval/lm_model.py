@@ -20,6 +20,7 @@ from lm_eval.models.utils import Collator
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from kvcompress.cache.base import PAD_POSITION
 from kvcompress.engine.generate import Sampling
 from kvcompress.engine.session import Session, padded
 from kvcompress.eval.data import tokenize, wants_bos
@@ -127,31 +128,42 @@ class KVCompressLM(TemplateLM):
             self.memory = report
 
     @torch.inference_mode()
-    def _score(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _score(self, rows: list[list[int]], prompts: list[int] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Feed input rows ``chunk`` tokens at a time through the cache (right-padded; pads sit at PAD_POSITION,
         never attended). Returns (B, T-1) log-probs of each row's own next tokens, whether each was the argmax,
-        and (B, V) log-probs after each row's last token."""
+        and (B, V) log-probs after each row's last token. ``prompts``: each row's prompt length p (lm-eval's
+        context): the first p tokens are prefilled and the prompt ends there (``Session.prefill``), the rest is
+        teacher-forced; only positions >= p - 1 are scored then."""
         dev = self.model.device
         tokens, pos, lengths = padded(rows, dev)
         T = tokens.shape[1]
         logp = torch.zeros(len(rows), T - 1, dtype=torch.float64, device=dev)
         greedy = torch.zeros(len(rows), T - 1, dtype=torch.bool, device=dev)
         last = torch.zeros(len(rows), self.model.config.vocab_size, dtype=torch.float64, device=dev)
-        session = Session(self.model, self.cache).start(len(rows))
 
-        def take(raw: torch.Tensor, lo: int, hi: int) -> None:
-            nonlocal last
+        def take(raw: torch.Tensor, at: torch.Tensor) -> None:
+            """Logits (B, c, V) of the tokens at positions ``at`` (B, c): each scores the row's next token."""
             lp = F.log_softmax(raw.float(), dim=-1)
-            n = min(hi, T - 1) - lo  # positions here whose next token is inside the row
-            if n > 0:
-                target = tokens[:, lo + 1 : lo + 1 + n]
-                logp[:, lo : lo + n] = lp[:, :n].gather(-1, target[..., None])[..., 0].double()
-                greedy[:, lo : lo + n] = lp[:, :n].argmax(-1) == target
-            ends = (lengths - 1 >= lo) & (lengths - 1 < hi)
-            at = (lengths - 1 - lo).clamp(0, hi - lo - 1)
-            last = torch.where(ends[:, None], lp[torch.arange(len(rows), device=dev), at].double(), last)
+            real = at < PAD_POSITION
+            nxt = tokens.gather(1, torch.where(real, at + 1, 0).clamp(max=T - 1))
+            b, c = (real & (at < lengths[:, None] - 1)).nonzero(as_tuple=True)
+            logp[b, at[b, c]] = lp[b, c].gather(-1, nxt[b, c, None])[:, 0].double()
+            greedy[b, at[b, c]] = lp[b, c].argmax(-1) == nxt[b, c]
+            b, c = (real & (at == lengths[:, None] - 1)).nonzero(as_tuple=True)
+            last[b] = lp[b, c].double()
 
-        session.score(tokens, self.chunk, pos=pos, on_chunk=take)  # teacher-forced: no prompt boundary
+        session = Session(self.model, self.cache).start(len(rows))
+        if prompts is None:  # teacher-forced throughout: no prompt boundary
+            session.score(tokens, self.chunk, pos=pos, on_chunk=lambda raw, lo, hi: take(raw, pos[:, lo:hi]))
+        else:
+            p = torch.tensor(prompts, device=dev)
+            first, _ = session.prefill([r[:n] for r, n in zip(rows, prompts, strict=True)], self.chunk)
+            take(first[:, None], (p - 1)[:, None])
+            at = p[:, None] + torch.arange(int((lengths - p).max()), device=dev)[None]
+            at = torch.where(at < lengths[:, None], at, PAD_POSITION)
+            rest = tokens.gather(1, torch.where(at < PAD_POSITION, at, 0))
+            session.score(rest, self.chunk, pos=at, on_chunk=lambda raw, lo, hi: take(raw, at[:, lo:hi]))
         session.finish("kvcompress lm-eval scoring")
         self._note_memory()
         return logp, greedy, last
@@ -160,25 +172,29 @@ class KVCompressLM(TemplateLM):
                               **kwargs) -> list[tuple[float, bool]]:
         """Sum of continuation log-probs (left-truncated to max_length like lm-eval's hf). Requests with the same
         model input (context + continuation without its last token, e.g. one-token choices of one question) share
-        one row; rows are batched longest first."""
+        one row; rows are batched longest first. A cache that acts when the prompt ends (``policy.when=prefill``)
+        gets lm-eval's context as the prompt (rows then share only with the same context length); the first
+        continuation token is predicted by the prefill itself, as the first generated token is."""
+        prompted = self.cache.acts_at_prompt_end()
         fulls = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
-        members: dict[tuple[int, ...], list[int]] = {}
+        members: dict[tuple[tuple[int, ...], int], list[int]] = {}
         for i, full in enumerate(fulls):
-            members.setdefault(tuple(full[:-1]), []).append(i)
+            prompt = max(1, len(full) - len(requests[i][2])) if prompted else 0
+            members.setdefault((tuple(full[:-1]), prompt), []).append(i)
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        order = Collator(list(members), sort_fn=lambda x: (-len(x), x))
+        order = Collator(list(members), sort_fn=lambda x: (-len(x[0]), x))
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="kvcompress loglikelihood", leave=False)
         for batch in order.get_batched(n=self.batch):
-            logp, greedy, last = self._score([list(x) for x in batch])
-            for row, inp in enumerate(batch):
-                n = len(inp)  # logp[row, j] scores inp[j + 1]; last[row] scores the token after inp
-                for i in members[inp]:
+            logp, greedy, last = self._score([list(x) for x, _ in batch], [n for _, n in batch] if prompted else None)
+            for row, key in enumerate(batch):
+                n = len(key[0])  # logp[row, j] scores inp[j + 1]; last[row] scores the token after inp
+                for i in members[key]:
                     k, tok = len(requests[i][2]), fulls[i][-1]
                     ll = float(logp[row, n - k : n - 1].sum() + last[row, tok])
                     answer = (ll, bool(greedy[row, n - k : n - 1].all()) and int(last[row].argmax()) == tok)
                     out[i] = answer
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-                bar.update(len(members[inp]))
+                bar.update(len(members[key]))
         bar.close()
         return out
 
