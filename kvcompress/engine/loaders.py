@@ -277,7 +277,8 @@ def load_weights(path: Path, c: ModelConfig, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = Transformer(c)
     native = {k: v.to(device=device, dtype=dtype) for k, v in source_for(path).native_tensors(c)}
-    native.pop("lm_head.weight", None) if c.tie_embeddings else None
+    if c.tie_embeddings:
+        native.pop("lm_head.weight", None)
     model.load_state_dict(native, strict=not c.tie_embeddings, assign=True)
     model.tie_weights()
     return model.eval()
