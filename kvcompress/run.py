@@ -221,6 +221,8 @@ def sweep_status(outcomes: list[str], failed_records: int) -> int:
     """A multirun's exit status: 1 when any job failed (counted here, or as failed records a launcher's other
     processes added: ``SweepReport.failed``), with a line that says how many; else 0."""
     failed = max(outcomes.count("failed"), failed_records)
+    if not outcomes and not failed:  # no job ran here (--cfg, --help) or another launcher's jobs all passed
+        return 0
     counts = {k: outcomes.count(k) for k in ("ok", "failed", "skipped")} if outcomes else {}
     shown = ", ".join(f"{n} {k}" for k, n in counts.items()) or f"{failed} failed record(s)"
     print(f"kvc: sweep: {shown}" + (f"; exit status 1 ({failed} job(s) failed)" if failed else ""),
