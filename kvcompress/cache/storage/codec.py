@@ -69,6 +69,8 @@ class CodecStore(TokenStore):
     """A storage that is only a codec (see the module docstring); the buffers, eviction and both decode paths are
     generic."""
 
+    codec_per_layer = False  # True when encode depends on the layer (``self.layer``: calibrated per layer)
+
     @abstractmethod
     def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         """Packed per-token parts (B, H, T, ...) of keys and values (B, Hkv, T, D)."""

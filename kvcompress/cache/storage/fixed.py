@@ -28,7 +28,11 @@ from kvcompress.cache.buffers import SlotParts
 class FixedSlotCache(KVCache):
     """A codec storage (``storage.codec.CodecStore``) of every layer in ``capacity`` fixed slots."""
 
-    slot_addressable = True  # a codec's parts are per token: any token can be written at any slot
+    @property
+    def slot_addressable(self) -> bool:
+        """A codec's parts are per token: any token can be written at any slot. Not where the codec differs per layer
+        (calibrated per layer): eviction's static form encodes new tokens in a one-layer stage."""
+        return not getattr(self.store, "codec_per_layer", False)
 
     def __init__(self, store, capacity: int, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None):

@@ -17,6 +17,7 @@ Attention is exact over what is held: a pruned key is read back with zeros in it
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -24,9 +25,9 @@ from torch import Tensor
 
 from kvcompress.cache import artifacts
 from kvcompress.cache.base import ModelSpec
-from kvcompress.cache.buffers import GrowingBuffer, gather_tokens
 from kvcompress.cache.checks import DTYPES, dtype_of, int_at_least, number_in, one_of
-from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.storage.base import PartsStore
+from kvcompress.cache.storage.codec import CodecStore
 from kvcompress.cache.storage.quant.part import QuantPart
 from kvcompress.cache.storage.quant.quantizer import QuantConfig
 from kvcompress.cache.storage.queries import channel_moments
@@ -34,7 +35,7 @@ from kvcompress.cache.storage.queries import channel_moments
 SCORES = ("query_key", "key")
 
 
-class ThinKStore(TokenStore):
+class ThinKStore(CodecStore):
     def __init__(self, prune_fraction: float = 0.4, score: str = "query_key", dtype: str = "float16",
                  bits: int | None = None, group_size: int = 32, residual: int = 128, keys: str = "post_rope"):
         number_in("storage.prune_fraction", prune_fraction, 0, 1, open_hi=True)
@@ -90,15 +91,16 @@ class ThinKStore(TokenStore):
             rows.append(k.square().mean((0, 2)).sqrt())
         return torch.stack(rows)
 
-    # -- tokens -------------------------------------------------------------------------------
-    def clear_payload(self) -> None:
-        if self.bits and hasattr(self, "value_group"):
-            cfg = lambda g, axis: QuantConfig(self.bits, g, axis)
-            self.k = QuantPart(cfg(self.group_size, "channel"), self.residual, "float16")
-            self.v = QuantPart(cfg(self.value_group, "token"), self.residual, "float16")
-        else:
-            self.k, self.v = GrowingBuffer(), GrowingBuffer()
-        self.model_dtype = None
+    # -- tokens: kept key channels and whole values, a per-token codec ----------------------------------------
+    codec_per_layer = True  # each layer keeps its own channels
+
+    def fresh(self, layer: int):
+        """Per-layer stores: this codec, or with ``bits`` the kept channels in KIVI-style parts (``ThinKQuantParts``,
+        a residual stage: per-channel key groups span tokens)."""
+        return ThinKQuantParts(self, layer) if self.bits else super().fresh(layer)
+
+    def static_form(self, capacity: int):
+        return None if self.bits else super().static_form(capacity)
 
     def _idx(self, x: Tensor) -> Tensor:
         if self.kept is None:
@@ -106,48 +108,46 @@ class ThinKStore(TokenStore):
         idx = self.kept[self.layer].to(x.device)
         return idx[None, :, None].expand(x.shape[0], -1, x.shape[2], -1)
 
-    def append_payload(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        self.model_dtype = k.dtype
-        kk = k.gather(-1, self._idx(k))
-        if self.bits:
-            self.k.append(kk)
-            self.v.append(v)
-        else:
-            dt = dtype_of("storage.dtype", self.dtype_name) or k.dtype
-            self.k.append(kk.to(dt))
-            self.v.append(v.to(dt))
+    def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        dt = dtype_of("storage.dtype", self.dtype_name) or k.dtype
+        return {"k": k.gather(-1, self._idx(k)).to(dt), "v": v.to(dt)}
 
-    def read_payload(self) -> tuple[Tensor, Tensor]:
-        dt = self.model_dtype
-        kk, v = (self.k.read(dt), self.v.read(dt)) if self.bits else (self.k.view().to(dt), self.v.view().to(dt))
+    def decode(self, parts: dict[str, Tensor], dtype) -> tuple[Tensor, Tensor]:
+        return self.unprune(parts["k"].to(dtype)), parts["v"].to(dtype)
+
+    def unprune(self, kk: Tensor) -> Tensor:
+        """Kept channels (B, H, T, n_keep) back to head_dim, zeros in the pruned ones (``q . k`` sums the kept)."""
         k = kk.new_zeros(*kk.shape[:3], self.spec.head_dim)
-        return k.scatter_(-1, self._idx(kk), kk), v
-
-    def keep_payload(self, idx: Tensor) -> None:
-        if self.bits:
-            B, H = self.k.res.shape[:2]
-            full = idx[:, None].expand(B, H, idx.shape[-1]) if idx.dim() == 2 else idx
-            self.k.keep(full)
-            self.v.keep(full)
-        else:
-            self.k.replace(gather_tokens(self.k.view(), idx))
-            self.v.replace(gather_tokens(self.v.view(), idx))
-
-    def keep(self, idx: Tensor) -> None:
-        if not self.bits or self.k.res is not None:
-            super().keep(idx)
-
-    # -- accounting ---------------------------------------------------------------------------
-    def payload_tensors(self) -> list[Tensor]:
-        return (self.k.tensors() + self.v.tensors()) if self.bits or self.k.data is not None else []
-
-    def payload_reserved(self) -> list[Tensor]:
-        if self.bits:
-            return self.k.reserved() + self.v.reserved()
-        return self.k.reserved() + self.v.reserved()
+        return k.scatter_(-1, self._idx(kk), kk)
 
     def calibration_tensors(self) -> list[Tensor]:
         return list(self.kept or [])
 
     def report(self) -> dict[str, float | str]:
         return {"think_kept_channels": float(getattr(self, "n_keep", 0)), "think_score": self.score, **self.stats}
+
+
+class ThinKQuantParts(PartsStore):
+    """``storage=think`` with ``bits``: the kept key channels and the values in KIVI-style parts (keys per channel in
+    groups of ``group_size`` tokens, values per token, ``residual`` recent tokens in fp16)."""
+
+    def __init__(self, think: ThinKStore, layer: int):
+        self.think, self.spec = copy.copy(think), think.spec
+        self.think.layer = layer
+        super().__init__("post_rope")
+        self.layer = layer
+
+    def clear_payload(self) -> None:
+        t = self.think
+        self.k = QuantPart(QuantConfig(t.bits, t.group_size, "channel"), t.residual, "float16")
+        self.v = QuantPart(QuantConfig(t.bits, t.value_group, "token"), t.residual, "float16")
+        self.dtype = None
+
+    def append_payload(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        self.dtype = k.dtype
+        self.k.append(k.gather(-1, self.think._idx(k)))
+        self.v.append(v)
+
+    def read_payload(self) -> tuple[Tensor, Tensor]:
+        kk, v = super().read_payload()
+        return self.think.unprune(kk), v
