@@ -114,6 +114,8 @@ def test_a_table_is_of_one_code_version(tmp_path, capsys):
     assert "code version v2 (asked for)" in out and "1 missing" in out
     summary = (tmp_path / "summary.md").read_text()
     assert "Code version: `v2` (asked for)" in summary and "60.000" in summary and "11.000" not in summary
+    assert kvc_report([str(tmp_path)]) == 0  # by default: the current code's, else the newest records' (v2 here)
+    assert "Code version: `v2` (the newest records'" in (tmp_path / "summary.md").read_text()
 
 
 # -- item 4: the lm-eval CLI entry point with a batch size in model args ---------------------------------------

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kvc-report: error: no run records under {args.source}", file=sys.stderr)
             return 1
         table = rows(records, args.code_version)
-        paths = build_report(args.source, args.out, args.command, records, table.version)
+        paths = build_report(args.source, args.out, args.command, records, args.code_version)
     except (OSError, ValueError) as e:
         print(f"kvc-report: error: {e}", file=sys.stderr)
         return 1
