@@ -9,12 +9,13 @@ branch on data: the whole step (embedding to logits) can be recorded once and re
 (``kvcompress.engine.static``). Attention runs over the capacity with the mask ``key_pos <= query_pos`` (empty
 slots are masked), so the result equals the growing cache's within fp tolerance. The forms:
 
-* ``dense.StaticKVCache``: the full cache (``storage=dense``);
-* ``quant.StaticQuantKVCache``: the quantized storages (int8/int4/int2 and KIVI: per-channel key groups and the
+* ``storage.fixed.FixedSlotCache``: every codec storage (``storage.codec``: dense, per-token int8/int4/int2, ThinK,
+  a user's codec) in fixed slots, generically; ``StaticKVCache`` is the dense one (the full cache);
+* ``quant.StaticQuantKVCache``: the quantized storages' residual stage (KIVI: per-channel key groups and the
   full-precision residual, flushed by a device-side flag);
 * ``latent.StaticLatentKVCache``: the latent storage (dense latents; not ``latent_bits``);
-* ``evict.StaticEvictionCache``: a fixed-budget eviction policy (H2O, TOVA, StreamingLLM, key-norm, KeyDiff) over
-  a slot-addressable form (dense, per-token codes without a residual), ``budget + slack`` slots that never move.
+* ``evict.StaticEvictionCache``: a fixed-budget eviction policy over a slot-addressable form (a codec in fixed
+  slots), ``budget + slack`` slots that never move.
 
 A storage offers its form through ``static_form(capacity)``, a policy through ``static_form(storage, capacity)``;
 ``ComposedCache.static_form`` asks the right one (None: the combination decodes eagerly).
