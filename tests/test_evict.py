@@ -268,7 +268,7 @@ def test_eviction_frees_the_allocation(model):
 
 
 def test_pyramid_schedule_sums_to_layers_times_budget(model):
-    cache = make(model, "pyramid", 1, budget=64, window=8)
+    cache = make(model, "pyramid", 1, budget=64, window=8, schedule="free")  # paper: tests/test_budgets.py
     per_layer = [cache.policy.layer_budget(i, 64) for i in range(3)]
     assert sum(per_layer) == 3 * 64 and per_layer[0] > per_layer[1] > per_layer[2] >= 8
     run(model, tokens(1, 200), cache, 8)

@@ -30,7 +30,8 @@ from kvcompress.eval.retrieval_probe import planted, retrieval_nll
 CONF = Path(__file__).resolve().parents[1] / "conf" / "policy"
 NEW = ["adakv", "chunkkv", "keydiff", "expected_attention", "kvzip", "duo_attention", "cam"]
 SMALL = {"adakv": dict(recent=4, scorer=dict(window=4)), "chunkkv": dict(recent=4, chunk=4, scorer=dict(window=4)),
-         "duo_attention": dict(probe_recent=4)}
+         "duo_attention": dict(probe_recent=4),
+         "kvzip": dict(scope="layer")}  # one selection per layer (the global default: tests/test_budgets.py)
 
 
 class Identity:

@@ -15,6 +15,11 @@ prompt at once (``when=prefill``) adds dozens of values into each kept token and
 (weights 1 and p_e / |W_e|), which keeps the value scale. Values are written back through
 ``TokenStore.update_values``: in place for dense storage, re-encoded from the held keys and the merged values for
 any other storage (a quantized store re-quantizes: one re-encode of the store per eviction).
+
+``merge=every`` (default) merges every evicted value; ``merge=decode`` is the paper's (and kvpress's) decode-time
+form: only an eviction that drops one token per row (a decode step past the budget) merges it, and a prompt
+compressed at once drops its tokens unmerged (with ``normalize=false``: the paper's additive merge, one value
+per step).
 """
 from __future__ import annotations
 
@@ -23,17 +28,21 @@ from torch import Tensor
 
 from kvcompress.cache.base import PAD_POSITION
 from kvcompress.cache.buffers import fit
-from kvcompress.cache.checks import int_at_least
+from kvcompress.cache.checks import int_at_least, one_of
 from kvcompress.cache.policy.h2o import H2O
 from kvcompress.cache.storage.base import TokenStore
+
+MERGES = ("every", "decode")
 
 
 class CaM(H2O):
     """H2O selection + merging of the evicted values (``window`` kept successors per evicted token)."""
 
-    def __init__(self, budget: int | float = 512, window: int = 32, normalize: bool = True, **kwargs):
+    def __init__(self, budget: int | float = 512, window: int = 32, normalize: bool = True, merge: str = "every",
+                 **kwargs):
         self.window = int_at_least("policy.window", window, 1)
         self.normalize = bool(normalize)
+        self.merge = one_of("policy.merge", merge, MERGES)
         super().__init__(budget=budget, **kwargs)
 
     captured = False  # merging reads kept slots in position order: eager only
@@ -44,7 +53,7 @@ class CaM(H2O):
             raise ValueError(f"policy=cam cannot rewrite values in {type(store).__name__} (layout=minicache shares a "
                              "merged direction between two layers); use layout=per_layer or cla")
         acc = fit(self.state[owner], store.length)
-        if acc is None:
+        if acc is None or (self.merge == "decode" and store.length - idx.shape[-1] > 1):
             return
         _, v, pos = store.read()
         v = merge_values(v.float(), acc.float(), pos if pos.dim() == 3 else pos[:, None], idx, self.window,

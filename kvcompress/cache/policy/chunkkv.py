@@ -3,8 +3,11 @@ tokens instead of single tokens, so a kept phrase stays whole.
 
 The held slots (in position order) are cut into chunks of ``chunk`` tokens; a chunk's score is the sum of the
 scorer's token scores s_i over it (heads averaged unless ``per_head``):  S_c = sum_{i in c} s_i.
-Chunks are kept best-first; the budget's remainder takes the best tokens of the next chunk, so a row keeps exactly
-the budget (protected sinks / recent tokens come first, as in every policy).
+Chunks are kept best-first. ``whole_chunks=false`` (default): the budget's remainder takes the best tokens of the
+next chunk, so a row keeps exactly the budget (every method here holds its budget, so they compare at equal
+memory). ``whole_chunks=true`` (the paper's and kvpress's: 1,008 of 1,024 tokens at chunk 10): the budget rounds
+down to whole chunks, floor(budget / chunk) x chunk (the budget itself below one chunk). Protected sinks / recent
+tokens come first, as in every policy, and count against it.
 """
 from __future__ import annotations
 
@@ -24,9 +27,14 @@ from kvcompress.cache.policy.wrapper import ScorerWrapper
 class ChunkKV(ScorerWrapper):
     """Chunk scores = sums of any scorer's token scores (``scorer``; the YAML default is SnapKV)."""
 
-    def __init__(self, scorer: EvictionPolicy | None = None, chunk: int = 10, **kwargs):
+    def __init__(self, scorer: EvictionPolicy | None = None, chunk: int = 10, whole_chunks: bool = False, **kwargs):
         self.chunk = int_at_least("policy.chunk", chunk, 1)
+        self.whole_chunks = bool(whole_chunks)
         super().__init__(scorer, **kwargs)
+
+    def target(self, owner: int) -> int:
+        budget = super().target(owner)
+        return (budget // self.chunk * self.chunk or budget) if self.whole_chunks else budget
 
     def score(self, c: Candidates) -> Tensor:  # chunks follow slot order (the eager store's): no captured form
         s, pos = self.scorer.score(c).float(), c.pos
