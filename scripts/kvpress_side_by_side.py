@@ -1,0 +1,123 @@
+"""kvcompress and NVIDIA kvpress 0.5.5 on identical token ids (issue 24): the eviction_policies protocol, a prompt
+compressed once at prefill, the next tokens scored one by one; ppl = exp(mean NLL of the continuation, the first
+token predicted by the prefill itself), as ``eval=prefill_decode`` computes it.
+
+    python scripts/kvpress_side_by_side.py ids OUT.json --context 1024 --continuation 128 --samples 2
+        (kvcompress's venv) the pieces of Hamlet exactly as ``kvc eval=prefill_decode`` cuts them, as token ids
+    python scripts/kvpress_side_by_side.py kvpress IDS.json GGUF RECORDS.jsonl --ratios 0.5 0.75
+        (kvpress's venv: scripts/kvpress_side_by_side.sh makes it) the same ids through transformers' GGUF loader
+        under each press; one JSON line per (press, kept fraction)
+    python scripts/kvpress_side_by_side.py table RECORDS.jsonl OURS.jsonl
+        a markdown table of both sides (ours: the records of ``kvc experiment=eviction_policies``)
+
+Run the whole thing with ``bash scripts/kvpress_side_by_side.sh`` (never in setup or CI: it installs kvpress and
+transformers 5.2 into their own virtual environment under the cache folder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+# kvpress press -> the kvcompress policy (and settings) running the same algorithm
+PRESSES = {
+    "StreamingLLMPress": "streaming", "SnapKVPress": "snapkv", "TOVAPress": "tova", "KnormPress": "knorm",
+    "ExpectedAttentionPress": "expected_attention", "KeyDiffPress": "keydiff", "RandomPress": "random",
+    "PyramidKVPress": "pyramid", "KVzipPress": "kvzip", "KVComposePress": "kvcompose",
+    "AdaKVPress(ExpectedAttentionPress)": "adakv policy/scorer=expected_attention",
+    "ChunkKVPress(SnapKVPress)": "chunkkv policy.whole_chunks=true",
+    "CriticalKVPress(SnapKVPress)": "criticalkv policy/scorer=snapkv",
+}
+
+
+def dump_ids(out: Path, context: int, continuation: int, samples: int) -> None:
+    from kvcompress.engine.loaders import load_tokenizer, resolve_source
+    from kvcompress.eval.data import load_text
+    from kvcompress.eval.ppl import text_windows
+
+    tokenizer = load_tokenizer(resolve_source("smollm2-135m"))
+    text = load_text("hamlet", Path(__file__).resolve().parents[2] / "shared" / "data")
+    pieces = text_windows(tokenizer, text, context + continuation, samples, "auto")
+    out.write_text(json.dumps({"context": context, "pieces": pieces.tolist()}))
+
+
+def make_press(name: str, ratio: float):
+    import kvpress
+
+    if "(" in name:
+        outer, inner = name.rstrip(")").split("(")
+        return getattr(kvpress, outer)(press=getattr(kvpress, inner)(compression_ratio=ratio))
+    return getattr(kvpress, name)(compression_ratio=ratio)
+
+
+def run_kvpress(ids: Path, gguf: Path, out: Path, ratios: list[float]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    data = json.loads(ids.read_text())
+    context, pieces = data["context"], torch.tensor(data["pieces"])
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+    model.eval()
+    with out.open("a") as f:
+        for name in ["none", *PRESSES]:
+            for ratio in ([0.0] if name == "none" else ratios):
+                nll = 0.0
+                for piece in pieces:
+                    cache = DynamicCache()
+                    with torch.inference_mode():
+                        if name == "none":
+                            logits = model(piece[None, :context], past_key_values=cache).logits
+                        else:
+                            with make_press(name, ratio)(model):
+                                logits = model(piece[None, :context], past_key_values=cache).logits
+                        nll += float(torch.nn.functional.cross_entropy(logits[0, -1:], piece[context:context + 1]))
+                        for t in range(context, len(piece) - 1):  # one decode step per continuation token
+                            step = model(piece[None, t:t + 1], past_key_values=cache).logits
+                            nll += float(torch.nn.functional.cross_entropy(step[0, -1:], piece[t + 1:t + 2]))
+                n = pieces.shape[0] * (pieces.shape[1] - context)
+                f.write(json.dumps({"side": "kvpress", "press": name, "kept": 1 - ratio, "ppl": math.exp(nll / n),
+                                    "n_tokens": n}) + "\n")
+                f.flush()
+
+
+def table(theirs: Path, ours: Path) -> str:
+    kv = [json.loads(line) for line in theirs.read_text().splitlines() if line.strip()]
+    us = [json.loads(line) for line in ours.read_text().splitlines() if line.strip()]
+    rows = ["| kvpress press | kept | kvpress ppl | kvcompress policy | kvcompress ppl |", "|---|---|---|---|---|"]
+    for r in kv:
+        policy = PRESSES.get(r["press"], "none")
+        match = [u for u in us if str(u.get("policy", "")).startswith(policy.split()[0])
+                 and abs(float(u.get("budget", 1.0)) - r["kept"]) < 1e-9]
+        ppl = f"{match[-1]['ppl']:.3f}" if match else "-"
+        rows.append(f"| {r['press']} | {r['kept']:.2f} | {r['ppl']:.3f} | {policy} | {ppl} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ids")
+    p.add_argument("out", type=Path)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--continuation", type=int, default=128)
+    p.add_argument("--samples", type=int, default=2)
+    p = sub.add_parser("kvpress")
+    p.add_argument("ids", type=Path)
+    p.add_argument("gguf", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
+    p = sub.add_parser("table")
+    p.add_argument("theirs", type=Path)
+    p.add_argument("ours", type=Path)
+    args = parser.parse_args()
+    if args.command == "ids":
+        dump_ids(args.out, args.context, args.continuation, args.samples)
+    elif args.command == "kvpress":
+        run_kvpress(args.ids, args.gguf, args.out, args.ratios)
+    else:
+        print(table(args.theirs, args.ours))
+
+
+if __name__ == "__main__":
+    main()

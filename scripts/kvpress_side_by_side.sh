@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 24: kvcompress beside NVIDIA kvpress 0.5.5 on identical token ids (never in setup or CI: it installs kvpress
+# and transformers 5.2 into their own virtual environment under the cache folder). Writes results/kvpress/.
+# Sized for a loaded 2-core CPU: CONTEXT=1024 CONTINUATION=128 SAMPLES=2 (the issue's run: 2048 / 256 / 4 pieces).
+#   bash scripts/kvpress_side_by_side.sh            CONTEXT=2048 CONTINUATION=256 SAMPLES=4 bash scripts/...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONTEXT=${CONTEXT:-1024}; CONTINUATION=${CONTINUATION:-128}; SAMPLES=${SAMPLES:-2}
+VENV=${KVPRESS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/kvcompress/kvpress-0.5.5}
+OUT=results/kvpress
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "kvpress==0.5.5" "transformers==5.2.*" gguf
+fi
+GGUF=$(.venv/bin/python -m kvcompress.engine.loaders smollm2-135m | tail -1)
+mkdir -p "$OUT"
+.venv/bin/python scripts/kvpress_side_by_side.py ids "$OUT/ids.json" --context "$CONTEXT" \
+  --continuation "$CONTINUATION" --samples "$SAMPLES"
+"$VENV/bin/python" scripts/kvpress_side_by_side.py kvpress "$OUT/ids.json" "$GGUF" "$OUT/kvpress.jsonl" --ratios 0.5 0.75
+kvc() { .venv/bin/kvc "$@" eval.context="$CONTEXT" eval.continuation="$CONTINUATION" eval.samples="$SAMPLES" \
+  results_dir="$OUT" publish=true progress=false; }
+kvc experiment=eviction_policies policy=none
+kvc -m experiment=eviction_policies policy.budget=0.5,0.25 \
+  policy=streaming,snapkv,tova,knorm,expected_attention,keydiff,random,pyramid,kvzip,kvcompose
+kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=adakv policy/scorer=expected_attention
+kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=chunkkv policy.whole_chunks=true
+kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=criticalkv policy/scorer=snapkv policy.recent=32
+.venv/bin/python scripts/kvpress_side_by_side.py table "$OUT/kvpress.jsonl" "$OUT/records.jsonl" > "$OUT/README.md"
