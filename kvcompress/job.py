@@ -108,14 +108,13 @@ def build_cache(cfg: DictConfig) -> KVCache:
 
 
 def check_combination(cache: KVCache, cfg: DictConfig) -> None:
-    """Combinations refused before weights load, naming both choices: AdaKV and DuoAttention keep a different
-    number of tokens per KV head, which a MiniCache pair (it re-packs the pair's merged parts) cannot hold."""
+    """Combinations refused before weights load, naming both choices: a policy whose heads keep different numbers
+    of tokens (``uneven_heads``: AdaKV, DuoAttention, per-head global budgets) over a MiniCache pair, which re-packs
+    the pair's merged parts and cannot hold them."""
     from kvcompress.cache.layout.minicache import MiniCache
-    from kvcompress.cache.policy.adakv import AdaKV
-    from kvcompress.cache.policy.duo_attention import DuoAttention
 
     if isinstance(cache, ComposedCache) and isinstance(cache.layout, MiniCache) and \
-            isinstance(cache.policy, (AdaKV, DuoAttention)):
+            getattr(cache.policy, "uneven_heads", False):
         names = choices(cfg)
         policy, layout = f"policy={names.get('policy', '?')}", f"layout={names.get('layout', 'minicache')}"
         raise ValueError(f"{policy} {layout}: {policy} keeps a different number of tokens per KV head, which "
