@@ -16,7 +16,7 @@ from kvcompress.cache import PAD_POSITION, ComposedCache, ModelSpec
 from kvcompress.cache.policy.adakv import AdaKV
 from kvcompress.cache.policy.base import EvictionPolicy
 from kvcompress.cache.policy.cam import merge_values
-from kvcompress.cache.policy.chunkkv import chunk_priority
+from kvcompress.cache.policy.chunkkv import ChunkKV, chunk_priority
 from kvcompress.cache.policy.duo_attention import DuoAttention
 from kvcompress.cache.policy.expected_attention import ExpectedAttention, expected_logits
 from kvcompress.cache.policy.keydiff import KeyDiff
@@ -280,3 +280,15 @@ def test_tova_in_a_padded_batch_scores_each_rows_last_real_query(model, tmp_path
     for i, row in enumerate(rows):
         alone = run(model, cache_of(model, TOVA(budget=12, when=when), tmp_path), [row])
         torch.testing.assert_close(both[i], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_wrapped_scorer_is_not_gated_by_its_own_budget():
+    """Under a wrapper the scorer's eviction settings are unused: a wrapped Expected Attention whose own (default)
+    budget no store reaches still collects query statistics, and scores by them (it once collected none)."""
+    pol = ChunkKV(ExpectedAttention(sinks=0, future=3, budget=4096), budget=2, chunk=1)
+    pol.check(spec(), DenseStore())
+    pol.reset(1, [0])
+    pol.observe_queries(0, torch.tensor([[1.0, 0.0], [3.0, 2.0]])[None, None], torch.arange(2)[None], Identity())
+    assert pol.scorer.never_evicts and pol.tensors()
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]])[None, None]
+    assert pol.score(candidates(store_of(k))).std() > 0  # not the all-zero score of no statistics
