@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache.base import ModelSpec
-from kvcompress.cache.buffers import GrowingBuffer, gather_tokens
-from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.storage.codec import CodecStore
 
 KINDS = {"int8": 8, "nf4": 4, "fp4": 4}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -98,7 +97,7 @@ def _code(device: torch.device) -> Tensor:
     return _CODES[key]
 
 
-class BnbStore(TokenStore):
+class BnbStore(CodecStore):
     """``storage=bnb_int8|bnb_nf4|bnb_fp4``: K and V through one bitsandbytes codec (``kind``)."""
 
     def __init__(self, kind: str = "nf4", blocksize: int = 64, keys: str = "post_rope"):
@@ -114,29 +113,15 @@ class BnbStore(TokenStore):
                     "use storage=int8 or int4 on this model")
             raise ValueError(f"storage.blocksize={self.codec.blocksize} must divide head_dim={spec.head_dim}; {hint}")
 
-    def clear_payload(self) -> None:
-        self.buffers = {n: GrowingBuffer() for n in ("k", "k_absmax", "v", "v_absmax")}
-        self.dtype: torch.dtype | None = None
-
-    def append_payload(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        self.dtype = k.dtype
+    def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        parts = {}
         for name, x in (("k", k), ("v", v)):
-            q, absmax = self.codec.encode(x)
-            self.buffers[name].append(q)
-            self.buffers[name + "_absmax"].append(absmax)
+            parts[name], parts[name + "_absmax"] = self.codec.encode(x)
+        return parts
 
-    def read_payload(self) -> tuple[Tensor, Tensor]:
-        b = self.buffers
-        return (self.codec.decode(b["k"].view(), b["k_absmax"].view(), self.dtype),
-                self.codec.decode(b["v"].view(), b["v_absmax"].view(), self.dtype))
+    def decode(self, parts: dict[str, Tensor], dtype) -> tuple[Tensor, Tensor]:
+        return tuple(self.codec.decode(parts[n], parts[n + "_absmax"], dtype) for n in ("k", "v"))
 
-    def keep_payload(self, idx: Tensor) -> None:
-        for buf in self.buffers.values():
-            if buf.data is not None:
-                buf.replace(gather_tokens(buf.view(), idx))
-
-    def payload_tensors(self) -> list[Tensor]:
-        return [t for b in self.buffers.values() for t in b.tensors()]
-
-    def payload_reserved(self) -> list[Tensor]:
-        return [t for b in self.buffers.values() for t in b.reserved()]
+    def static_form(self, capacity: int):
+        """None: bitsandbytes' kernels are not checked under CUDA-graph capture (eager decode)."""
+        return None
