@@ -42,6 +42,7 @@ ROWS = {
     "fp8 e4m3 per-token": (8, "fp8", {}),
     "fp8 e4m3 per-tensor (calibrated)": (8, "fp8", {"scale": "tensor"}),
     "int4 g64": (4, "int4", {}),
+    "int4 g32": (4, "int4", {"group_size": 32}),
     "KIVI-4 g32 r32": (4, "kivi", {"bits": 4, "residual": 32}),
     "KVQuant-4 1%": (4, "kvquant", {"bits": 4}),
     "NVFP4": (4, "fp4", {"format": "nvfp4"}),

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-GROUPS_=('full|fp8 e4m3 per-token|^int4|KIVI-4|MXFP4|^int2'  # no calibration
+GROUPS_=('full|fp8 e4m3 per-token|^int4|KIVI-4|MXFP4|^int2'  # no calibration (int4: g64 and g32)
          'KIVI-2|GEAR|Hadamard'                             # no calibration
          'per-tensor|NVFP4|KVQuant-4'                       # calibrated scales, KVQuant codebooks
          'KVQuant-3|PQ')                                    # k-means codebooks
