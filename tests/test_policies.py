@@ -242,12 +242,16 @@ def test_cam_merge_by_hand():
 def test_duo_calibrates_once_and_reuses(model, tmp_path):
     ctx = Probe(model, tmp_path)
     pol = DuoAttention(budget=16, probe_recent=4)
-    pol.check(spec_of(model), DenseStore())
-    pol.calibrate(ctx)
+    cache = ComposedCache(DenseStore(), pol)
+    cache.setup(spec_of(model))
+    with pytest.raises(ValueError, match="cache_for"):  # its probes are built by the composed cache
+        pol.calibrate(ctx)
+    cache.calibrate(ctx)
     assert ctx.calls == 1 + 4 * 2 and pol.head_scores.shape == (4, 2)
     again = DuoAttention(budget=16, probe_recent=4)
-    again.check(spec_of(model), DenseStore())
-    again.calibrate(ctx)
+    cache = ComposedCache(DenseStore(), again)
+    cache.setup(spec_of(model))
+    cache.calibrate(ctx)
     assert ctx.calls == 9 and torch.equal(again.head_scores, pol.head_scores)
 
 

@@ -2,11 +2,13 @@
 
     save(obj, path)                     # a temp file beside ``path``, then os.replace: never a half-written file
     load(path, "low-rank calibration")  # any read/unpickle/zip error -> ValueError naming the file and the fix
+    cached(path, make, "head split")    # load(path) if it exists, else make() saved there: calibrate once, reuse
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +44,14 @@ def load(path: str | Path, what: str = "calibration file") -> Any:
     except Exception as e:  # zip/unpickling/EOF errors name no file on their own
         raise ValueError(f"{what} {path} is unreadable or truncated ({type(e).__name__}: {e}); delete it and run "
                          "again to re-create it") from e
+
+
+def cached(path: str | Path, make: Callable[[], Any], what: str = "calibration file") -> Any:
+    """The artefact saved at ``path``, or ``make()`` computed, saved there (atomically) and returned: one
+    calibrate-and-cache rule for every method that calibrates (delete the file to calibrate again)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return load(path, what)
+    obj = make()
+    save(obj, path)
+    return obj

@@ -59,7 +59,13 @@ class ComposedCache(KVCache):
         else:
             self.storage.calibrate(ctx)
         self.layout.calibrate(ctx, self._dense_cache)
-        self.policy.calibrate(ctx)
+        self.policy.calibrate(ctx, self._probe_cache)
+
+    def _probe_cache(self, policy: Policy) -> ComposedCache:
+        """Full precision, per layer, under ``policy`` (a policy's calibration probes: DuoAttention's)."""
+        cache = ComposedCache(DenseStore(), policy, Layout())
+        cache.setup(self.spec)
+        return cache
 
     def _dense_cache(self, layout: Layout) -> ComposedCache:
         cache = ComposedCache(DenseStore(keys=self.storage.keys), Policy(), layout)

@@ -30,17 +30,19 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from kvcompress.cache.base import PAD_POSITION, ModelSpec
+from kvcompress.cache.base import PAD_POSITION, KVCache, ModelSpec
 from kvcompress.cache.buffers import fit, follow, take
 from kvcompress.cache.checks import fail, int_at_least, is_int, is_number, one_of
 from kvcompress.cache.policy.score import Candidates, group_weights
 from kvcompress.cache.storage.base import TokenStore
 
 WHEN = ("prefill", "decode", "both")
+CacheUnder = Callable[["Policy"], KVCache]  # policy -> a dense per-layer cache under it (calibration probes)
 
 
 class Policy:
@@ -58,8 +60,10 @@ class Policy:
     def check(self, spec: ModelSpec, storage: TokenStore) -> None:
         self.spec = spec
 
-    def calibrate(self, ctx) -> None:
-        """One-off, data-dependent preparation (DuoAttention's head split); ``ctx`` is a CalibrationContext."""
+    def calibrate(self, ctx, cache_for: CacheUnder | None = None) -> None:
+        """One-off, data-dependent preparation (DuoAttention's head split); ``ctx`` is a CalibrationContext,
+        ``cache_for(policy)`` builds a full-precision per-layer cache under a probe policy to measure with (the
+        composed cache passes it, as it passes layouts theirs: the policy axis never imports the composed cache)."""
 
     wants_queries = False  # True: ``observe_queries`` gets the queries of every layer reading a store
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from kvcompress.cache import artifacts
 from kvcompress.cache.base import PAD_POSITION
 from kvcompress.cache.checks import fail, int_at_least
-from kvcompress.cache.policy.base import EvictionPolicy
+from kvcompress.cache.policy.base import CacheUnder, EvictionPolicy, Policy
 from kvcompress.cache.policy.score import Candidates
 from kvcompress.cache.policy.wrapper import keep_per_head
 from kvcompress.cache.storage.base import TokenStore
@@ -47,23 +47,20 @@ class DuoAttention(EvictionPolicy):
         super().__init__(budget=budget, sinks=sinks, recent=recent, per_head=True, **kwargs)
 
     # -- calibration ------------------------------------------------------------------------------
-    def calibrate(self, ctx) -> None:
+    def calibrate(self, ctx, cache_for: CacheUnder | None = None) -> None:
         name = f"duo-{ctx.key}-sinks{self.sinks}-probe{self.probe_recent}.pt"
         path = Path(self.calibration_file or Path(ctx.cache_dir) / name).expanduser()
-        if path.is_file():
-            scores = artifacts.load(path, "DuoAttention head split")["retrieval_scores"]
-        else:
-            scores = self.measure(ctx)
-            artifacts.save({"retrieval_scores": scores, "key": ctx.key}, path)
+        scores = artifacts.cached(path, lambda: {"retrieval_scores": self.measure(ctx, cache_for), "key": ctx.key},
+                                  "DuoAttention head split")["retrieval_scores"]
         if tuple(scores.shape) != (self.spec.num_layers, self.spec.num_kv_heads):
             raise ValueError(f"DuoAttention head split {path} is for another model (shape {tuple(scores.shape)})")
         self.head_scores, self.calibration_path = scores.float(), str(path)
 
-    def measure(self, ctx) -> Tensor:
+    def measure(self, ctx, cache_for: CacheUnder | None) -> Tensor:
         """r[l, g] = recall NLL with head (l, g) streamed - recall NLL with every head full."""
-        from kvcompress.cache.composed import ComposedCache  # the cache package, not the engine
-        from kvcompress.cache.storage.dense import DenseStore
-
+        if cache_for is None:
+            raise ValueError("policy=duo_attention measures its head split through probe caches: calibrate it "
+                             "through the composed cache (ComposedCache.calibrate passes cache_for)")
         probe_nll = getattr(ctx, "retrieval_nll", None)
         if probe_nll is None:
             raise ValueError("policy=duo_attention calibrates on synthetic passkey prompts, so the calibration "
@@ -72,9 +69,7 @@ class DuoAttention(EvictionPolicy):
         def nll(head: tuple[int, int] | None) -> float:
             probe = DuoAttention(budget=self.sinks + self.probe_recent, sinks=self.sinks, recent=self.probe_recent)
             probe.probe = head
-            cache = ComposedCache(DenseStore(), probe if head is not None else None)
-            cache.setup(self.spec)
-            return probe_nll(cache)
+            return probe_nll(cache_for(probe if head is not None else Policy()))
 
         base = nll(None)
         heads = [(la, g) for la in range(self.spec.num_layers) for g in range(self.spec.num_kv_heads)]

@@ -62,8 +62,8 @@ class ScorerWrapper(EvictionPolicy):
         self.scorer.check(spec, storage)  # its own settings as given (the wrapper's are checked below)
         super().check(spec, storage)
 
-    def calibrate(self, ctx) -> None:
-        self.scorer.calibrate(ctx)
+    def calibrate(self, ctx, cache_for=None) -> None:
+        self.scorer.calibrate(ctx, cache_for)
 
     def reset(self, batch_size: int, owners: list[int]) -> None:
         super().reset(batch_size, owners)
