@@ -65,9 +65,10 @@ def declares(policy: str, capability: str) -> bool:
     return bool(getattr(get_class(node("policy", policy)._target_), capability, False))
 
 
-def combination(storage: str, policy: str, layout: str, **settings) -> Axes:
+def combination(storage: str, policy: str, layout: str, settings: dict | None = None) -> Axes:
     """The three YAMLs; a policy keeping uneven heads over a latent across heads gets ``storage.per_head=true``
     (the storage's setting that holds ragged heads)."""
+    settings = settings or {}
     extra = {"per_head": True} if storage == "latent" and declares(policy, "uneven_heads") else {}
     return Axes(node("storage", storage, **extra, **settings.get("storage", {})),
                 node("policy", policy, **settings.get("policy", {})),
@@ -113,7 +114,7 @@ def test_layout_identity_setting_is_per_layer(model, calib_dir, policy, layout):
     toks = tokens(3)
     ref = drive(model, build(model, combination("dense", policy, "per_layer"), calib_dir), toks)
     out = drive(model, build(model, combination("dense", policy, layout,
-                                                layout=IDENTITY_SETTING["layout"][layout]), calib_dir), toks)
+                                                {"layout": IDENTITY_SETTING["layout"][layout]}), calib_dir), toks)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
@@ -128,9 +129,9 @@ def test_h2o_over_minicache_merges_and_scores_both_layers(model, calib_dir):
 
 def test_per_head_needs_ragged_storage(model, calib_dir):
     with pytest.raises(ValueError, match="per_head"):
-        build(model, combination("latent", "snapkv", "per_layer", policy=dict(per_head=True)), calib_dir)
-    build(model, combination("latent", "snapkv", "per_layer", storage=dict(per_head=True),
-                             policy=dict(per_head=True)), calib_dir)
+        build(model, combination("latent", "snapkv", "per_layer", {"policy": dict(per_head=True)}), calib_dir)
+    build(model, combination("latent", "snapkv", "per_layer", {"storage": dict(per_head=True),
+                                                               "policy": dict(per_head=True)}), calib_dir)
 
 
 def has_static_form(storage: str, policy: str, layout: str) -> bool:

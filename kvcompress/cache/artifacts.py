@@ -2,7 +2,7 @@
 
     save(obj, path)                     # a temp file beside ``path``, then os.replace: never a half-written file
     load(path, "low-rank calibration")  # any read/unpickle/zip error -> ValueError naming the file and the fix
-    cached(path, make, "head split")    # load(path) if it exists, else make() saved there: calibrate once, reuse
+    cached(path, make, "head split")    # (saved, True) if it exists (and passes check), else (make(), False) saved
 """
 from __future__ import annotations
 
@@ -46,12 +46,16 @@ def load(path: str | Path, what: str = "calibration file") -> Any:
                          "again to re-create it") from e
 
 
-def cached(path: str | Path, make: Callable[[], Any], what: str = "calibration file") -> Any:
-    """The artefact saved at ``path``, or ``make()`` computed, saved there (atomically) and returned: one
-    calibrate-and-cache rule for every method that calibrates (delete the file to calibrate again)."""
+def cached(path: str | Path, make: Callable[[], Any], what: str = "calibration file",
+           check: Callable[[Any], bool] | None = None) -> tuple[Any, bool]:
+    """The one calibrate-and-cache rule: the artefact saved at ``path`` if there is one and ``check(saved)`` accepts
+    it (True: reuse; False: stale, made again; raising: a ValueError naming the file and the fix), else ``make()``
+    computed and saved there atomically. Returns (artefact, reused)."""
     path = Path(path).expanduser()
     if path.is_file():
-        return load(path, what)
+        saved = load(path, what)
+        if check is None or check(saved):
+            return saved, True
     obj = make()
     save(obj, path)
-    return obj
+    return obj, False

@@ -50,8 +50,9 @@ class DuoAttention(EvictionPolicy):
     def calibrate(self, ctx, cache_for: CacheUnder | None = None) -> None:
         name = f"duo-{ctx.key}-sinks{self.sinks}-probe{self.probe_recent}.pt"
         path = Path(self.calibration_file or Path(ctx.cache_dir) / name).expanduser()
-        scores = artifacts.cached(path, lambda: {"retrieval_scores": self.measure(ctx, cache_for), "key": ctx.key},
-                                  "DuoAttention head split")["retrieval_scores"]
+        split, _ = artifacts.cached(path, lambda: {"retrieval_scores": self.measure(ctx, cache_for), "key": ctx.key},
+                                    "DuoAttention head split")
+        scores = split["retrieval_scores"]
         if tuple(scores.shape) != (self.spec.num_layers, self.spec.num_kv_heads):
             raise ValueError(f"DuoAttention head split {path} is for another model (shape {tuple(scores.shape)})")
         self.head_scores, self.calibration_path = scores.float(), str(path)

@@ -98,17 +98,16 @@ class KVQuantStore(TokenStore):
         digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:10]
         path = Path(self.calibration_file or Path(ctx.cache_dir) / f"kvquant-{ctx.key}-{digest}.pt").expanduser()
         meta = {"ctx_key": ctx.key, **self.settings()}
-        if path.exists():
-            blob = artifacts.load(path, "KVQuant calibration file")
+
+        def same_meta(blob: dict) -> bool:
             if blob.get("meta") != meta:
                 raise ValueError(f"KVQuant calibration file {path} was made for {blob.get('meta')}, not {meta}; "
                                  "delete it or set storage.calibration_file to another path")
-            self.layers, self.stats = blob["layers"], {"calibration_reused": 1.0}
-        else:
-            self.layers = self._fit(ctx)
-            artifacts.save({"meta": meta, "layers": self.layers}, path)
-            self.stats = {"calibration_reused": 0.0}
-        self.stats["calibration_file"] = str(path)
+            return True
+
+        blob, reused = artifacts.cached(path, lambda: {"meta": meta, "layers": self._fit(ctx)},
+                                        "KVQuant calibration file", same_meta)
+        self.layers, self.stats = blob["layers"], {"calibration_reused": float(reused), "calibration_file": str(path)}
         self._device = None
 
     def _fit(self, ctx) -> list[dict[str, Tensor]]:

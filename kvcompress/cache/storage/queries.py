@@ -65,10 +65,14 @@ def channel_moments(ctx, spec) -> dict[str, Tensor]:
 
     Needs a calibration context that can run the model (``nll``); a context without it is a ValueError."""
     path = Path(ctx.cache_dir).expanduser() / f"channels-{ctx.key}.pt"
-    if path.exists():
-        blob = artifacts.load(path, "channel moments file")
-        if blob.get("version") == VERSION and blob.get("ctx_key") == ctx.key:
-            return blob["moments"]
+    current = lambda b: b.get("version") == VERSION and b.get("ctx_key") == ctx.key  # noqa: E731 (else measured again)
+    blob, _ = artifacts.cached(path, lambda: {"version": VERSION, "ctx_key": ctx.key, "moments": measure(ctx, spec)},
+                               "channel moments file", current)
+    return blob["moments"]
+
+
+def measure(ctx, spec) -> dict[str, Tensor]:
+    """The mean squares of ``channel_moments``, measured by running the model over the calibration text."""
     if not hasattr(ctx, "nll"):
         raise ValueError("query-weighted calibration needs a calibration context that runs the model (ctx.nll); "
                          "this one only has K/V samples")
@@ -77,6 +81,5 @@ def channel_moments(ctx, spec) -> dict[str, Tensor]:
     ctx.nll(rec)
     n = rec.count.clamp_min(1)[:, None, None]
     moments = {name: (s / n).float() for name, s in rec.sums.items()}
-    artifacts.save({"version": VERSION, "ctx_key": ctx.key, "moments": moments}, path)
-    print(f"channel moments of queries and keys -> {path}", file=sys.stderr, flush=True)
+    print(f"channel moments of queries and keys measured on {ctx.key}", file=sys.stderr, flush=True)
     return moments
