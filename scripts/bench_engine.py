@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -181,7 +182,8 @@ def main():
             print(rows[-1], flush=True)
     meta = {"device": str(device), "device_name": device_name(device), "dtype": args.dtype,
             "torch": torch.__version__, "cpu": platform.processor(), "threads": torch.get_num_threads(),
-            "decode_tokens": args.decode, "repeats": args.repeats, "peak_gbps": args.peak_gbps}
+            "decode_tokens": args.decode, "repeats": args.repeats, "peak_gbps": args.peak_gbps,
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     if args.compiled:
         step = COMPILED[(max(args.batch), capacity)][1]
         meta |= {"compiled": step.compiled, "compiled_reason": step.reason,
