@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvcompress.cache.storage.fixed import FixedSlotCache
 from kvcompress.cache.storage.quant.quantizer import pack, unpack
 
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -69,18 +68,3 @@ def calibrated_absmax(x: Tensor, key_bound: str) -> Tensor:
         x = x.norm(dim=-1)
     return x.abs().flatten(1).amax(1)
 
-
-class LayerFixedSlotCache(FixedSlotCache):
-    """A codec's captured form that is not slot-addressable: alone it is captured, under an eviction policy it decodes
-    eagerly. For codecs whose encoding depends on the layer (calibrated scales or codebooks): an eviction policy's
-    static form stages every layer's new tokens in one layer-0 form (``cache.static.evict``), which would encode
-    them with layer 0's calibration."""
-
-    slot_addressable = False
-
-
-def static_form_of(store, capacity: int, per_layer: bool):
-    """``CodecStore.static_form``, not slot-addressable with ``per_layer`` (see ``LayerFixedSlotCache``)."""
-    if store.keys != "post_rope":
-        return None
-    return (LayerFixedSlotCache if per_layer else FixedSlotCache)(store, capacity)

@@ -27,7 +27,6 @@ from kvcompress.cache.storage.frontier.formats import (
     e2m1_values,
     e8m0_exponent,
     pack_fp4,
-    static_form_of,
     to_fp8,
     unpack_fp4,
 )
@@ -93,8 +92,10 @@ class Fp4Store(CodecStore):
             out.append(x.flatten(-2).to(dtype))
         return out[0], out[1]
 
-    def static_form(self, capacity: int):
-        return static_form_of(self, capacity, per_layer=self.format == "nvfp4")
+    @property
+    def codec_per_layer(self) -> bool:
+        """NVFP4's calibrated tensor scale is per layer: eviction's static form decodes eagerly."""
+        return self.format == "nvfp4"
 
     def calibration_tensors(self) -> list[Tensor]:
         return [t for layer in self.tensor_scales or [] for t in layer.values()]

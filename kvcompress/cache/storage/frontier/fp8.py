@@ -20,7 +20,7 @@ from torch import Tensor
 
 from kvcompress.cache.checks import one_of
 from kvcompress.cache.storage.codec import CodecStore
-from kvcompress.cache.storage.frontier.formats import FP8, FP8_MAX, TINY, calibrated_absmax, static_form_of, to_fp8
+from kvcompress.cache.storage.frontier.formats import FP8, FP8_MAX, TINY, calibrated_absmax, to_fp8
 
 SCALES = ("token", "head", "tensor")
 
@@ -76,8 +76,10 @@ class Fp8Store(CodecStore):
             out.append((parts[name].float() * s).to(dtype))
         return out[0], out[1]
 
-    def static_form(self, capacity: int):
-        return static_form_of(self, capacity, per_layer=self.scale != "token")
+    @property
+    def codec_per_layer(self) -> bool:
+        """Calibrated scales are per layer: eviction's static form (a one-layer stage) decodes eagerly."""
+        return self.scale != "token"
 
     def calibration_tensors(self) -> list[Tensor]:
         return [t for layer in self.scales or [] for t in layer.values()]

@@ -23,7 +23,6 @@ from kvcompress.cache import artifacts
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.checks import int_at_least
 from kvcompress.cache.storage.codec import CodecStore
-from kvcompress.cache.storage.frontier.formats import static_form_of
 
 CENTROIDS = 256
 
@@ -123,8 +122,7 @@ class PQStore(CodecStore):
             out.append(book[h, m, codes].flatten(-2).to(dtype))
         return out[0], out[1]
 
-    def static_form(self, capacity: int):
-        return static_form_of(self, capacity, per_layer=True)
+    codec_per_layer = True  # codebooks per layer: eviction's static form decodes eagerly
 
     def calibration_tensors(self) -> list[Tensor]:
         return [t for layer in self.books or [] for t in layer.values()]

@@ -25,7 +25,6 @@ from torch import Tensor
 from kvcompress.cache.base import ModelSpec, expand_heads, visibility_mask
 from kvcompress.cache.checks import int_at_least, one_of
 from kvcompress.cache.storage.codec import CodecStore
-from kvcompress.cache.storage.frontier.formats import static_form_of
 from kvcompress.cache.storage.frontier.fp4 import Fp4Store
 from kvcompress.cache.storage.frontier.fp8 import Fp8Store
 from kvcompress.cache.storage.quant.quantizer import QTensor, QuantConfig, dequantize, quantize
@@ -151,11 +150,10 @@ class RotatedStore(CodecStore):
         out = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, enable_gqa=groups > 1)
         return self.turn(out, "v", back=True).to(q.dtype)
 
-    def static_form(self, capacity: int):
-        """Captured alone; under an eviction policy eager: the policy's static form attends over decoded (un-rotated)
-        tokens where the eager store attends in the rotated space, equal in exact arithmetic but codes of later layers
-        may round the other way on that fp noise."""
-        return static_form_of(self, capacity, per_layer=True)
+    # not slot-addressable in fixed slots (eviction's static form decodes eagerly): that form attends over decoded,
+    # un-rotated tokens where this store attends in the rotated space; equal in exact arithmetic, but later layers'
+    # codes may round the other way on that fp noise
+    codec_per_layer = True
 
     def calibration_tensors(self) -> list[Tensor]:
         return [self.matrix, *self.inner.calibration_tensors()] if self.matrix is not None else []
