@@ -211,3 +211,18 @@ def test_bf16_weights_run_on_cpu(tmp_path):
         ref = hf(toks).logits
     out = forward_chunks(model, toks, ready(FullCache(), model, 2), chunk=8).float()
     assert torch.isfinite(out).all() and (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_a_truncated_or_wrong_model_file_is_refused_by_name(tmp_path):
+    import hashlib
+
+    from kvcompress.engine.assets import Asset, check_file
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"x" * 100)
+    good = Asset("m.gguf", hashlib.sha256(b"x" * 100).hexdigest(), 100, (), "test")
+    check_file(path, good)
+    with pytest.raises(ValueError, match=rf"model file {path} has 100 bytes, expected 200 \(truncated or wrong\)"):
+        check_file(path, Asset("m.gguf", good.sha256, 200, (), "test"))
+    with pytest.raises(ValueError, match=rf"model file {path}: sha256 .* differs from the published"):
+        check_file(path, Asset("m.gguf", "0" * 64, 100, (), "test"))
