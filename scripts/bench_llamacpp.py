@@ -72,7 +72,9 @@ def convert(bins: Path, gguf: Path, cache: Path, kind: str) -> Path:
     """The GGUF converted by ``llama-quantize`` to ``kind`` (F32, BF16), once."""
     out = cache / f"{gguf.stem}-{kind}.gguf"
     if not out.is_file():
-        sh([bins / "llama-quantize", gguf, out, kind])
+        part = out.with_suffix(".part")  # a failed conversion leaves no file that looks done
+        sh([bins / "llama-quantize", "--allow-requantize", gguf, part, kind])  # the GGUF is quantized (Q4_1)
+        part.rename(out)
     return out
 
 
