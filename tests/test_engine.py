@@ -79,7 +79,8 @@ def test_positions_advanced_in_place_rotate_at_their_new_values():
         a.append(model(tokens[:, i : i + 1], pos, reused))
     for i in range(9):
         b.append(model(tokens[:, i : i + 1], torch.full((2, 1), i), fresh))
-    assert torch.equal(reused.k, fresh.k) and torch.equal(torch.cat(a, 1), torch.cat(b, 1))
+    assert all(torch.equal(x, y) for x, y in zip(reused.payload(), fresh.payload(), strict=True))
+    assert torch.equal(torch.cat(a, 1), torch.cat(b, 1))
 
 
 def test_padding_is_never_attended():
@@ -141,7 +142,7 @@ def test_kv_bytes_are_the_real_tensors():
     model, _ = tiny_pair()
     cache = full_cache(model, 2)
     forward_chunks(model, torch.randint(0, 97, (2, 21)), cache, chunk=5)
-    real = sum(t.nbytes for s in cache.stores() for t in (s.k.view(), s.v.view(), s.pos.view()))
+    real = sum(t.nbytes for s in cache.stores() for t in (*s.parts.view().values(), s.pos.view()))
     assert cache.kv_bytes() == real
     c = model.config
     assert cache.tokens_seen == 42

@@ -236,7 +236,7 @@ def test_rank_range_errors_before_loading(stories, kw, match):
 def test_per_head_eviction_needs_per_head_latents(stories):
     """A latent across a layer's heads cannot keep different tokens per head: refused in setup, naming the fix."""
     spec = spec_of(stories[0])
-    with pytest.raises(ValueError, match="per_head=true needs a storage.*set storage.per_head=true"):
+    with pytest.raises(ValueError, match="per_head=true keeps different tokens per KV head.*set storage.per_head=true"):
         ComposedCache(LatentStore(), H2O(budget=8, per_head=True)).setup(spec)
     ComposedCache(LatentStore(per_head=True), H2O(budget=8, per_head=True)).setup(spec)
 

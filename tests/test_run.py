@@ -68,8 +68,8 @@ def test_impossible_settings_fail_before_weights_load(tmp_path):
              ("policy=h2o policy.budget=0", "policy=h2o: policy.budget must be"),
              ("storage=int4 storage.group_size=3", "group_size (or group_size)=3 must divide head_dim=8"),
              ("layout=minicache layout.start_layer=5", "layout.start_layer must be in [0, num_layers - 2 = 3]"),
-             ("storage=latent policy=snapkv policy.per_head=true", "storage=latent policy=snapkv layout=per_layer: "
-                                                                  "policy.per_head=true keeps different tokens per KV head"))
+             ("storage=latent policy=snapkv policy.per_head=true",
+              "storage=latent policy=snapkv layout=per_layer: policy.per_head=true keeps different tokens per KV head"))
     for bad, msg in cases:
         out = kvc(tmp_path, *FAST, "model=local", f"model.source={folder}", *bad.split())
         assert out.returncode == 1

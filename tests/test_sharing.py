@@ -412,7 +412,7 @@ def test_minicache_merges_keys_before_rope(model, keys):
         cache.attend(layer, q, pos[:, -1:])
     pair = cache.views[0].pair
     direction = k / k.norm(dim=-1, keepdim=True)
-    stored = pair.merged.k.view()  # the raw payload: unrotated directions with pre_rope keys
+    stored = pair.merged.parts.view()["k"]  # the raw payload: unrotated directions with pre_rope keys
     torch.testing.assert_close(stored, direction if keys == "pre_rope" else rope.rotate(direction, pos))
     for layer, scale in ((0, 1.0), (1, 3.0)):
         torch.testing.assert_close(cache.views[layer].read()[0], rope.rotate(k * scale, pos))

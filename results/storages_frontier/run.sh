@@ -12,10 +12,10 @@ GROUPS_=('full|fp8 e4m3 per-token|^int4|KIVI-4|MXFP4|^int2'  # no calibration (i
          'KVQuant-3|PQ')                                    # k-means codebooks
 pids=()
 for i in "${!GROUPS_[@]}"; do
-  OMP_NUM_THREADS=1 ONLY="${GROUPS_[$i]}" RECORDS=results/storages_frontier/records.$i.jsonl \
+  OMP_NUM_THREADS=1 ONLY="${GROUPS_[$i]}" RECORDS=results/storages_frontier/rows.$i.jsonl \
     $PY results/storages_frontier/measure.py &
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
-cat results/storages_frontier/records.[0-9].jsonl > results/storages_frontier/records.jsonl
-rm results/storages_frontier/records.[0-9].jsonl
+cat results/storages_frontier/rows.[0-9].jsonl > results/storages_frontier/rows.jsonl
+rm results/storages_frontier/rows.[0-9].jsonl

@@ -1,4 +1,4 @@
-"""results/storages_frontier/README.md (table, best row per bit budget) and pareto.png from records.jsonl
+"""results/storages_frontier/README.md (table, best row per bit budget) and pareto.png from rows.jsonl
 (written by run.sh / measure.py).
 
     .venv/bin/python results/storages_frontier/table.py
@@ -15,7 +15,7 @@ CEILINGS = (8.5, 5.1, 4.75, 4.1, 3.75, 3.1)  # measured bits per entry: ~8, ~4 a
 
 def load() -> dict[str, dict[str, dict]]:
     rows: dict[str, dict[str, dict]] = {}
-    for line in (HERE / "records.jsonl").read_text().splitlines():
+    for line in (HERE / "rows.jsonl").read_text().splitlines():
         r = json.loads(line)
         rows.setdefault(r["row"], {})[r["dataset"]] = r  # the latest record of a row and text
     return {name: r for name, r in rows.items() if set(TEXTS) <= set(r)}  # rows measured on every text
