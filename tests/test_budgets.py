@@ -8,25 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import spec_of, tiny_model
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kvcompress.cache import PAD_POSITION, ComposedCache
 from kvcompress.cache.policy.criticalkv import critical_scores
 from kvcompress.cache.storage.dense import DenseStore
 from kvcompress.engine.generate import forward_chunks, prefill
+from kvcompress.testing.contract import make
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "policy"
 LAYERS, KV_HEADS, PROMPT = 4, 2, 40
 
 
 def load(name: str, **settings):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    for entry in cfg.pop("defaults", []):
-        if not isinstance(entry, str):
-            (sub, choice), = entry.items()
-            cfg = OmegaConf.merge({sub: OmegaConf.load(CONF / sub / f"{choice}.yaml")}, cfg)
-    return instantiate(OmegaConf.merge(cfg, settings), _convert_="all")
+    """conf/policy/<name>.yaml with its defaults list, instantiated with ``settings`` (the contract suite's loader)."""
+    return make(name, "policy", **settings)
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,7 @@ from kvcompress.eval.data import default_data_dir, load_text
 from kvcompress.eval.ppl import Perplexity, text_windows, window_nll
 from kvcompress.eval.speed import Speed
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model on a shared CPU: one thread is fastest (restored afterwards)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: a tiny model is fastest on one thread
 
 
 def ctx(stories, cache=None):

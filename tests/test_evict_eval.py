@@ -48,12 +48,7 @@ def storage(name: str, **settings):
     return instantiate(OmegaConf.merge(OmegaConf.load(CONF / "storage" / f"{name}.yaml"), settings), _convert_="all")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: a tiny model is fastest on one thread
 
 
 def ready(cache, model, batch=1):

@@ -15,14 +15,7 @@ from kvcompress.engine.generate import forward_chunks
 from kvcompress.eval.calibration import Calibration
 from kvcompress.eval.data import default_data_dir
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models on a shared CPU: one thread is fastest (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: a tiny model is fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -41,13 +41,7 @@ def bnb(kind, blocksize) -> ComposedCache:
     return ComposedCache(BnbStore(kind, blocksize))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny ops: one thread is far faster on a loaded machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: a tiny model is fastest on one thread
 
 
 @pytest.fixture(scope="module")

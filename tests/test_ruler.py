@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import SHARED, STORIES, spec_of
 
 from kvcompress.cache import ComposedCache, FullCache
@@ -32,12 +31,7 @@ HAY = DATA / "long_docs" / "paradise_lost_gut.txt"
 NIAH = [t for t in TASKS if t.startswith("niah")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: a tiny model is fastest on one thread
 
 
 def policy_cache(**kw):
