@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from kvcompress.cache import FullCache
-from kvcompress.cache.static import StaticKVCache
+from kvcompress.cache.storage.dense import StaticKVCache
 from kvcompress.engine.compiled import CompiledDecode
 from kvcompress.engine.generate import positions_like
 from kvcompress.engine.loaders import DTYPES, ensure_asset, load

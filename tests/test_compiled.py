@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from kvcompress.cache.static import StaticKVCache
+from kvcompress.cache.storage.dense import StaticKVCache
 from kvcompress.engine.compiled import CompiledDecode
 from kvcompress.engine.rope import RotaryEmbedding
 from tests.conftest import greedy_steps, static_prefill, tiny_model

@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_pair
 
 from kvcompress.cache import PAD_POSITION, FullCache
-from kvcompress.cache.static import StaticKVCache
+from kvcompress.cache.storage.dense import StaticKVCache
 from kvcompress.engine.generate import Sampling, forward_chunks, generate, positions_like, prefill
 
 VARIANTS = {

@@ -238,7 +238,7 @@ def test_device_lengths_over_capacity_buffers(backend):
 def test_triton_static_quant_cache_equals_its_reference(settings):
     """The static int4 / KIVI cache on the kernels (quantize on append, attention with device lengths: prefix and
     residual counts) vs the reference."""
-    from kvcompress.cache.static import StaticQuantKVCache
+    from kvcompress.cache.static.quant import StaticQuantKVCache
     from kvcompress.engine.generate import positions_like
     from tests.conftest import spec_of, tiny_model
 

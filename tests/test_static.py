@@ -9,7 +9,7 @@ import torch
 from kvcompress.cache import ComposedCache, FullCache
 from kvcompress.cache.layout.cla import CLA
 from kvcompress.cache.policy.snapkv import SnapKV
-from kvcompress.cache.static import StaticKVCache
+from kvcompress.cache.storage.dense import StaticKVCache
 from kvcompress.engine.static import CapturedDecode, decode_step
 from tests.conftest import assert_graph_replay_equals_eager, greedy_steps, spec_of, static_prefill, tiny_model
 
@@ -74,7 +74,7 @@ def test_capacity_is_checked():
 @pytest.mark.parametrize("kind", ["dense", "int4"])
 @torch.inference_mode()
 def test_cuda_graph_replay_equals_eager(kind):
-    from kvcompress.cache.static import StaticQuantKVCache
+    from kvcompress.cache.static.quant import StaticQuantKVCache
 
     make = (lambda: StaticKVCache(capacity=16, device="cuda")) if kind == "dense" else (
         lambda: StaticQuantKVCache(capacity=16, group_size=8, device="cuda"))
@@ -127,7 +127,7 @@ def test_static_quant_cache_equals_the_quantized_storage(bits, symmetric):
 
 @torch.inference_mode()
 def test_static_quant_decode_step_traces_as_one_graph():
-    from kvcompress.cache.static import StaticQuantKVCache
+    from kvcompress.cache.static.quant import StaticQuantKVCache
 
     torch._dynamo.reset()
     model = tiny_model()
@@ -141,7 +141,7 @@ def test_static_quant_decode_step_traces_as_one_graph():
 
 def test_static_forms_follow_the_axes():
     """Only identity policy and layout, and a storage that declares one, have a static form."""
-    from kvcompress.cache.static import StaticQuantKVCache
+    from kvcompress.cache.static.quant import StaticQuantKVCache
     from kvcompress.cache.storage.fixed import FixedSlotCache
     from kvcompress.cache.storage.quant.store import QuantizedStore
 
@@ -168,7 +168,7 @@ KIVI = dict(bits=2, group_size=4, key_axis="channel", value_axis="token")
 def test_static_kivi_cache_equals_the_kivi_storage(residual, chunk):
     """Per-channel key groups and a full-precision residual: every flush (prefill chunks and single-token steps)
     leaves the eager storage's codes, so the logits match; residual 32 > every length quantizes nothing."""
-    from kvcompress.cache.static import StaticQuantKVCache
+    from kvcompress.cache.static.quant import StaticQuantKVCache
     from kvcompress.cache.storage.quant.store import QuantizedStore
     from kvcompress.engine.generate import forward_chunks
 
@@ -201,7 +201,7 @@ def test_static_kivi_cache_equals_the_kivi_storage(residual, chunk):
 @torch.inference_mode()
 def test_static_kivi_decode_step_traces_as_one_graph():
     """The flush is a device-side flag, not a Python branch: one graph, equal to eager, across flushes."""
-    from kvcompress.cache.static import StaticQuantKVCache
+    from kvcompress.cache.static.quant import StaticQuantKVCache
 
     torch._dynamo.reset()
     model = tiny_model()

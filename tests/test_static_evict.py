@@ -20,7 +20,7 @@ from kvcompress.cache.policy.random import RandomPolicy
 from kvcompress.cache.policy.snapkv import SnapKV
 from kvcompress.cache.policy.streaming import StreamingLLM
 from kvcompress.cache.policy.tova import TOVA
-from kvcompress.cache.static import StaticKVCache
+from kvcompress.cache.storage.dense import StaticKVCache
 from kvcompress.cache.static.evict import StaticEvictionCache, layer_parts
 from kvcompress.cache.storage.dense import DenseStore
 from kvcompress.cache.storage.quant.store import QuantizedStore

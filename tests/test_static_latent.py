@@ -19,7 +19,7 @@ if "triton" not in sys.modules and not CUDA:
 from kvcompress import kernels  # noqa: E402
 from kvcompress.cache import ComposedCache, FullCache  # noqa: E402
 from kvcompress.cache.policy.h2o import H2O  # noqa: E402
-from kvcompress.cache.static import StaticKVCache  # noqa: E402
+from kvcompress.cache.storage.dense import StaticKVCache  # noqa: E402
 from kvcompress.cache.static.latent import StaticLatentKVCache  # noqa: E402
 from kvcompress.cache.storage.latent.store import LatentStore  # noqa: E402
 from kvcompress.engine.generate import positions_like  # noqa: E402

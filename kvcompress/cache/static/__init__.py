@@ -20,9 +20,6 @@ slots are masked), so the result equals the growing cache's within fp tolerance.
 A storage offers its form through ``static_form(capacity)``, a policy through ``static_form(storage, capacity)``;
 ``ComposedCache.static_form`` asks the right one (None: the combination decodes eagerly).
 """
-from kvcompress.cache.static.evict import StaticEvictionCache
-from kvcompress.cache.static.latent import StaticLatentKVCache
-from kvcompress.cache.static.quant import StaticQuantKVCache
 from kvcompress.cache.storage.dense import StaticKVCache
 
-__all__ = ["StaticEvictionCache", "StaticKVCache", "StaticLatentKVCache", "StaticQuantKVCache"]
+__all__ = ["StaticKVCache"]

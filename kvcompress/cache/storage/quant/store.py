@@ -14,7 +14,7 @@ from torch import Tensor
 
 from kvcompress.cache.base import ModelSpec, attention_weights
 from kvcompress.cache.checks import DTYPES, int_at_least, one_of
-from kvcompress.cache.static import StaticQuantKVCache
+from kvcompress.cache.static.quant import StaticQuantKVCache
 from kvcompress.cache.storage.base import PartsStore
 from kvcompress.cache.storage.fixed import FixedSlotCache
 from kvcompress.cache.storage.quant.codec import TokenQuantStore
