@@ -10,6 +10,15 @@ compute s on each, and report the (a/2, 1 - a/2) quantiles of those R values as 
 * ``ratio_ci``: f(sum num / sum den) over units resampled as pairs (perplexity = exp(sum NLL / sum tokens)
   over windows of possibly different token counts).
 
+``kendall_tau`` (Kendall's tau-b, 1945) compares two rankings of the same items (caches ranked on two models):
+with s_ij = sign(x_i - x_j) and t_ij = sign(y_i - y_j) over the pairs i < j,
+
+    tau_b = sum s_ij t_ij / sqrt(sum s_ij^2 * sum t_ij^2)
+
+(concordant minus discordant pairs over the untied pairs of each ranking; 1 = same order, -1 = reversed).
+``kendall_tau_ci`` resamples the items as (x_i, y_i) pairs, the usual bootstrap of a correlation; a resample
+whose x or y is all ties has no tau and is left out of the quantiles.
+
 Metrics with an interval are recorded as ``X``, ``X/ci_low``, ``X/ci_high`` (``interval_metrics``).
 """
 from __future__ import annotations
@@ -31,6 +40,9 @@ def bootstrap(statistic: Callable[[np.ndarray], np.ndarray], n: int, resamples: 
     idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     values = statistic(idx)
     alpha = (1.0 - level) / 2
+    values = values[~np.isnan(values)]  # a statistic undefined on a resample (tau of all-tied items)
+    if values.size == 0:
+        return math.nan, math.nan
     low, high = np.quantile(values, [alpha, 1.0 - alpha])
     return float(low), float(high)
 
@@ -58,6 +70,37 @@ def ratio_ci(num: Sequence[float], den: Sequence[float], resamples: int = 1000, 
     """Interval of transform(sum num / sum den), units (num_i, den_i) resampled together."""
     a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     return bootstrap(lambda idx: transform(a[idx].sum(1) / b[idx].sum(1)), len(a), resamples, seed)
+
+
+def _tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """tau_b of rows x, y (R, n) -> (R,); NaN where a row of x or y is all ties."""
+    s = np.sign(x[:, :, None] - x[:, None, :])
+    t = np.sign(y[:, :, None] - y[:, None, :])
+    den = np.sqrt((s * s).sum((1, 2)) * (t * t).sum((1, 2)))  # each pair twice, as in the numerator
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (s * t).sum((1, 2)) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _pairs(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"kendall_tau: x and y must be two scores of the same items, got shapes {a.shape}, {b.shape}")
+    if np.isnan(a).any() or np.isnan(b).any():
+        raise ValueError("kendall_tau: a score is NaN (an item without a value on one ranking)")
+    return a, b
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b of two scores of the same n items (NaN if either ranks all items equal, or n < 2)."""
+    a, b = _pairs(x, y)
+    return float(_tau_b(a[None], b[None])[0])
+
+
+def kendall_tau_ci(x: Sequence[float], y: Sequence[float], resamples: int = 1000, seed: int = 0
+                   ) -> tuple[float, float]:
+    """Percentile interval of tau_b over resamples of the items (pairs (x_i, y_i) drawn with replacement)."""
+    a, b = _pairs(x, y)
+    return bootstrap(lambda idx: _tau_b(a[idx], b[idx]), len(a), resamples, seed)
 
 
 def interval_metrics(name: str, value: float, ci: tuple[float, float]) -> dict[str, float]:
