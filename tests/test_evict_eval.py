@@ -91,9 +91,11 @@ def test_prefill_decode_run_and_check(stories):
     ev = PrefillDecode(dataset=str(TEXT), context=96, continuation=8, samples=3, batch_size=2, prefill_chunk=32)
     m = ev.run(ctx(stories, streaming(budget=32, when="prefill")))
     assert m["n_tokens"] == 24 and m["n_samples"] == 3 and 1 < m["ppl"] < 1e4 and m["evictions"] > 0
+    assert m["ppl/ci_low"] <= m["ppl"] <= m["ppl/ci_high"]  # two batches: the bootstrap's units
     spec = spec_of(stories[0])
     for bad, name in ((dict(context=510), "eval.context"), (dict(continuation=0), "eval.continuation"),
-                      (dict(samples=0), "eval.samples"), (dict(dataset="nope"), "dataset")):
+                      (dict(samples=0), "eval.samples"), (dict(dataset="nope"), "dataset"),
+                      (dict(bootstrap=-1), "eval.bootstrap")):
         with pytest.raises(ValueError, match=name):
             PrefillDecode(**{"context": 64, "continuation": 8, **bad}).check(spec, SHARED / "data")
 

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -21,6 +22,7 @@ from kvcompress.engine.session import Session
 from kvcompress.eval.base import EvalContext, Evaluation, require
 from kvcompress.eval.data import check_dataset, load_text
 from kvcompress.eval.ppl import text_windows
+from kvcompress.eval.stats import interval_metrics, ratio_ci
 
 
 @torch.inference_mode()
@@ -58,6 +60,7 @@ class PrefillDecode(Evaluation):
     prefill_chunk: int | None = 512  # null = the whole context in one forward
     continuation_chunk: int = 1  # continuation tokens per teacher-forced step (1: each one a decode step)
     bos: str | bool = "auto"
+    bootstrap: int = 1000        # resamples of the batches for ppl/ci_low, ppl/ci_high (0 = none; needs 2+ batches)
 
     def check(self, spec: ModelSpec, data_dir: Path, tokenizer=None) -> None:
         limit = spec.max_position - self.continuation
@@ -71,6 +74,7 @@ class PrefillDecode(Evaluation):
         require(1 <= self.continuation_chunk <= self.continuation, "eval.continuation_chunk",
                 f"in [1, continuation={self.continuation}]", self.continuation_chunk)
         require(self.bos in ("auto", True, False), "eval.bos", "auto, true or false", self.bos)
+        require(self.bootstrap >= 0, "eval.bootstrap", ">= 0", self.bootstrap)
         check_dataset(self.dataset, data_dir, min_tokens=self.context + self.continuation - 1,
                       tokenizer=tokenizer)
 
@@ -80,12 +84,15 @@ class PrefillDecode(Evaluation):
         pieces = pieces.to(ctx.model.device)
         nll = first = 0.0
         memory: dict = {}
+        per_batch: list[tuple[float, int]] = []  # (summed NLL, tokens): the bootstrap's units
         with tqdm(total=len(pieces) * (self.continuation - 1), desc="prefill+decode", disable=not ctx.progress,
                   leave=False) as bar:
             for batch in pieces.split(self.batch_size):
                 s, f, memory = continuation_nll(ctx.model, batch, ctx.cache, self.context, self.prefill_chunk, bar,
                                                 self.continuation_chunk)
                 nll, first = nll + s, first + f
+                per_batch.append((s, len(batch) * self.continuation))
         n = len(pieces) * self.continuation
-        return {"ppl": math.exp(nll / n), "nll": nll / n, "n_tokens": n, "n_samples": len(pieces),
-                "nll_first_token": first / len(pieces), **memory}
+        ci = ratio_ci(*zip(*per_batch), resamples=self.bootstrap, seed=0, transform=np.exp)
+        return {**interval_metrics("ppl", math.exp(nll / n), ci), "nll": nll / n, "n_tokens": n,
+                "n_samples": len(pieces), "nll_first_token": first / len(pieces), **memory}
