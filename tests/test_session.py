@@ -26,6 +26,8 @@ from kvcompress.eval.passkey import Passkey
 from kvcompress.eval.ppl import Perplexity
 from kvcompress.eval.prefill_decode import PrefillDecode, continuation_nll
 from kvcompress.eval.ruler.decode import answer
+from kvcompress.eval.speed import Speed
+from kvcompress.eval.throughput import Throughput
 
 TEXT = SHARED / "data" / "tinystories" / "TinyStoriesV2-GPT4-valid.first100.txt"
 
@@ -138,6 +140,11 @@ def test_replay_runs_wherever_the_session_prefills(stories):
         "prefill_decode": (lambda cache: continuation_nll(model, torch.tensor([prompt]), cache, 50, 16), 50),
         "lm_eval": (lambda cache: KVCompressLM(batch_size=1, chunk=16, loaded=Loaded(
             model, tok, cache, "stories260k", "kvzip"))._generate([prompt], [], 3, Sampling()), 60),
+        "speed": (lambda cache: Speed(context=48, decode_tokens=4, repeats=1, warmup=False, dataset="tinystories")
+                  .run(EvalContext(model, tok, cache, SHARED / "data", progress=False)), 48),
+        "throughput": (lambda cache: Throughput(context=40, decode_tokens=3, repeats=1, kv_budget_bytes=10**9,
+                                                max_batch=1, probe_batch=1, dataset="tinystories")
+                       .run(EvalContext(model, tok, cache, SHARED / "data", progress=False)), 40),
     }
     for where, (drive, length) in drivers.items():
         cache = kvzip(model)
@@ -182,8 +189,18 @@ def test_captured_decode_refuses_a_cache_without_a_static_form():
     cache.setup(spec_of(model))
     with pytest.raises(ValueError, match="decode=eager"):
         Session(model, cache, decode="captured").start(1)
-    with pytest.raises(ValueError, match="eager, captured"):
+    with pytest.raises(ValueError, match="eager, captured, compiled"):
         Session(model, cache, decode="graph")
+
+
+def test_the_session_names_the_step_that_ran():
+    """eval=speed and eval=throughput record ``Session.path``: eager, or (no CUDA graph on this CPU) static."""
+    model = tiny_model()
+    cache = ComposedCache(policy=H2O(budget=20))
+    cache.setup(spec_of(model))
+    eager, captured = Session(model, cache).start(1), Session(model, cache, decode="captured", capacity=32).start(1)
+    assert eager.path == "eager" and eager.cache is cache and eager.compile_s == 0.0
+    assert captured.path == ("graph" if torch.cuda.is_available() else "static") and captured.cache is not cache
 
 
 # -- lm-eval: the request's context is the prompt ------------------------------------------------------

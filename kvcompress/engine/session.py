@@ -5,8 +5,9 @@ lm-eval model go through it).
   KVzip's replay when the cache asks for it (``KVCache.replay_wanted``: the prompt fed once more right after
   itself, observed and dropped), then the explicit prompt boundary ``KVCache.end_prompt()``: a policy's
   ``when=prefill|both`` compresses at the next step, whatever its size (a decode step or a teacher-forced chunk).
-* ``step(tokens, pos)``: one token per row, eager, or captured (``decode="captured"``: the cache's static-capacity
-  form through ``engine.static``, a CUDA graph on a GPU and the same static step elsewhere; equal logits).
+* ``step(tokens, pos)``: one token per row, eager, or over the cache's static-capacity form: ``decode="captured"``
+  (``engine.static``: a CUDA graph on a GPU, the same static step elsewhere) or ``decode="compiled"``
+  (``engine.compiled``: that step compiled by Inductor, eager where compiling fails); equal logits.
 * ``score(tokens)``: teacher-forced forward in chunks, logits handed over per chunk. It defines no prompt: an
   evaluation made only of it (``eval=ppl``, ``eval=fidelity``) refuses prefill-time policies before weights load
   (``Evaluation.check_cache``); prefill + ``score`` of the rest gives scoring a prompt.
@@ -21,10 +22,11 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache.base import PAD_POSITION, KVCache
+from kvcompress.engine.compiled import CompiledDecode
 from kvcompress.engine.model import Transformer
 from kvcompress.engine.static import CapturedDecode, static_form
 
-DECODE = ("eager", "captured")
+DECODE = ("eager", "captured", "compiled")
 
 
 def require_finite(finite: Tensor, where: str) -> None:
@@ -68,9 +70,12 @@ def chunk_bounds(length: int, chunk: int | None, join_single_tail: bool = False)
 class Session:
     """The model and a cache over one batch at a time: prefill (replay, prompt boundary), decode steps, scoring.
 
-    ``decode="captured"`` runs every step of the session (prefill included) on the cache's static-capacity form of
-    ``capacity`` slots (default: the model's context), and decode steps through ``CapturedDecode``; a cache without
-    such a form is refused with the reason. ``session.cache`` is the cache that holds the tokens (for its report).
+    ``decode="captured"|"compiled"`` runs every step of the session (prefill included) on the cache's
+    static-capacity form of ``capacity`` slots (default: the model's context), and decode steps through
+    ``CapturedDecode`` / ``CompiledDecode``; a cache without such a form is refused with the reason.
+    ``session.cache`` is the cache that holds the tokens (for its report); ``path`` names the step that ran
+    (``eager``, ``graph``, ``compiled``, or ``static``: the static step run eagerly, where there is no CUDA graph
+    or compiling failed) and ``compile_s`` its compile seconds (0 unless compiled).
     """
 
     def __init__(self, model: Transformer, cache: KVCache, chunk: int | None = None, decode: str = "eager",
@@ -80,25 +85,37 @@ class Session:
         self.model, self.eager, self.chunk, self.decode = model, cache, chunk, decode
         self.capacity = capacity or model.config.max_position
         self.cache, self.captured, self.batch = cache, None, None
+        self.compile_s = 0.0
         self.finite = torch.ones((), dtype=torch.bool, device=model.device)
 
     # -- a batch -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def start(self, batch_size: int) -> Session:
         """Drop every token; the next calls feed a batch of ``batch_size`` rows."""
-        if self.decode == "captured" and self.batch != batch_size:
+        if self.decode != "eager" and self.batch != batch_size:
             static = static_form(self.eager, self.capacity)
             if static is None:
-                raise ValueError("decode=captured needs a cache with a static-capacity form (kvcompress.cache.static: "
-                                 "dense, quantized and latent storages, fixed-budget decode-time policies); this one "
-                                 "has none: use decode=eager")
+                raise ValueError(f"decode={self.decode} needs a cache with a static-capacity form (dense, quantized "
+                                 "and latent storages, fixed-budget decode-time policies); this one has none: use "
+                                 "decode=eager")
             static.setup(self.model.config.spec())
             static.reset(batch_size)
-            self.cache, self.captured = static, CapturedDecode(self.model, static, batch_size)
+            step = (CapturedDecode if self.decode == "captured" else CompiledDecode)(self.model, static, batch_size)
+            self.cache, self.captured = static, step
+            self.compile_s = getattr(step, "compile_s", 0.0)
         self.batch = batch_size
         self.cache.reset(batch_size)
         self.finite = torch.ones((), dtype=torch.bool, device=self.model.device)
         return self
+
+    @property
+    def path(self) -> str:
+        """The decode step that runs: eager, graph (a CUDA graph), compiled, or static (the static step, eagerly)."""
+        if self.captured is None:
+            return "eager"
+        if isinstance(self.captured, CompiledDecode):
+            return "compiled" if self.captured.compiled else "static"
+        return "graph" if self.captured.captured else "static"
 
     def finish(self, where: str) -> dict[str, float]:
         """Fail on non-finite logits seen since ``start``; the cache's memory report."""

@@ -1,11 +1,12 @@
-"""Prefill and decode throughput and per-token latency at a given context length and batch."""
+"""Prefill and decode throughput and per-token latency at a given context length and batch, on the engine session
+(``kvcompress.engine.session``: KVzip's replay and the prompt boundary as in every evaluation; eager, captured or
+compiled decode steps)."""
 from __future__ import annotations
 
 import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kvcompress.cache.base import KVCache, ModelSpec
-from kvcompress.engine.compiled import CompiledDecode
-from kvcompress.engine.generate import positions_like
-from kvcompress.engine.static import CapturedDecode, static_form
+from kvcompress.cache.base import ModelSpec
+from kvcompress.engine.session import Session
+from kvcompress.engine.static import static_form
 from kvcompress.eval.base import EvalContext, Evaluation, require
 from kvcompress.eval.data import check_dataset, load_text
 from kvcompress.eval.ppl import text_windows
@@ -28,39 +28,34 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def time_prefill_decode(model, tokens: torch.Tensor, cache, decode_tokens: int, chunk: int | None,
-                        bar=None, step=None) -> tuple[float, list[float], float]:
-    """Prefill ``tokens[:, :C]`` then decode the next ``decode_tokens`` text tokens one at a time.
+def time_prefill_decode(session: Session, tokens: torch.Tensor, decode_tokens: int, chunk: int | None,
+                        bar=None) -> tuple[float, list[float], float]:
+    """On ``session``: prefill ``tokens[:, :C]`` (KVzip's replay and the prompt boundary included, as everywhere),
+    then decode the next ``decode_tokens`` text tokens one step at a time on the session's decode path.
 
-    Decoding is teacher-forced (same work as greedy), so its NLL comes for free. ``step(tokens, pos)``,
-    when given, runs each decode step (a captured one) instead of the eager forward. Returns prefill
-    seconds, each decode step's seconds, and the summed NLL of the decoded tokens.
+    Decoding is teacher-forced (same work as greedy), so its NLL comes for free. Returns prefill seconds, each
+    decode step's seconds, and the summed NLL of the decoded tokens; non-finite logits fail the pass.
     """
-    dev, B = model.device, tokens.shape[0]
+    dev, B = session.model.device, tokens.shape[0]
     C = tokens.shape[1] - decode_tokens
-    cache.reset(B)
+    session.start(B)
     _sync(dev)
     t0 = time.perf_counter()
-    chunk = chunk or C
-    for lo in range(0, C, chunk):
-        hi = min(lo + chunk, C)
-        logits = model(tokens[:, lo:hi], positions_like(tokens[:, lo:hi], lo), cache,
-                       select=torch.full((B,), hi - lo - 1, device=dev))
-    cache.end_prompt()  # the prompt boundary (policy.when=prefill|both compress at the next step)
+    logits, _ = session.prefill(tokens[:, :C], chunk)
     _sync(dev)
     prefill_s = time.perf_counter() - t0
     steps, nll = [], torch.zeros((), dtype=torch.float64, device=dev)
     for i in range(decode_tokens):
-        nll += F.cross_entropy(logits[:, -1].float(), tokens[:, C + i], reduction="sum")
+        nll += F.cross_entropy(logits.float(), tokens[:, C + i], reduction="sum")
         if i + 1 == decode_tokens:
             break
         t = time.perf_counter()
-        tok, pos = tokens[:, C + i : C + i + 1], torch.full((B, 1), C + i, device=dev)
-        logits = model(tok, pos, cache) if step is None else step(tok, pos)
+        logits = session.step(tokens[:, C + i], torch.full((B,), C + i, device=dev))
         _sync(dev)
         steps.append(time.perf_counter() - t)
         if bar is not None:
             bar.update(1)
+    session.finish("speed")
     return prefill_s, steps, float(nll)
 
 
@@ -79,52 +74,34 @@ def spread(name: str, values: list[float]) -> dict[str, float]:
     return {name: med, f"{name}_min": lo, f"{name}_max": hi, "noisy": int(noisy)}
 
 
-@dataclass
-class Decoder:
-    """The cache a measurement runs on, the decode step (None: the eager forward) and the path's name:
-    ``eager`` (the cache's own step), ``graph`` (a static-capacity step replayed as a CUDA graph) or
-    ``static`` (that same static step run eagerly, where no CUDA graph exists) or ``compiled`` (that step compiled
-    by Inductor, ``kvcompress.engine.compiled``; ``compile_s`` its compile seconds, not timed)."""
-
-    cache: KVCache
-    step: Callable | None = None
-    path: str = "eager"
-    compile_s: float = 0.0
+SESSION_DECODE = {"eager": "eager", "graph": "captured", "compiled": "compiled"}  # eval.decode_path -> Session
 
 
-def decoder(ctx: EvalContext, batch: int, capacity: int, want: str = "eager") -> Decoder:
-    """``eager``: the cache as it is. ``graph``: its static form (an error if it has none); ``compiled``: that form
-    with the step compiled by Inductor (where compiling fails: the static step, eagerly, and the reason on stderr);
-    ``auto``: the graph where the form exists and CUDA is there, else eager (on this repository's 2-core CPU the
+def session_for(ctx: EvalContext, capacity: int, want: str = "eager", chunk: int | None = None) -> Session:
+    """The engine session a measurement runs on. ``eager``: the cache's own step. ``graph``: its static-capacity form
+    of ``capacity`` slots, the step a CUDA graph (on a CPU: the static step, eagerly: path ``static``);
+    ``compiled``: that step compiled by Inductor (where compiling fails: the static step, and the reason on stderr);
+    ``auto``: graph where the form exists and CUDA is there, else eager (on this repository's 2-core CPU the
     compiled step has not yet beaten eager decode: results/cpu_bench/README.md). The static form is exact (equal
-    logits), so ppl holds."""
-    if want == "eager":
-        return Decoder(ctx.cache)
-    static = static_form(ctx.cache, capacity)
-    if static is None or (want == "auto" and ctx.model.device.type != "cuda"):
+    logits), so ppl holds. A cache without a static form is refused naming ``eval.decode_path``."""
+    form = None if want == "eager" else static_form(ctx.cache, capacity)
+    if want != "eager" and form is None:
         require(want == "auto", "eval.decode_path", "eager or auto for a cache without a static-capacity form "
-                "(dense, quantized and latent storages have one, and fixed-budget H2O/TOVA/StreamingLLM/key-norm/"
-                "KeyDiff over dense or per-token int codes; sharing layouts and prefill-time policies do not: "
-                "kvcompress.cache.static)", want)
-        return Decoder(ctx.cache)
-    static.setup(ctx.model.config.spec())
-    static.reset(batch)
-    if want == "compiled":
-        step = CompiledDecode(ctx.model, static, batch)
-        return Decoder(static, step, "compiled" if step.compiled else "static", step.compile_s)
-    step = CapturedDecode(ctx.model, static, batch)
-    return Decoder(static, step, "graph" if step.captured else "static")
+                "(dense, quantized and latent storages have one, and fixed-budget decode-time policies such as "
+                "H2O/TOVA/StreamingLLM/key-norm/KeyDiff; sharing layouts and prefill-time policies do not)", want)
+    if want == "auto":
+        want = "graph" if form is not None and ctx.model.device.type == "cuda" else "eager"
+    return Session(ctx.model, ctx.cache, chunk, decode=SESSION_DECODE[want], capacity=capacity)
 
 
-def timed_passes(ctx: EvalContext, tokens: torch.Tensor, decode_tokens: int, repeats: int, chunk: int | None,
-                 warmup: bool, dec: Decoder | None = None) -> list[tuple[float, list[float], float]]:
-    """An optional short warm-up pass, then ``repeats`` timed prefill+decode passes (cache reset each)."""
+def timed_passes(session: Session, tokens: torch.Tensor, decode_tokens: int, repeats: int, chunk: int | None,
+                 warmup: bool, progress: bool = False) -> list[tuple[float, list[float], float]]:
+    """An optional short warm-up pass, then ``repeats`` timed prefill+decode passes (each a fresh batch)."""
     context = tokens.shape[1] - decode_tokens
-    cache, step = (ctx.cache, None) if dec is None else (dec.cache, dec.step)
     if warmup:
-        time_prefill_decode(ctx.model, tokens[:, : min(64, context) + 4], cache, 4, chunk, step=step)
-    with tqdm(total=repeats * (decode_tokens - 1), desc="decode", disable=not ctx.progress, leave=False) as bar:
-        return [time_prefill_decode(ctx.model, tokens, cache, decode_tokens, chunk, bar, step) for _ in range(repeats)]
+        time_prefill_decode(session, tokens[:, : min(64, context) + 4], 4, chunk)
+    with tqdm(total=repeats * (decode_tokens - 1), desc="decode", disable=not progress, leave=False) as bar:
+        return [time_prefill_decode(session, tokens, decode_tokens, chunk, bar) for _ in range(repeats)]
 
 
 def decode_rates(passes: list[tuple[float, list[float], float]], batch: int) -> list[float]:
@@ -165,8 +142,9 @@ class Speed(Evaluation):
         tokens = text_windows(ctx.tokenizer, text, length, self.batch_size, bos=False).to(ctx.model.device)
         if tokens.shape[0] < self.batch_size:  # short text: repeat rows
             tokens = tokens.repeat(-(-self.batch_size // tokens.shape[0]), 1)[: self.batch_size]
-        dec = decoder(ctx, self.batch_size, length, self.decode_path)
-        passes = timed_passes(ctx, tokens, self.decode_tokens, self.repeats, self.prefill_chunk, self.warmup, dec)
+        session = session_for(ctx, length, self.decode_path)
+        passes = timed_passes(session, tokens, self.decode_tokens, self.repeats, self.prefill_chunk, self.warmup,
+                              ctx.progress)
         prefill_s = statistics.median(p for p, _, _ in passes)
         steps = [s for _, pass_steps, _ in passes for s in pass_steps]
         B, n, nll = self.batch_size, self.batch_size * self.decode_tokens, passes[0][2]
@@ -174,12 +152,12 @@ class Speed(Evaluation):
             "ppl": math.exp(nll / n),
             "nll": nll / n,
             "n_tokens": n,
-            "prefill_tokens_per_s": B * self.context / prefill_s,  # medians over the timed passes
+            "prefill_tokens_per_s": B * self.context / prefill_s,  # medians over the timed passes (replay included)
             **spread("decode_tokens_per_s", decode_rates(passes, B)),  # median, _min, _max, noisy
             "decode_latency_ms_p50": 1000 * percentile(steps, 50),
             "decode_latency_ms_p90": 1000 * percentile(steps, 90),
             "prefill_s": prefill_s,
-            "decode_path": dec.path,
-            "compile_s": dec.compile_s,
-            **dec.cache.memory_report(),
+            "decode_path": session.path,
+            "compile_s": session.compile_s,
+            **session.cache.memory_report(),
         }

@@ -1,6 +1,7 @@
 """Throughput at equal memory: the largest batch whose KV cache fits a byte budget, and its decode tokens/s.
 
-This is how compressed caches win in serving (KIVI, H2O): the same memory holds more rows. Bytes per row
+This is how compressed caches win in serving (KIVI, H2O): the same memory holds more rows. Every pass runs on the
+engine session (``eval.speed.session_for``: replay, prompt boundary, eager or captured decode). Bytes per row
 are measured, never computed: one untimed pass at ``probe_batch`` rows gives ``kv_bytes / probe_batch``
 (``budget_counts=allocated``: ``kv_bytes_allocated``, spare buffer capacity included)
 after ``context + decode_tokens - 1`` tokens (the most a row holds here), the batch is
@@ -24,15 +25,8 @@ from kvcompress.cache.base import ModelSpec
 from kvcompress.eval.base import EvalContext, Evaluation, require
 from kvcompress.eval.data import check_dataset, load_text
 from kvcompress.eval.ppl import text_windows
-from kvcompress.eval.speed import (
-    DECODE_PATHS,
-    Decoder,
-    decode_rates,
-    decoder,
-    spread,
-    time_prefill_decode,
-    timed_passes,
-)
+from kvcompress.engine.session import Session
+from kvcompress.eval.speed import DECODE_PATHS, decode_rates, session_for, spread, time_prefill_decode, timed_passes
 
 VERIFY_TRIES = 4
 COUNTS = ("held", "allocated")  # kv_bytes (the tensors held) or kv_bytes_allocated (their whole buffers)
@@ -115,12 +109,13 @@ class Throughput(Evaluation):
         """``batch`` rows of context + decode tokens: the pool's text windows, repeated as needed."""
         return pool.repeat(-(-batch // pool.shape[0]), 1)[:batch]
 
-    def _held(self, ctx: EvalContext, tokens: torch.Tensor) -> tuple[int, Decoder]:
-        """Bytes counted against the budget after one untimed prefill + decode pass over ``tokens``, on the decode
-        path asked for at that batch (a static form reserves its whole capacity: that is what it holds)."""
-        dec = decoder(ctx, tokens.shape[0], tokens.shape[1], self.decode_path)
-        time_prefill_decode(ctx.model, tokens, dec.cache, self.decode_tokens, self.prefill_chunk, step=dec.step)
-        return (dec.cache.kv_bytes() if self.budget_counts == "held" else dec.cache.kv_bytes_allocated()), dec
+    def _held(self, ctx: EvalContext, tokens: torch.Tensor) -> tuple[int, Session]:
+        """Bytes counted against the budget after one untimed prefill + decode pass over ``tokens``, on a session of
+        the decode path asked for at that batch (a static form reserves its whole capacity: that is what it holds)."""
+        session = session_for(ctx, tokens.shape[1], self.decode_path)
+        time_prefill_decode(session, tokens, self.decode_tokens, self.prefill_chunk)
+        cache = session.cache
+        return (cache.kv_bytes() if self.budget_counts == "held" else cache.kv_bytes_allocated()), session
 
     def budget(self, ctx: EvalContext) -> int:
         """The byte budget: a number as given, else ``auto`` (free GPU memory, or on a CPU ``auto_rows`` fp16 rows)."""
@@ -143,14 +138,15 @@ class Throughput(Evaluation):
                 f"{context} + {self.decode_tokens} decode tokens)", budget)
         for _ in range(VERIFY_TRIES):
             tokens = self._rows(pool, batch)
-            held, dec = self._held(ctx, tokens)  # also the warm-up at the real batch
+            held, session = self._held(ctx, tokens)  # also the warm-up at the real batch
             if held <= budget:
                 break
             batch = shrink(batch, held, budget)
             require(batch >= 1, "eval.kv_budget_bytes", f">= one row's cache ({held} bytes held)", budget)
         else:
             raise RuntimeError(f"no batch fits kv_budget_bytes={budget} after {VERIFY_TRIES} tries (last {held})")
-        passes = timed_passes(ctx, tokens, self.decode_tokens, self.repeats, self.prefill_chunk, False, dec)
+        passes = timed_passes(session, tokens, self.decode_tokens, self.repeats, self.prefill_chunk, False,
+                              ctx.progress)
         rate = spread("decode_tokens_per_s", decode_rates(passes, batch))
         return {
             "batch_size": batch,
@@ -162,6 +158,6 @@ class Throughput(Evaluation):
             "kv_budget_used": held / budget,
             **rate,
             "decode_tokens_per_s_per_row": rate["decode_tokens_per_s"] / batch,
-            "decode_path": dec.path,
-            **dec.cache.memory_report(),
+            "decode_path": session.path,
+            **session.cache.memory_report(),
         }
