@@ -23,4 +23,4 @@ timeout ${SWEEP_S:-470} bash scripts/lowrank_sweep.sh all 2>&1 | grep -vE "it/s\
 timeout 60 python3 scripts/lowrank_bench_attend.py --device cuda --out $W/results 2>&1 | grep -v "lowrank calib" || true
 timeout 50 python3 scripts/lowrank_bench_attend.py --device cpu --out $W/results --steps 4 --reps 2 2>&1 \
   | grep -v "lowrank calib" || true
-python3 scripts/lowrank_table.py $W/results || true
+python3 -m kvcompress.report.cli --table $W/results --spec results/lowrank/table.yaml || true

@@ -31,4 +31,4 @@ if [[ $part == all || $part == variants ]]; then
   # int8 joint latents (the best trade-off above; run last, on the CPU, in the recorded table)
   $KVC -m experiment=lowrank_sweep storage.rank_fraction=0.75,0.5 storage.joint_kv=true storage.latent_bits=8 "${X[@]}"
 fi
-$PY scripts/lowrank_table.py "$RESULTS"
+$PY -m kvcompress.report.cli --table "$RESULTS" --spec results/lowrank/table.yaml

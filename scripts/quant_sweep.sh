@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quantization table (results/quant/README.md): perplexity sweeps, then decode speed at 2k context.
 #   scripts/quant_sweep.sh [ppl|speed] [kvc overrides...]      (no part: both)
-#   python scripts/quant_table.py                                (the table, from results/quant/records.jsonl)
+#   kvc-report --table results/quant                             (the table, from results/quant/records.jsonl)
 # Overrides go to every kvc call, e.g. `scripts/quant_sweep.sh speed device=cpu`.
 set -euo pipefail
 KVC=${KVC:-kvc}

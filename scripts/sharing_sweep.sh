@@ -39,4 +39,4 @@ fi
 # the layer-similarity heatmap (written by the groups=auto calibration), the sweep report, this family's tables
 $PY scripts/sharing_heatmap.py --out "$RESULTS/similarity.png" > "$RESULTS/similarity.md"
 $PY -m kvcompress.report.cli "$RESULTS" --command "bash scripts/sharing_sweep.sh"
-$PY scripts/sharing_table.py "$RESULTS"
+$PY -m kvcompress.report.cli --table "$RESULTS" --spec results/sharing/table.yaml

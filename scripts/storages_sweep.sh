@@ -2,7 +2,7 @@
 # Issue 17's storages and layout on SmolLM2-135M, WikiText-2, cache in the loop: KVQuant vs KIVI, GEAR vs KIVI-2,
 # ThinK alone and over KIVI (results/quant/storages/), xKV vs per-layer latents (results/lowrank/xkv/).
 #   bash scripts/storages_sweep.sh [quant|think|gear|xkv|extra ...]   (no part: all but extra), then
-#   python scripts/storages_table.py
+#   kvc-report --table results/quant/storages && kvc-report --table results/lowrank/xkv
 # Sized for the shared 2-core CPU: the first window of 1024 tokens (the same first window as the quant and lowrank
 # tables, which use 16 and 4), chunk 64, calibration on 2,048 TinyStories tokens. Rows compare only with each
 # other. Environment: KVC (default .venv/bin/kvc), WINDOWS (default 1), KVC_ARGS (extra overrides).

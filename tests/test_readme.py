@@ -148,3 +148,26 @@ def test_readme_command_runs(ex: Example, tmp_path):
     assert out.returncode == 0, f"README.md:{ex.line}: {ex.command}\nran: {shlex.join(cmd)}\n{out.stderr[-3000:]}"
     if ex.program == "kvc":
         assert "[failed]" not in out.stdout, f"README.md:{ex.line}: a job failed:\n{out.stdout[-3000:]}"
+
+
+DOCS = [README, *REPO.glob("results/**/README.md"), *REPO.glob("results/**/*.sh"), *REPO.glob("scripts/*.sh"),
+        *REPO.glob("conf/**/*.yaml"), *REPO.glob("results/**/table.yaml")]
+NAMED_FILE = re.compile(r"(?<![\w/.$-])((?:scripts|results)/[\w./-]+\.(?:py|sh|yaml))")
+TABLE_COMMAND = re.compile(r"kvc-report --table ((?:results|scripts)/[\w./-]*\w)")
+
+
+def test_named_scripts_and_table_folders_exist():
+    """A README, run script or config that names a script, or a ``kvc-report --table`` folder, names one that is
+    there (a removed table script left behind in the text fails here)."""
+    gone = [f"{doc.relative_to(REPO)}: {m.group(1)}" for doc in DOCS for m in NAMED_FILE.finditer(doc.read_text())
+            if not (REPO / m.group(1)).exists() and not (doc.parent / m.group(1)).exists()]
+    assert not gone, "these files are named but do not exist:\n" + "\n".join(gone)
+    specless = [f"{doc.relative_to(REPO)}: {m.group(1)}" for doc in DOCS
+                for m in TABLE_COMMAND.finditer(doc.read_text()) if not (REPO / m.group(1) / "table.yaml").is_file()]
+    assert not specless, "`kvc-report --table` folders without a table.yaml:\n" + "\n".join(specless)
+
+
+def test_named_file_patterns():
+    text = "run `python scripts/quant_table.py`, then `kvc-report --table results/quant/storages`; $PY/scripts/x.py"
+    assert [m.group(1) for m in NAMED_FILE.finditer(text)] == ["scripts/quant_table.py"]
+    assert [m.group(1) for m in TABLE_COMMAND.finditer(text)] == ["results/quant/storages"]

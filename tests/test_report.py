@@ -3,13 +3,19 @@ follow (strategy, settings), error bars from ``<metric>/ci_low|ci_high``, no Δp
 tags."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from kvcompress.report import build_report
+from kvcompress.report.cli import main as cli_main
+from kvcompress.report.expr import SpecError
 from kvcompress.report.markdown import markdown
 from kvcompress.report.table import record_settings, rows
+from kvcompress.report.tables import build_tables
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -153,3 +159,98 @@ def test_kvc_lm_eval_defaults():
     args = ["--model", "kvcompress", "--tasks", "kvc_passkey"]
     assert default_device(args) == (args if torch.cuda.is_available() else [*args, "--device", "cpu"])
     assert default_device([*args, "--device", "cuda:1"]) == [*args, "--device", "cuda:1"]
+
+
+# --- the one table builder (kvc-report --table) over results/<exp>/table.yaml ---
+SPECS = sorted(REPO.glob("results/**/table.yaml"))
+
+
+def spec_case(path: Path):
+    """A committed spec; one that reads a model's dimensions (``model_config``) needs SmolLM2-135M: slow."""
+    slow = "model_config(" in path.read_text()
+    return pytest.param(path, id=str(path.parent.relative_to(REPO)), marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("spec", [spec_case(p) for p in SPECS])
+def test_committed_tables_rebuild_unchanged(spec, tmp_path):
+    """Every table a results folder commits is what ``kvc-report --table <folder>`` makes of its records."""
+    folder = spec.parent
+    for path in build_tables(folder, tmp_path):
+        committed = folder / path.name
+        assert path.read_text() == committed.read_text(), (
+            f"{committed} differs from `kvc-report --table {folder.relative_to(REPO)}`: rebuild it, or fix the spec")
+
+
+def write_spec(folder: Path, spec: str, records: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "table.yaml").write_text(spec)
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+TOY = [rec("full", 10.0, 1.0, device="cpu"), rec("int4", 12.0, 3.5, {"bits": 4}, device="cpu"),
+       rec("int4", 11.0, 3.5, {"bits": 4}, device="cuda"), rec("int8", 10.5, 1.9, {"bits": 8}, device="cpu"),
+       {**rec("int8", 99.0, 1.9, {"bits": 8}), "status": "failed"}]
+
+
+def test_table_spec_rows_groups_columns_and_text(tmp_path):
+    write_spec(tmp_path, """
+let:
+  full: "first(records, cache='full').metrics.ppl"
+  devices: "sorted({r.device for r in records if r.device})"
+documents:
+  OUT.md:
+    - text: "full {{ f'{full:.1f}' }} on {{ len(devices) }} devices\\n"
+    - table:
+        where: "r.status == 'ok'"
+        latest: r.cache            # the last ok record of a cache, at its first place
+        columns:
+          - cache: r.cache
+          - Δppl: "f'{r.metrics.ppl - full:+.1f}'"
+          - {for: "d in devices", header: "on {{d}}", value: "r.device == d", align: right}
+        sort: "(-r.metrics.compression_ratio, row['cache'])"
+    - when: "full > 100"
+      text: never shown
+    - table:
+        group: r.cache
+        columns: [{cache: key}, {runs: len(rs)}, {"mean ppl": "f'{mean(x.metrics.ppl for x in rs):.2f}'"}]
+""", TOY)
+    (path,) = build_tables(tmp_path)
+    assert path.read_text() == (
+        "full 10.0 on 2 devices\n"
+        "| cache | Δppl | on cpu | on cuda |\n|---|---|---:|---:|\n"
+        "| int4 | +1.0 | False | True |\n| int8 | +0.5 | True | False |\n| full | +0.0 | True | False |\n"
+        "| cache | runs | mean ppl |\n|---|---|---|\n"
+        "| full | 1 | 10.00 |\n| int4 | 2 | 11.50 |\n| int8 | 2 | 54.75 |\n")
+
+
+@pytest.mark.parametrize("expr, message", [
+    ("r.__class__", "names starting with '_'"),
+    ("(x := 1)", "NamedExpr is not allowed"),
+    ("open('/etc/passwd')", "NameError"),
+    ("r.metrics.ppl +", "not a Python expression"),
+])
+def test_table_spec_refuses_unsafe_or_broken_expressions(tmp_path, expr, message):
+    write_spec(tmp_path, f'documents:\n  OUT.md:\n    - table:\n        columns: [{{x: "{expr}"}}]\n', TOY)
+    with pytest.raises(SpecError, match=message) as e:
+        build_tables(tmp_path)
+    assert "table.yaml" in str(e.value) and "column" in str(e.value)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("documents: {OUT.md: [{table: {columns: [{header: a, value: '1', align: up}]}}]}", "align='up'; choose one of"),
+    ("documents: {OUT.md: [{chart: {}}]}", "a part is one of text, table, plot"),
+    ("documents: {OUT.md: [{table: {}}]}", "a table needs 'columns'"),
+    ("records: x.jsonl", "documents required"),
+])
+def test_table_spec_errors_name_the_setting(tmp_path, spec, message):
+    write_spec(tmp_path, spec, TOY)
+    with pytest.raises(SpecError, match=re.escape(message)):
+        build_tables(tmp_path)
+
+
+def test_kvc_report_table_cli(tmp_path, capsys):
+    assert cli_main(["--table", str(tmp_path)]) == 1
+    assert "table.yaml does not exist" in capsys.readouterr().err
+    write_spec(tmp_path / "exp", "documents: {OUT.md: [{text: '{{ len(records) }} records'}]}", TOY)
+    assert cli_main(["--table", str(tmp_path / "exp"), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "OUT.md").read_text() == "5 records"

@@ -169,3 +169,29 @@ def speed_plot(table: list[dict], path: Path) -> None:
     ax.title.set_fontsize(8)
     fig.tight_layout()
     _save(fig, path)
+
+
+def series_plot(series: list[dict], path: Path, xlabel: str, ylabel: str, title: str = "", ylim=None,
+                hline: tuple[float, str] | None = None, size=(7, 4.5), label_size: int = 8) -> None:
+    """A results folder's plot (``kvc-report --table``): per series (``name``, ``marker``, ``xs``, ``ys``, and per
+    point an optional ``labels`` text and ``intervals`` (low, high) of y), points with their bars and labels; a
+    dashed baseline at ``hline`` = (y, name)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=size)
+    if hline is not None:
+        ax.axhline(hline[0], color="grey", ls="--", lw=1, label=hline[1] or None)
+    for s in series:
+        cis = s.get("intervals") or [None] * len(s["ys"])
+        ax.errorbar(s["xs"], s["ys"], yerr=_err(s["ys"], cis), fmt=s.get("marker", "o"), capsize=3, alpha=0.8,
+                    label=s.get("name") or None)
+        for x, y, text in zip(s["xs"], s["ys"], s.get("labels") or [], strict=False):
+            if text:
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=label_size)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if any(s.get("name") for s in series) or (hline and hline[1]):
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)

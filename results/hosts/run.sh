@@ -2,7 +2,7 @@
 # How far the host moves a number: the full cache and int4 (groups of 32) on SmolLM2-135M (WikiText-2, 4 windows of
 # 256 tokens, chunk 16, fp32) on two simulated machines: AVX2 with 2 threads, and the scalar/SSE4.2 paths
 # (ATEN_CPU_CAPABILITY=default for torch's own kernels, MKL_ENABLE_INSTRUCTIONS=SSE4_2 for its matmuls) with 1.
-# Every record names its host (cpu, isa, threads); table.py writes README.md from the records.
+# Every record names its host (cpu, isa, threads); `kvc-report --table results/hosts` writes README.md from them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 EVAL=(eval.window=256 eval.max_windows=4 eval.chunk=16 eval.bootstrap=0 progress=false)
@@ -17,4 +17,4 @@ for host in "avx2 2" "default 1"; do
         hydra.run.dir="outputs/hosts/$isa-$threads/${cache//[ =.]/_}"
   done
 done
-.venv/bin/python results/hosts/table.py results/hosts/runs/records.jsonl > results/hosts/README.md
+.venv/bin/kvc-report --table results/hosts

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # eval=ruler on SmolLM2-135M-Instruct (CPU-sized): records go to results/ruler/records.jsonl, then
-#   .venv/bin/python results/ruler/table.py > results/ruler/README.md   (also draws acc_vs_ratio.png)
+#   .venv/bin/kvc-report --table results/ruler   (README.md and acc_vs_ratio.png; spec: table.yaml)
 # Usage: results/ruler/run.sh [small|wide]   (default small: what results/ruler/README.md reports)
 #   small: 2 needle tasks x 1k tokens x 4 samples, both protocols; full cache, then H2O / SnapKV / StreamingLLM
 #          compressing once at prefill end to 25% of the tokens, then KIVI-2; about 20 min on a busy 2-core CPU.
