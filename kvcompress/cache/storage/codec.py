@@ -79,6 +79,12 @@ class CodecStore(TokenStore):
     def decode(self, parts: dict[str, Tensor], dtype) -> tuple[Tensor, Tensor]:
         """Keys and values (B, Hkv, T, D) in ``dtype`` from packed parts."""
 
+    def encode_at(self, k: Tensor, v: Tensor, pos: Tensor) -> dict[str, Tensor]:
+        """``encode`` of tokens at positions ``pos`` (B, T), keys as stored; what both buffers call. A codec that
+        rotates part of a pre-RoPE key itself (the latent storage's decoupled RoPE dims, with ``self.rope``)
+        overrides it."""
+        return self.encode(k, v)
+
     def attend_packed(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
                       lengths: Tensor | None = None) -> Tensor | None:
         """Attention over the packed parts (a kernel), or None: decode, then attend."""
@@ -91,7 +97,7 @@ class CodecStore(TokenStore):
 
     def append_payload(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
         self.dtype = k.dtype
-        self.parts.append(self.encode(k, v))
+        self.parts.append(self.encode_at(k, v, pos))
 
     def read_payload(self) -> tuple[Tensor, Tensor]:
         return self.decode(self.parts.view(), self.dtype)

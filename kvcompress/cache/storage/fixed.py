@@ -85,7 +85,10 @@ class FixedSlotCache(KVCache):
         if layer == 0:  # the first layer advances the index: every layer's attend then sees the new tokens
             self.index.add_(T)
         slots = self.index - T + torch.arange(T, device=k.device)
-        self.write(layer, slots, rope.rotate(k, pos), v)
+        codec = self.codecs[layer]
+        codec.rope = rope  # as a store's ``append`` keeps it: a codec may rotate (part of) pre-RoPE keys itself
+        k = rope.rotate(k, pos) if codec.keys == "post_rope" else k
+        self.slots.write(layer, slots, codec.encode_at(k, v, pos))
         if layer == 0:
             self.pos.index_copy_(1, slots, pos)
 

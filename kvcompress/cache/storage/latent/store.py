@@ -18,7 +18,12 @@ and only the rank-r latent of each token is stored:
   compressed part is not rotated afterwards (``nope`` or ``post_rope``): U_k is folded into the query.
   Rotated compressed keys cannot be absorbed (rotation depends on each key's position), so they are
   reconstructed; the value side is absorbed regardless. Equal to ``absorb=false`` within fp tolerance;
-* ``latent_bits``: latents quantized per token by the quantization storage's ``QuantPart``.
+* ``latent_bits``: latents quantized per token (``kernels.quantize_tokens``: group-wise codes, fp16 scale and zero).
+
+A codec (``storage.codec``): a token's parts are its latents (``key`` and ``value``, or ``joint``; with ``latent_bits``
+their codes, scales and zeros) and, with ``rope_dims``, its rotated uncompressed dims (``rope``). Eagerly they grow
+with the tokens; the captured form is the same codec in fixed slots (``FixedSlotCache``). The projections are per
+layer (``codec_per_layer``), so eviction's captured form does not apply.
 """
 from __future__ import annotations
 
@@ -27,11 +32,10 @@ import math
 import torch
 from torch import Tensor
 
-from kvcompress.cache.base import ModelSpec, attention_tail_weights
-from kvcompress.cache.buffers import GrowingBuffer, gather_tokens
+from kvcompress.cache.base import ModelSpec, attention, attention_tail_weights
 from kvcompress.cache.checks import DTYPES, number_in, one_of
-from kvcompress.cache.static.latent import StaticLatentKVCache
-from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.storage.codec import CodecStore
+from kvcompress.cache.storage.fixed import FixedSlotCache
 from kvcompress.cache.storage.latent.absorbed import Projection, absorbed_key_scores, gqa_view, latent_attention
 from kvcompress.cache.storage.latent.calibrate import (
     KEY_MODES,
@@ -42,9 +46,9 @@ from kvcompress.cache.storage.latent.calibrate import (
     rope_split,
     to_groups,
 )
-from kvcompress.cache.storage.latent.latents import Latents
-from kvcompress.kernels import from_part
+from kvcompress.kernels import Packed, quantize_tokens, resolve
 from kvcompress.kernels import latent_attention as latent_attention_kernel
+from kvcompress.kernels.reference import dequant_prefix
 
 Rank = int | float | str | None
 
@@ -56,17 +60,18 @@ def _check_rank_spec(name: str, r: Rank) -> None:
         raise ValueError(f"storage.{name} must be an int >= 1, a fraction in (0, 1], 'auto' or null, got {r!r}")
 
 
-class LatentStore(TokenStore):
+class LatentStore(CodecStore):
     """Stores a calibrated rank-r latent per token (plus ``rope_dims`` uncompressed rotary dims per head)."""
 
     values_writable = False  # values live in a (possibly joint) latent: no ``update_values`` (CaM)
+    codec_per_layer = True  # each layer projects with its own calibrated bases
 
     def __init__(self, rank: Rank = None, rank_fraction: float | None = 0.5, energy: float = 0.95,
                  key_rank: Rank = None, value_rank: Rank = None, joint_kv: bool = False, per_head: bool = False,
                  rope_dims: int = 0, rope_select: str = "high", nope: bool = False, keys: str = "pre_rope",
                  center: bool = True, absorb: bool = False, latent_dtype: str = "float16",
                  latent_bits: int | None = None, latent_group_size: int | None = None,
-                 calibration_file: str | None = None):
+                 calibration_file: str | None = None, backend: str | None = None):
         for name, r in (("rank", rank), ("key_rank", key_rank), ("value_rank", value_rank)):
             _check_rank_spec(name, r)
         if rank is None and rank_fraction is None:
@@ -98,8 +103,8 @@ class LatentStore(TokenStore):
         self.calibration_file = calibration_file
         self.layers: list[dict[str, Projection]] | None = None
         self.stats: dict[str, float | str] = {}
-        self._device: tuple | None = None
-        super().__init__("pre_rope")  # the base never rotates: this store rotates what it reconstructs
+        self.backend = backend  # kernels' backend (None: ``KVC_KERNELS`` / auto)
+        super().__init__(keys)
 
     @property
     def ragged_heads(self) -> bool:
@@ -150,12 +155,14 @@ class LatentStore(TokenStore):
                 projs[name] = shared.setdefault((id(fit), name), Projection(fit["basis"][..., :r], fit["mean"],
                                                                             self.spec.num_kv_heads))
             self.layers.append(projs)
-        self._device = None
 
     def ranks(self) -> dict[str, list[int]]:
         return {name: [p[name].rank for p in self.layers] for name in self.layers[0]}
 
     def _prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """This layer's projections on ``device`` in ``dtype``, once per (device, dtype)."""
+        if self.layers is None:
+            raise RuntimeError("storage=latent needs calibrate(ctx) before use")
         if self._device != (device, dtype):
             projs = {n: p.to(device, dtype) for n, p in self.layers[self.layer].items()}
             if "joint" in projs:  # key / value views of a joint projection: rows [:n_k] make key dims
@@ -168,137 +175,141 @@ class LatentStore(TokenStore):
             self.keep_idx, self.comp_idx = keep.to(device), comp.to(device)
             self._device = (device, dtype)
 
-    # -- tokens ------------------------------------------------------------------------------------
+    # -- the codec ---------------------------------------------------------------------------------
     def clear_payload(self) -> None:
-        if self.layers is None:
-            self.lat, self.rope_part = {}, GrowingBuffer()
-            return
-        new = lambda r: Latents(r, self.latent_dtype, self.latent_bits, self.latent_group_size)
-        self.lat = {n: new(p.rank) for n, p in self.layers[self.layer].items()}
-        self.rope_part = GrowingBuffer()  # (B, Hkv, T, rope_dims) uncompressed rotary dims, rotated once
-        self._device = None
+        super().clear_payload()
+        self._device = None  # a fresh per-layer store prepares its own layer's projections
 
-    def append_payload(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        if self.layers is None:
-            raise RuntimeError("storage=latent needs calibrate(ctx) before use")
-        latents, rope_part = self.encode(k, v, pos)
-        for name, c in latents.items():
-            self.lat[name].append(c)
-        if rope_part is not None:
-            self.rope_part.append(rope_part)
-
-    def encode(self, k: Tensor, v: Tensor, pos: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
-        """New tokens' latents by name (``joint``, or ``key`` and ``value``), in the projections' dtype, and their
-        rotated uncompressed dims (B, Hkv, T, rope_dims) in the latent dtype (None without ``rope_dims``)."""
+    def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        """Keys as stored (rotated under ``keys=post_rope``): the latents of the compressed dims and values (in the
+        projections' dtype, then held: cast to ``latent_dtype`` or quantized) and the kept rotary dims as they are."""
         self._prepare(k.device, k.dtype)
-        rotated = self.rope.rotate(k, pos) if self.pca.keys == "post_rope" or self.pca.rope_dims else None
-        rope_part = None
-        if self.pca.rope_dims:
-            rope_part = rotated[..., self.keep_idx].to(DTYPES[self.latent_dtype] or k.dtype)
-        kc = (rotated if self.pca.keys == "post_rope" else k)[..., self.comp_idx]
+        kc = k[..., self.comp_idx]
         if self.pca.joint_kv:
             G = self.proj["joint"].basis.shape[0]
-            return {"joint": self.proj["joint"].down(torch.cat([to_groups(kc, G), to_groups(v, G)], -1))}, rope_part
-        return {"key": self.proj["key"].encode_heads(kc), "value": self.proj["value"].encode_heads(v)}, rope_part
+            latents = {"joint": self.proj["joint"].down(torch.cat([to_groups(kc, G), to_groups(v, G)], -1))}
+        else:
+            latents = {"key": self.proj["key"].encode_heads(kc), "value": self.proj["value"].encode_heads(v)}
+        held = {}
+        for name, c in latents.items():
+            c = c.to(DTYPES[self.latent_dtype] or c.dtype)
+            if self.latent_bits is None:
+                held[name] = c
+            else:
+                held[name], held[f"{name}_scale"], held[f"{name}_zero"] = quantize_tokens(
+                    c, self.latent_bits, self.latent_group_size or c.shape[-1], False, self.backend)
+        if self.pca.rope_dims:
+            held["rope"] = k[..., self.keep_idx].to(DTYPES[self.latent_dtype] or k.dtype)
+        return held
 
-    def _latents(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        if "joint" in self.lat:
-            c = self.lat["joint"].read(dtype)
-            return c, c
-        return self.lat["key"].read(dtype), self.lat["value"].read(dtype)
+    def encode_at(self, k: Tensor, v: Tensor, pos: Tensor) -> dict[str, Tensor]:
+        """Pre-RoPE keys keep their ``rope_dims`` rotated (decoupled RoPE): rotated once, on arrival, at ``pos``."""
+        parts = self.encode(k, v)
+        if self.pca.rope_dims and self.keys == "pre_rope":
+            parts["rope"] = self.rope.rotate(k, pos)[..., self.keep_idx].to(parts["rope"].dtype)
+        return parts
 
-    def _stored_latents(self, dtype: torch.dtype):
-        """The latents as held: dense tensors, or the quantized parts as packed sides (read inside the kernel)."""
-        side = lambda lat: from_part(lat.quant) if lat.quant is not None else lat.read(dtype)
-        if "joint" in self.lat:
-            c = side(self.lat["joint"])
-            return c, c
-        return side(self.lat["key"]), side(self.lat["value"])
+    def packed(self, parts: dict[str, Tensor], name: str) -> Tensor | Packed:
+        """One latent as held: a dense tensor, or its codes as a kernel side."""
+        if self.latent_bits is None:
+            return parts[name]
+        return Packed(parts[name], parts[f"{name}_scale"], parts[f"{name}_zero"], None, self.latent_bits,
+                      self.latent_group_size or self.proj[name].rank, "token")
 
-    def _rope_dims(self) -> Tensor | None:
-        return self.rope_part.view() if self.pca.rope_dims else None
+    def latents(self, parts: dict[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Key and value latents (the joint one twice) in ``dtype``."""
+        out = []
+        for name in ("joint", "joint") if self.pca.joint_kv else ("key", "value"):
+            c = self.packed(parts, name)
+            out.append(c.to(dtype) if isinstance(c, Tensor) else dequant_prefix(c, 0, c.codes.shape[2]).to(dtype))
+        return out[0], out[1]
 
-    def _keys(self, ck: Tensor, pos: Tensor, dtype: torch.dtype, rope_part: Tensor | None) -> Tensor:
-        """Rotated full keys (B, Hkv, T, D) from key latents and the uncompressed rotary dims."""
+    def decode(self, parts: dict[str, Tensor], dtype) -> tuple[Tensor, Tensor]:
+        """Keys as stored (pre-RoPE ones unrotated but for their rotated ``rope_dims``) and values."""
+        return self.decode_at(parts, dtype, None)
+
+    def decode_at(self, parts: dict[str, Tensor], dtype, pos: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Rotated keys and values (B, Hkv, T, D) in ``dtype`` at key positions ``pos`` (None: keys as stored)."""
+        ck, cv = self.latents(parts, dtype)
+        return self.keys_from(ck, parts.get("rope"), pos), self.proj["value"].decode_heads(cv)
+
+    def keys_from(self, ck: Tensor, rope_part: Tensor | None, pos: Tensor | None) -> Tensor:
+        """Full keys from key latents (compressed dims; rotated at ``pos`` unless ``nope`` or stored rotated) and the
+        uncompressed rotary dims."""
         kc = self.proj["key"].decode_heads(ck)
         if not self.pca.rope_dims:
             k = kc
         else:
             k = kc.new_zeros(*kc.shape[:3], self.spec.head_dim)
             k[..., self.comp_idx] = kc
-        if self.pca.keys == "pre_rope" and not self.nope:
+        if pos is not None and self.keys == "pre_rope" and not self.nope:
             k = self.rope.rotate(k, pos)  # rope dims are 0 here; rotation keeps pairs, so they stay 0
-        if self.pca.rope_dims:
-            k[..., self.keep_idx] = rope_part.to(dtype)
+        if rope_part is not None:
+            k[..., self.keep_idx] = rope_part.to(ck.dtype)
         return k
-
-    def read_payload(self) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError  # ``read`` is overridden: keys are rotated here, by part
 
     def read(self) -> tuple[Tensor, Tensor, Tensor]:
         pos = self.positions()
-        ck, cv = self._latents(self.proj["value"].basis.dtype)
-        return *self.reconstruct(ck, cv, pos, self._rope_dims()), pos
+        return *self.decode_at(self.parts.view(), self.dtype, pos), pos
 
-    def reconstruct(self, ck: Tensor, cv: Tensor, pos: Tensor, rope_part: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Rotated keys and values (B, Hkv, T, D) from latents read in one dtype, at key positions ``pos``."""
-        return self._keys(ck, pos, ck.dtype, rope_part), self.proj["value"].decode_heads(cv)
-
+    # -- attention ---------------------------------------------------------------------------------
     def attend(self, q: Tensor, q_pos: Tensor, n_weights: int = 0) -> tuple[Tensor, Tensor | None]:
+        """Reconstructed keys and values, or with ``absorb`` in latent space, whose softmax weights are the policy's."""
         if not self.absorb:
             k, v, pos = self.read()
             return attention_tail_weights(q, k.to(q.dtype), v.to(q.dtype), q_pos, pos, n_weights)
-        pos = self.positions()
+        pos, parts = self.positions(), self.parts.view()
         if self.fused(n_weights):
-            return self.fused_attention(q, q_pos, pos, *self._stored_latents(q.dtype)), None
-        out, p = self.absorbed_attention(q, q_pos, pos, *self._latents(q.dtype), self._rope_dims())
+            return self.fused_attention(q, q_pos, pos, parts), None
+        out, p = self.absorbed_attention(q, q_pos, pos, parts)
         return out, (p[:, :, -n_weights:] if n_weights > 0 else None)
+
+    def attend_packed(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
+                      lengths: Tensor | None = None) -> Tensor:
+        """The captured form's attention over every slot (empty ones at ``PAD_POSITION``), as ``attend`` computes it."""
+        if not self.absorb:
+            k, v = self.decode_at(parts, q.dtype, k_pos)
+            return attention(q, k, v, q_pos, k_pos)
+        if self.fused():
+            return self.fused_attention(q, q_pos, k_pos, parts, lengths)
+        return self.absorbed_attention(q, q_pos, k_pos, parts)[0]
 
     def fused(self, n_weights: int = 0) -> bool:
         """Absorbed attention in one kernel: keys not rotated after reconstruction, no rope dims, no weights."""
-        return self.absorb and self.pca.keys == "post_rope" and not self.pca.rope_dims and n_weights == 0
+        return self.absorb and self.keys == "post_rope" and not self.pca.rope_dims and n_weights == 0
 
-    def fused_attention(self, q: Tensor, q_pos: Tensor, pos: Tensor, ck, cv, backend: str | None = None,
+    def fused_attention(self, q: Tensor, q_pos: Tensor, pos: Tensor, parts: dict[str, Tensor],
                         lengths: Tensor | None = None) -> Tensor:
         """U_k folded into the query, P applied to the stored (maybe quantized) latents, one up-projection
-        (``kernels.latent_attention``; ``lengths``: the latents are static-capacity buffers)."""
+        (``kernels.latent_attention``). ``lengths``: the slots written, for Triton to read on the device."""
+        ck, cv = (self.packed(parts, n) for n in (("joint", "joint") if self.pca.joint_kv else ("key", "value")))
+        ck, cv = (c.to(q.dtype) if isinstance(c, Tensor) else c for c in (ck, cv))
+        if lengths is not None and resolve(q.device, self.backend) == "triton":  # [n_q of K, n_q of V, T]
+            n = lengths.view(1).to(torch.int32)
+            lengths = torch.cat([n, n, n] if self.latent_bits else [n.new_zeros(2), n])
+        else:
+            lengths = None
         kp, vp = self.proj["key"], self.proj["value"]
         return latent_attention_kernel(q, q_pos, pos, ck, cv, kp.head_basis(), vp.head_basis(), vp.head_mean(),
-                                       backend=backend, lengths=lengths)
+                                       backend=self.backend, lengths=lengths)
 
-    def absorbed_attention(self, q: Tensor, q_pos: Tensor, pos: Tensor, ck: Tensor, cv: Tensor,
-                           rope_part: Tensor | None) -> tuple[Tensor, Tensor]:
+    def absorbed_attention(self, q: Tensor, q_pos: Tensor, pos: Tensor, parts: dict[str, Tensor]
+                           ) -> tuple[Tensor, Tensor]:
         """Attention in latent space over latents read in q's dtype: the output and the softmax weights."""
-        kp, H = self.proj["key"], self.spec.num_kv_heads
-        if self.pca.keys == "post_rope" or self.nope:  # fold U_k into the query; rope dims attend as they are
+        ck, cv = self.latents(parts, q.dtype)
+        rope_part, kp, H = parts.get("rope"), self.proj["key"], self.spec.num_kv_heads
+        if self.keys == "post_rope" or self.nope:  # fold U_k into the query; rope dims attend as they are
             scores = absorbed_key_scores(q[..., self.comp_idx], ck, kp)
-            if self.pca.rope_dims:
-                kr = rope_part.to(q.dtype)
-                scores = scores + gqa_view(q[..., self.keep_idx], H) @ kr.transpose(-1, -2)
+            if rope_part is not None:
+                scores = scores + gqa_view(q[..., self.keep_idx], H) @ rope_part.to(q.dtype).transpose(-1, -2)
         else:  # rotated compressed keys: reconstructed (position-dependent rotation cannot be absorbed)
-            scores = gqa_view(q, H) @ self._keys(ck, pos, q.dtype, rope_part).transpose(-1, -2)
+            scores = gqa_view(q, H) @ self.keys_from(ck, rope_part, pos).transpose(-1, -2)
         return latent_attention(q, q_pos, pos, cv, self.proj["value"], scores)
 
-    def keep_payload(self, idx: Tensor) -> None:
-        for lat in self.lat.values():
-            lat.keep(idx)
-        if self.rope_part.data is not None:
-            self.rope_part.replace(gather_tokens(self.rope_part.view(), idx))
-
-    # -- accounting --------------------------------------------------------------------------------
-    def payload_tensors(self) -> list[Tensor]:
-        return [t for lat in self.lat.values() for t in lat.tensors()] + self.rope_part.tensors()
-
-    def payload_reserved(self) -> list[Tensor]:
-        return [t for lat in self.lat.values() for t in lat.reserved_tensors()] + self.rope_part.reserved()
-
+    # -- forms and figures -------------------------------------------------------------------------
     def static_form(self, capacity: int):
-        """Dense latents (any ranks, ``joint_kv``, ``per_head``, ``rope_dims``, ``nope``, ``keys``, ``absorb``) in
-        static-capacity buffers (``kvcompress.cache.static.latent``), sharing this store's calibrated projections.
-        None with ``latent_bits``: quantized latents (a growing quantized part) have no static form yet."""
-        if self.latent_bits is not None:
-            return None
-        return StaticLatentKVCache(self, capacity)
+        """This codec in fixed slots (every setting, ``latent_bits`` included), sharing the calibrated projections."""
+        return FixedSlotCache(self, capacity)
 
     def calibration_tensors(self) -> list[Tensor]:
         unique = {id(p): p for layer in self.layers or [] for p in layer.values()}.values()

@@ -1,6 +1,7 @@
-"""The static-capacity form of the latent storage (``LatentStore.static_form``): equal to the eager latent store
-over prefill and decode for its settings, the decode step traces as one graph, exact accounting (less than the
-dense static cache), ``latent_bits`` has no form, and the latent kernel reads a device-side token count.
+"""The captured form of the latent storage (``LatentStore.static_form``: the latent codec in ``FixedSlotCache``): equal
+to the eager latent store over prefill and decode for its settings (quantized latents included), the decode step
+traces as one graph, exact accounting (less than the dense static cache), eviction has no captured form over it
+(projections per layer), and the latent kernel reads a device-side token count.
 
 ``TRITON_INTERPRET=1`` only takes effect before triton is first imported; when something imported it first, the
 interpreter tests run in a subprocess of this file (as in tests/test_kernels.py)."""
@@ -20,7 +21,7 @@ from kvcompress import kernels  # noqa: E402
 from kvcompress.cache import ComposedCache, FullCache  # noqa: E402
 from kvcompress.cache.policy.h2o import H2O  # noqa: E402
 from kvcompress.cache.storage.dense import StaticKVCache  # noqa: E402
-from kvcompress.cache.static.latent import StaticLatentKVCache  # noqa: E402
+from kvcompress.cache.storage.fixed import FixedSlotCache  # noqa: E402
 from kvcompress.cache.storage.latent.store import LatentStore  # noqa: E402
 from kvcompress.engine.generate import positions_like  # noqa: E402
 from kvcompress.engine.static import decode_step, static_form  # noqa: E402
@@ -98,6 +99,9 @@ SETTINGS = [
     dict(per_head=True, rope_dims=4, absorb=True),
     dict(joint_kv=True, rope_dims=2, nope=True, absorb=True),  # keys absorbed, rope dims attend as they are
     dict(joint_kv=True, rank="auto", energy=0.9, latent_dtype="model"),  # ranks per layer, latents unrounded
+    dict(latent_bits=8, rope_dims=2),  # quantized latents, reconstructed
+    dict(keys="post_rope", absorb=True, latent_bits=4),  # quantized latents read packed by the fused kernel
+    dict(latent_bits=2, latent_group_size=4, per_head=True, joint_kv=True, rope_dims=4, nope=True, absorb=True),
 ]
 
 
@@ -111,7 +115,7 @@ def test_static_form_equals_the_eager_latent_store(model, ctx, kw):
     tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     eager = eager_cache(model, ctx, **kw)
     static = static_form(eager, 20)
-    assert isinstance(static, StaticLatentKVCache)
+    assert isinstance(static, FixedSlotCache)
     a, b = prefill(model, eager, tokens), prefill(model, static, tokens)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     nxt = a[:, -1:].argmax(-1)
@@ -154,24 +158,23 @@ def test_bytes_are_the_buffers_and_fewer_than_the_dense_static_cache(model, ctx)
     static, dense = eager_cache(model, ctx).static_form(24), StaticKVCache(capacity=24)
     prefill(model, static, tokens)
     prefill(model, dense, tokens)
-    buffers = [t for layer in static.lat for t in layer.values()]
+    buffers = static.payload()  # per layer: the key and the value latents (B, 1, capacity, rank)
+    assert [sorted(static.slots.view(layer)) for layer in range(3)] == [["key", "value"]] * 3
     assert len(buffers) == 2 * 3 and all(t.shape[2] == 24 and t.dtype == torch.float16 for t in buffers)
     assert static.kv_bytes() == sum(t.nbytes for t in buffers) + static.pos.nbytes + static.index.nbytes
     assert static.kv_bytes() < dense.kv_bytes()
     with_rope = eager_cache(model, ctx, rope_dims=4).static_form(24)
     prefill(model, with_rope, tokens)
-    assert with_rope.rope_part.shape == (3, 2, 2, 24, 4)
+    assert [with_rope.slots.view(layer)["rope"].shape for layer in range(3)] == [(2, 2, 24, 4)] * 3
     assert with_rope.kv_bytes() == sum(t.nbytes for t in [*with_rope.payload(), with_rope.pos, with_rope.index])
     before = [t.data_ptr() for t in static.tensors()]
     static.reset(2)  # same batch: cleared in place, addresses kept
     assert [t.data_ptr() for t in static.tensors()] == before and static.tokens_seen == 0
 
 
-def test_unsupported_settings_have_no_static_form(model, ctx):
-    assert eager_cache(model, ctx, latent_bits=4).static_form(16) is None  # quantized latents
+def test_eviction_has_no_captured_form_and_an_uncalibrated_store_is_refused(model, ctx):
+    assert not eager_cache(model, ctx).static_form(16).slot_addressable  # per-layer projections
     assert eager_cache(model, ctx, policy=H2O(budget=8)).static_form(16) is None  # eviction: eager
-    with pytest.raises(ValueError, match="latent_bits"):
-        StaticLatentKVCache(LatentStore(latent_bits=4), 16).setup(spec_of(model))
     uncalibrated = LatentStore().static_form(16)
     uncalibrated.setup(spec_of(model))
     uncalibrated.reset(1)
@@ -228,14 +231,16 @@ def test_triton_latent_attention_reads_the_token_count_on_the_device(G):
 
 
 @interpreter
+@pytest.mark.parametrize("bits", [None, 8])
 @torch.inference_mode()
-def test_triton_static_latent_cache_equals_its_reference(model, ctx):
-    """The fused path (keys post-RoPE, absorbed) on the kernel with device lengths vs the PyTorch reference."""
-    store = eager_cache(model, ctx, keys="post_rope", absorb=True).storage
+def test_triton_captured_latents_equal_their_reference(model, ctx, bits):
+    """The fused path (keys post-RoPE, absorbed; dense or quantized latents) on the kernel with device lengths vs the
+    PyTorch reference."""
     tokens = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(6))
     out = []
     for backend in ("torch", "triton"):
-        cache = StaticLatentKVCache(store, capacity=10, backend=backend)
+        kw = dict(keys="post_rope", absorb=True, latent_bits=bits, backend=backend)
+        cache = eager_cache(model, ctx, **kw).static_form(10)
         nxt = prefill(model, cache, tokens[:, :5])
         out.append(torch.cat([nxt, steps(model, cache, tokens[:, 5:6], 5, 2)], 1))
     torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)
