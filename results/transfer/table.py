@@ -72,6 +72,18 @@ def ruler_scores(records: list[dict]) -> dict[str, dict[str, dict]]:
     return out
 
 
+def families(records: list[dict]) -> dict[str, set[str]]:
+    """Caches that change one axis only: storages (no policy, per-layer), policies (dense, per-layer)."""
+    out: dict[str, set[str]] = {"storage alone": set(), "policy alone (prefill)": set()}
+    for r in records:
+        one = [r["storage"] != "dense", r["policy"] != "none", r["layout"] != "per_layer"]
+        if one == [True, False, False]:
+            out["storage alone"].add(label(r))
+        elif one == [False, True, False]:
+            out["policy alone (prefill)"].add(label(r))
+    return out
+
+
 def loss(texts: dict[str, dict[str, dict]], which: list[str]) -> dict[str, float]:
     """cache -> mean over the texts ``which`` of log(ppl / ppl_full); caches measured on each of them."""
     names = set.intersection(*(set(texts[t]) for t in which)) if which else set()
@@ -103,13 +115,18 @@ def ranking_table(texts: dict[str, dict[str, dict]]) -> list[str]:
     return lines + ([f"", f"Not on every text (not ranked): {', '.join(missing)}."] if missing else []) + [""]
 
 
-def tau_line(a: str, b: str, sa: dict[str, float], sb: dict[str, float], what: str) -> tuple[str, list] | None:
+def tau_line(a: str, b: str, sa: dict[str, float], sb: dict[str, float], what: str) -> tuple[str, str] | None:
+    """The table row and the summary's sentence for one pair of models."""
     common = sorted((set(sa) & set(sb)) - {"full"})
     if len(common) < 3:
         return None
     x, y = [sa[c] for c in common], [sb[c] for c in common]
     tau, (lo, hi) = kendall_tau(x, y), kendall_tau_ci(x, y, resamples=2000, seed=0)
-    return f"| {a} | {b} | {what} | {len(common)} | {tau:+.2f} [{lo:+.2f}, {hi:+.2f}] |", common
+    verdict = ("agree beyond chance (the interval excludes 0)" if lo > 0 else
+               "disagree (the interval is below 0)" if hi < 0 else "are not told apart from unrelated orders")
+    return (f"| {a} | {b} | {what} | {len(common)} | {tau:+.2f} [{lo:+.2f}, {hi:+.2f}] |",
+            f"- {a} vs {b}, {what}, {len(common)} caches: tau {tau:+.2f} [{lo:+.2f}, {hi:+.2f}]: the rankings "
+            f"{verdict}.")
 
 
 def pair_verdicts(per_model: dict[str, dict[str, float]], metrics: dict[str, dict[str, dict]], key: str | None,
@@ -148,10 +165,11 @@ def main() -> None:
         out += [f"Perplexity: eval=prefill_decode, {p['samples']} pieces of {p['context']} + {p['continuation']} "
                 f"tokens per text, the prompt compressed once at its end (policies: when=prefill, budget = a "
                 f"fraction of the prompt), the continuation teacher-forced {p['continuation_chunk']} tokens at a "
-                f"time; 95% intervals resample the pieces (2 pieces: a rough spread, not a test). ratio = fp16 "
+                f"time; 95% intervals resample the pieces ({p['samples']} per text: a rough spread, not a test). ratio = fp16 "
                 f"reference bytes / bytes held (the fp32 full cache reads 0.5).", ""]
     # -- per model -------------------------------------------------------------------------------
-    per_text_loss, text_metrics = {}, {}
+    per_text_loss, text_metrics, summary = {}, {}, []
+    head = len(out)
     for m in MODELS:
         if m not in texts:
             continue
@@ -177,12 +195,29 @@ def main() -> None:
         row = tau_line(a, b, loss(texts[a], which), loss(texts[b], which), "ppl: " + ", ".join(which))
         if row:
             out.append(row[0])
+            summary.append(row[1])
     rl = {m: {c: v["accuracy"] for c, v in ruler[m].items()} for m in ruler
           if ruler[m].get("full", {}).get("accuracy", 0) > 0}
     for a, b in itertools.combinations([m for m in MODELS if m in rl], 2):
         row = tau_line(a, b, rl[a], rl[b], "RULER accuracy")
         if row:
             out.append(row[0])
+            summary.append(row[1])
+    # -- per axis: does the order within a family transfer ---------------------------------------
+    scored = {m: loss(texts[m], sorted(texts[m])) for m in MODELS if m in texts}
+    out += ["", "## Per family: the order on each model (perplexity, every text a model was scored on)", "",
+            "| family | " + " | ".join(m for m in scored) + " | same order everywhere? |",
+            "|---|" + "---|" * len(scored) + "---|"]
+    for family, members in families(records).items():
+        orders = [[c for c in sorted(scored[m], key=scored[m].get) if c in members] for m in scored]
+        common = set.intersection(*(set(o) for o in orders)) if orders else set()
+        orders = [[c for c in o if c in common] for o in orders]
+        same = "yes" if all(o == orders[0] for o in orders) else "no"
+        if len(orders) > 1 and orders[0]:
+            summary.append(f"- {family}: the order {'is the same on every model' if same == 'yes' else 'changes'}"
+                           f" ({'; '.join(f'{m}: ' + ' < '.join(o) for m, o in zip(scored, orders))}).")
+        out.append(f"| {family} | " + " | ".join(" < ".join(o) for o in orders) + f" | {same} |")
+    out += ["", "('a < b': a loses less perplexity than b.)"]
     # -- which pairwise conclusions hold on every model ------------------------------------------
     shared = sorted(set.intersection(*(set(texts[m]) for m in texts))) if texts else []
     for m in texts:
@@ -192,6 +227,10 @@ def main() -> None:
         key = "ppl" if len(shared) == 1 else None
         held, flipped = pair_verdicts(per_text_loss, text_metrics, key, better_low=True)
         n = len(held) + len(flipped)
+        both = [x for x in flipped if "separated on none" not in x]
+        summary.append(f"- Pairs of caches (perplexity on {', '.join(shared)}): {len(held)} of {n} keep their order "
+                       f"on every model, {len(flipped)} flip; of the flips, {len(both)} are separated by the "
+                       f"intervals on some model (the rest lie within the intervals on every model).")
         out += ["", f"## Which pairwise conclusions transfer (perplexity on {', '.join(shared)}, models "
                 f"{', '.join(m for m in MODELS if m in per_text_loss)})", "",
                 f"Of {n} pairs of caches, {len(held)} keep their order on every model and {len(flipped)} flip. "
@@ -199,6 +238,12 @@ def main() -> None:
                 "<details><summary>Pairs that flip</summary>", ""] + [f"- {x}" for x in flipped] + \
                ["", "</details>", "", "<details><summary>Pairs that hold</summary>", ""] + \
                [f"- {x}" for x in held] + ["", "</details>", ""]
+    largest = next((m for m in reversed(MODELS) if scored.get(m)), None)
+    if largest:
+        order = [c for c in sorted(scored[largest], key=scored[largest].get) if c != "full"]
+        summary.insert(0, f"- {largest}, the largest model, ranks the caches (least perplexity lost first, on "
+                          f"{', '.join(sorted(texts[largest]))}): {' < '.join(order)}.")
+    out[head:head] = ["## What transfers (computed from the tables below)", ""] + summary + [""]
     out += checks(load(HERE / "checks" / "records.jsonl"))
     print("\n".join(out))
 
