@@ -1,8 +1,11 @@
-"""Issue 25's storages (FP8, NVFP4 / MXFP4, rotation before quantization, product quantization) on a tiny random
-Llama (head_dim 32): round trips against independent references (torch's float8 casts, the e2m1 grid by hand,
-brute-force nearest centroids), exact bytes, eager == captured logits, composition with policies and layouts, and
-bad settings refused by name."""
+"""Issue 25's storages (FP8, NVFP4 / MXFP4, rotation, product quantization, KVTC transform coding) on a tiny
+random Llama (head_dim 32): round trips against independent references (torch's float8 casts, the e2m1 grid by
+hand, brute-force nearest centroids, brute-force bit allocations), exact bytes, eager == captured logits,
+composition with policies and layouts, and bad settings refused by name."""
 from __future__ import annotations
+
+import itertools
+import zlib
 
 import pytest
 import torch
@@ -15,9 +18,11 @@ from kvcompress.cache.policy.h2o import H2O
 from kvcompress.cache.policy.streaming import StreamingLLM
 from kvcompress.cache.storage.frontier.fp4 import Fp4Store
 from kvcompress.cache.storage.frontier.fp8 import Fp8Store
+from kvcompress.cache.storage.frontier.kvtc import KVTCStore, allocate, unpack
 from kvcompress.cache.storage.frontier.pq import PQStore
 from kvcompress.cache.storage.frontier.rotated import IntTokenCodec, RotatedStore, orthogonal
 from kvcompress.engine.generate import forward_chunks
+from kvcompress.testing import check_method
 
 GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 FP8 = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
@@ -288,3 +293,89 @@ def test_captured_forms_under_eviction_only_where_the_codec_is_layer_free():
     assert all(s.static_form(4).slot_addressable for s in free)
     assert not any(s.static_form(4).slot_addressable for s in layered)
     assert PQStore().static_form(4) is None  # pre-RoPE keys decode eagerly
+
+
+# -- KVTC transform coding ------------------------------------------------------------------------------------------
+def test_kvtc_allocation_meets_the_budget_and_is_optimal():
+    """Every budget is spent (up to 8 bits a component), and no integer allocation in [0, 3]^4 with the same
+    budget has less distortion sum var 4^-b (brute force)."""
+    var = torch.tensor([5.0, 2.0, 0.3, 0.01], dtype=torch.float64)
+    for budget in range(0, 13):
+        bits = allocate(var, budget, max_bits=3)
+        assert bits.sum() == budget and bits.max() <= 3 and (bits[:-1] >= bits[1:]).all()
+        best = min(sum(var[i] * 4.0 ** -b[i] for i in range(4)) for b in itertools.product(range(4), repeat=4)
+                   if sum(b) <= budget)
+        assert (var * 4.0 ** -bits.double()).sum() <= best + 1e-12
+    assert allocate(var, 100).sum() == 4 * 8  # a budget above 8 bits a component: every component at 8
+
+
+def _kvtc(bits, tmp, **settings):
+    g = torch.Generator().manual_seed(3)
+    mix = torch.randn(64, 64, generator=g) * torch.logspace(0, -2, 64)[:, None]  # correlated channels, 2 heads x 32
+    k = (torch.randn(512, 64, generator=g) @ mix).view(1, 512, 2, 32).transpose(1, 2)
+    store = KVTCStore(bits=bits, **{"block_size": 16, "residual": 0, "sink": 0, **settings})
+    ready(store, _spec(), Samples(k, 2 * k, tmp=tmp))
+    return store, k
+
+
+@pytest.mark.parametrize("bits", [1.0, 3.0, 6.0])
+def test_kvtc_round_trip_is_within_half_a_step(bits, tmp_path):
+    """Decoded coefficients are within half their step of the true ones wherever the code is not clamped, dropped
+    components come back as the mean, and the budget is met."""
+    store, k = _kvtc(bits, tmp_path)
+    t, layer = store.tables[0]["k"], store.fresh(0)
+    x = k[:, :, :48].half().float()  # the store codes its fp16 copy of each token
+    layer.append_payload(x, x, None)
+    got, _ = layer.read_payload()
+    assert t["bits"].sum() == round(bits * 64) and t["bits"].max() <= 8
+    c, c_hat = ((y.transpose(1, 2).flatten(2) - t["mu"]) @ t["basis"] for y in (x, got))
+    b, step = t["bits"].float(), t["step"]
+    inside = c.abs() < (2 ** (b - 1) - 1) * step  # not clamped
+    assert ((c_hat - c).abs() <= step / 2 + 1e-4)[inside & (b > 0)].all()
+    assert (c_hat[..., b == 0].abs() < 1e-4).all()
+    err = lambda bb: (KVTCStore.read_payload(_filled(bb, tmp_path, x))[0] - x).square().mean()
+    assert err(4.0) < err(2.0) < err(1.0)
+
+
+def _filled(bits, tmp, x):
+    layer = _kvtc(bits, tmp)[0].fresh(0)
+    layer.append_payload(x, x, None)
+    return layer
+
+
+def test_kvtc_bytes_are_the_deflated_streams(model, ctx):
+    """kv_bytes is the held tensors: sinks and hot window in fp16 and, per cold block, side and bit width, a raw
+    DEFLATE stream that inflates to exactly the packed codes."""
+    cache = ready(KVTCStore(bits=2.0, block_size=8, residual=4, sink=2), model, ctx)
+    cache.reset(2)
+    toks = torch.randint(0, 97, (2, 29), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        forward_chunks(model, toks, cache, 8)
+    assert cache.kv_bytes() == sum(t.nbytes for t in cache.tensors())
+    for s in cache.stores():
+        assert len(s.blobs) == (29 - 2 - 4) // 8 and s.sinks["k"].shape[2] == 2 and s.res["k"].shape[2] == 29 - 2 - 16
+        for blob in s.blobs:
+            for name in ("k", "v"):
+                bits = s.tables[s.layer][name]["bits"]
+                assert len(blob[name]) == len(bits.unique()) - int((bits == 0).any())
+                for stream, b in zip(blob[name], sorted(set(bits.tolist()) - {0}, reverse=True),
+                                            strict=True):
+                    n = int((bits == b).sum()) * 2 * 8  # components x rows x block tokens
+                    raw = zlib.decompress(stream.numpy().tobytes(), -15)
+                    assert len(raw) == -(-n // max(1, 4 // b)) and unpack(torch.tensor(list(raw), dtype=torch.uint8),
+                                                                          b, n).max() < 2 ** b
+        fp16 = sum(t.nbytes for t in [*s.sinks.values(), *s.res.values()])
+        assert sum(t.nbytes for t in s.payload_tensors()) == fp16 + sum(t.nbytes for bl in s.blobs
+                                                                        for n in "kv" for t in bl[n])
+    assert cache.static_form(40) is None
+
+
+def test_kvtc_contract_and_settings():
+    outcomes = check_method(storage={"_target_": "kvcompress.cache.storage.frontier.kvtc.KVTCStore", "bits": 2.0,
+                                     "block_size": 8, "residual": 8, "sink": 2})
+    assert all(o == "ran" for o in outcomes.values()), outcomes
+    for make, match in ((lambda: KVTCStore(bits=0), "storage.bits"), (lambda: KVTCStore(bits=9), "storage.bits"),
+                        (lambda: KVTCStore(block_size=0), "storage.block_size"),
+                        (lambda: KVTCStore(level=10), "storage.level"), (lambda: KVTCStore(keys="x"), "storage.keys")):
+        with pytest.raises(ValueError, match=match):
+            make()

@@ -10,7 +10,7 @@ ComposedCache (no policy, per-layer), calibrated on ``CAL_TOKENS`` TinyStories t
 cache's ``kv_bytes`` at the end of a window (codes, scales, residuals, positions), per stored entry
 (layers x 2 x Hkv x head_dim x tokens). Environment: WIKI (windows x tokens, default 2x128), LONG (paradise_lost,
 default 1x256), CHUNK (64), CAL_TOKENS (1024), ONLY (a regex of row names), RECORDS
-(the output file).
+(the output file), MODEL (a model name, default smollm2-135m; each record names it).
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def main() -> None:
     chunk, cal_tokens = int(os.environ.get("CHUNK", 64)), int(os.environ.get("CAL_TOKENS", 1024))
     only = re.compile(os.environ.get("ONLY", ".*"))
     data = ROOT.parent / "shared" / "data"
-    model, tok = load(resolve_source("smollm2-135m"), "smollm2-135m")
+    model_name = os.environ.get("MODEL", "smollm2-135m")
+    model, tok = load(resolve_source(model_name), model_name)
     spec = model.config.spec()
     texts = {}
     for dataset, env, default in (("wikitext2", "WIKI", "2x128"), ("paradise_lost", "LONG", "1x256")):
@@ -99,7 +100,8 @@ def main() -> None:
             entries = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * tokens * windows.shape[0]
             counts = [tokens - 1] * windows.shape[0]
             lo, hi = ratio_ci(per_window, counts, transform=np.exp)  # nan for a single window
-            rec = {"row": name, "target_bits": bits, "storage": yaml, "settings": overrides, "dataset": dataset,
+            rec = {"row": name, "model": model_name, "target_bits": bits, "storage": yaml, "settings": overrides,
+                   "dataset": dataset,
                    "windows": windows.shape[0], "window": tokens, "chunk": chunk, "calibration_tokens": cal_tokens,
                    "ppl": math.exp(total / n), "ppl_ci": [float(lo), float(hi)],
                    "bits_per_entry": 8 * memory["kv_bytes"] / entries, **memory,
