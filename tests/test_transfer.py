@@ -52,3 +52,29 @@ def test_tau_refuses_mismatched_items():
         kendall_tau([1, 2, 3], [1, 2])
     with pytest.raises(ValueError, match="NaN"):
         kendall_tau([1, 2, float("nan")], [1, 2, 3])
+
+
+def test_transfer_preset_composes_every_axis():
+    """experiment=transfer: every point composes (with eval=prefill_decode; eval=ruler too), each policy compresses at the prompt's end,
+    and the points span every axis (a storage, a policy and a layout change each appear, and one triple)."""
+    from hydra import compose, initialize_config_dir
+
+    from kvcompress.run import CONF_DIR
+
+    def job(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            return compose("config", overrides=["experiment=transfer", *overrides], return_hydra_config=True)
+
+    points = job().hydra.sweeper.params["+experiment/point"].split(",")
+    assert points[0] == "full" and len(points) >= 12
+    changed = []
+    assert job("+experiment/point=full", "eval=ruler").hydra.runtime.choices.eval == "ruler"
+    for point in points:
+        cfg = job(f"+experiment/point={point}", "eval=prefill_decode")
+        choices = cfg.hydra.runtime.choices
+        assert cfg.results_dir == "results/transfer" and choices.eval == "prefill_decode"
+        if choices.policy != "none":
+            assert cfg.policy.when == "prefill" and 0 < cfg.policy.budget < 1
+        changed.append(tuple(c != d for c, d in zip((choices.storage, choices.policy, choices.layout),
+                                                    ("dense", "none", "per_layer"))))
+    assert {(True, False, False), (False, True, False), (False, False, True), (True, True, True)} <= set(changed)
