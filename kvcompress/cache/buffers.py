@@ -2,7 +2,8 @@
 
 A storage's packed per-token tensors (``storage.codec``: a dict of name -> (B, H, T, ...)) live in a buffer the
 storage does not implement: ``GrowingParts`` (eager decode: grows, gathers on eviction, frees on ``replace``) or
-``SlotParts`` (captured decode: every layer's capacity allocated once, written at given slots in place). Float8
+``SlotParts`` (captured decode: every layer's capacity allocated once, written at given slots in place), or, once
+KV heads keep different token counts, ``cache.pages.PagedParts`` (pages per row and head, no padding). Float8
 tensors are moved through a uint8 view (CPU has no gather / index_copy for float8), so a codec may hold real
 1-byte float8 codes.
 """

@@ -9,10 +9,12 @@ With per-head scores s[h, i] (any scorer, ``policy/scorer=``), a store's budget 
 so each row keeps exactly H * B tokens, head h keeping B_h of them (sum_h B_h = H * B). Sinks, the recent window
 and the step's new tokens are protected in every head.
 
-Memory: storages hold one slot count per store, so every head holds max_h B_h slots and the
-max_h B_h - B_h extra slots of a head are copies made invisible (``store.hide``). ``kv_bytes`` counts them: the
-cost against a truly ragged layout is the factor H * max_h B_h / (H * B), reported per run as ``padding_fraction``
-(padding slots / all slots held, at the last eviction); the worst case is max_h B_h = H * B - (H - 1) * alpha * B.
+Memory: a store's slot view has one slot count, so every head shows max_h B_h slots, the max_h B_h - B_h extra
+slots of a head invisible (``keep_per_head``: ``store.hide``). A codec storage (dense, int, fp8, ...) then moves
+into pages (``cache.pages``): it holds each head's B_h tokens rounded up to pages plus a page table, so memory is
+the budget. Storages that are not codecs (KIVI, GEAR, KVQuant, latent) hold the padded view, a factor
+H * max_h B_h / (H * B) over the budget (worst case max_h B_h = H * B - (H - 1) * alpha * B). Either way
+``padding_fraction`` reports the view's padding share (padding slots / all slots, at the last eviction).
 """
 from __future__ import annotations
 

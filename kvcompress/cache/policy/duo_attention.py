@@ -9,8 +9,9 @@ r[l, g]. Saved with ``artifacts.save`` under ``ctx.cache_dir``, keyed by ``ctx.k
 Budget: with N = stores x KV heads, a store budget b per head, T tokens seen by the row and a streaming window
 w = sinks + recent (recent may be a fraction of b), the R = floor(N (b - w) / (T - w)) heads with the largest r
 (over all stores, as the paper thresholds its gates globally) are retrieval heads, so the row holds
-R T + (N - R) w <= N b tokens. Layers then hold different counts per head: stored as AdaKV does (``keep_per_head``),
-padding slots counted in ``kv_bytes`` — a layer with one retrieval head holds T slots in every head.
+R T + (N - R) w <= N b tokens. Layers then hold different counts per head, kept as AdaKV does (``keep_per_head``):
+a codec storage holds them in pages (``cache.pages``: each head's own tokens), a storage that is not a codec pads
+every head of a layer with one retrieval head to T slots (counted in ``kv_bytes``).
 """
 from __future__ import annotations
 

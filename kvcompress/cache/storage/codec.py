@@ -15,12 +15,15 @@ Subclass ``CodecStore`` and implement two methods (optionally a third):
   number of slots written (the rest of the capacity is empty, its positions ``PAD_POSITION``).
 
 The storage never implements a buffer. Eagerly its parts live in ``GrowingParts`` (``cache.buffers``: appended,
-gathered on eviction, memory freed after it); the captured (static-capacity) form is the same codec in
-``SlotParts`` (``storage.fixed.FixedSlotCache``: every buffer allocated once, tokens written at a device-side
-index with ``index_copy_``, no host synchronisation, so the decode step can be recorded as a CUDA graph), and an
-eviction policy's static form writes tokens at the slots it chooses (``slot_addressable``, ``write(layer,
-slots, k, v)``, ``slot_tokens(layer, dtype)``). Both decode paths and the byte accounting (the parts' real
-tensors) come for free. Attention weights asked for by a policy are computed beside the output, never instead
+gathered on eviction, memory freed after it) until a keep leaves its KV heads with different token counts (AdaKV,
+DuoAttention, per-head global budgets): the store then moves into ``PagedParts`` (``cache.pages``: the positions and
+parts of each row and head in pages of ``page_size`` tokens, only kept tokens held; the padded view is rebuilt for
+attention, so the numbers do not change; ``page_size = None`` keeps the padded form). The captured (static-capacity)
+form is the same codec in ``SlotParts`` (``storage.fixed.FixedSlotCache``: every buffer allocated once, tokens
+written at a device-side index with ``index_copy_``, no host synchronisation, so the decode step can be recorded as
+a CUDA graph), and an eviction policy's static form writes tokens at the slots it chooses (``slot_addressable``,
+``write(layer, slots, k, v)``, ``slot_tokens(layer, dtype)``). Both decode paths and the byte accounting (the parts'
+real tensors) come for free. Attention weights asked for by a policy are computed beside the output, never instead
 of it: observing never changes the arithmetic.
 
 An fp8 (e4m3) per-token storage, complete::
@@ -61,6 +64,7 @@ from torch import Tensor
 
 from kvcompress.cache import base
 from kvcompress.cache.buffers import GrowingParts
+from kvcompress.cache.pages import PagedParts, PagedPositions
 from kvcompress.cache.storage.base import TokenStore
 from kvcompress.cache.storage.fixed import FixedSlotCache
 
@@ -70,6 +74,7 @@ class CodecStore(TokenStore):
     generic."""
 
     codec_per_layer = False  # True when encode depends on the layer (``self.layer``: calibrated per layer)
+    page_size: int | None = 16  # tokens per page once KV heads keep different counts; None: stay padded
 
     @abstractmethod
     def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
@@ -84,6 +89,12 @@ class CodecStore(TokenStore):
         rotates part of a pre-RoPE key itself (the latent storage's decoupled RoPE dims, with ``self.rope``)
         overrides it."""
         return self.encode(k, v)
+
+    def decode_at(self, parts: dict[str, Tensor], dtype, pos: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``decode`` with the keys as attention reads them: pre-RoPE keys rotated at key positions ``pos`` (None:
+        as stored). A codec that stores part of a pre-RoPE key rotated (the latent storage) overrides it."""
+        k, v = self.decode(parts, dtype)
+        return (self.rope.rotate(k, pos) if pos is not None and self.keys == "pre_rope" else k), v
 
     def attend_packed(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
                       lengths: Tensor | None = None) -> Tensor | None:
@@ -104,6 +115,41 @@ class CodecStore(TokenStore):
 
     def keep_payload(self, idx: Tensor) -> None:
         self.parts.keep(idx)
+
+    # -- the buffer: growing, then paged (``cache.pages``) from the first keep that leaves heads uneven ----------
+    @property
+    def paged(self) -> bool:
+        return isinstance(self.parts, PagedParts)
+
+    def append(self, k: Tensor, v: Tensor, pos: Tensor, rope) -> None:
+        if not self.paged:
+            return super().append(k, v, pos, rope)
+        self.rope = rope
+        self.parts.append(self.encode_at(rope.rotate(k, pos) if self.keys == "post_rope" else k, v, pos), pos)
+
+    def keep(self, idx: Tensor) -> None:
+        if self.paged:
+            return self.parts.keep(idx)
+        super().keep(idx)
+
+    def hide(self, valid: Tensor) -> None:
+        """Hide slots; a per-head ``valid`` (heads keep different counts: AdaKV, DuoAttention, per-head global
+        budgets) moves the store into pages of ``page_size`` tokens, which hold only the real tokens."""
+        if self.paged:
+            return self.parts.hide(valid)
+        super().hide(valid)
+        if self.page_size is not None and valid.dim() == 3 and valid.shape[1] > 1:
+            if not (isinstance(self.page_size, int) and self.page_size >= 1):
+                raise ValueError(f"storage page_size must be an integer >= 1 or None, got {self.page_size!r}")
+            self.parts = PagedParts(self.parts.view(), self.pos.view(), self.page_size)
+            self.pos = PagedPositions(self.parts)
+
+    def update_values(self, v: Tensor) -> None:
+        if not self.paged:
+            return super().update_values(v)
+        k, _ = self.read_payload()
+        for name, x in self.encode(k, v.to(k.dtype)).items():
+            self.parts.replace(name, x)
 
     def payload_tensors(self) -> list[Tensor]:
         return self.parts.tensors()
