@@ -11,6 +11,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcompress.atomic import write_atomic
+
 RECORDS_FILE = "records.jsonl"
 REPO = Path(__file__).resolve().parents[1]
 AXES = ("storage", "policy", "layout")  # records of the composed cache name each axis and its settings
@@ -160,19 +162,6 @@ def is_committed(path: Path) -> bool:
         root = root.parent
     out = _git("ls-files", "--", str(path), root=root)
     return bool(out and out.strip())
-
-
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``: readers see the old
-    file or the new one, never a half-written one. The temporary keeps ``path``'s suffix (savefig needs it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

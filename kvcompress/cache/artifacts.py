@@ -1,36 +1,28 @@
 """Saved calibration artefacts (projections, layer similarity): written atomically, read with a clear error.
 
-    save(obj, path)                     # a temp file beside ``path``, then os.replace: never a half-written file
+    save(obj, path)                     # atomically (``kvcompress.atomic``): never a half-written file
     load(path, "low-rank calibration")  # any read/unpickle/zip error -> ValueError naming the file and the fix
     cached(path, make, "head split")    # (saved, True) if it exists (and passes check), else (make(), False) saved
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvcompress.atomic import write_atomic
+
 
 def save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temp file in ``path``'s folder, then an atomic rename: an interrupted save leaves
-    the previous file (or none), never a truncated one."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """``torch.save`` through the one atomic writer (``kvcompress.atomic``): an interrupted save leaves the previous
+    file (or none), never a truncated one."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_atomic(path, write)
 
 
 def load(path: str | Path, what: str = "calibration file") -> Any:

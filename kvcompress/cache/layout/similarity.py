@@ -24,6 +24,7 @@ from kvcompress.cache import artifacts
 from kvcompress.cache.base import CalibrationContext, KVCache
 
 FORMAT_VERSION = 1
+WHAT = "layer-similarity calibration file"
 
 
 @dataclass
@@ -35,15 +36,19 @@ class LayerSimilarity:
     base_nll: float          # NLL with the full cache
     path: Path | None = field(default=None, compare=False)  # where it was loaded from or saved to (not saved)
 
-    def save(self, path: Path) -> None:
-        artifacts.save({"format": FORMAT_VERSION, **{k: v for k, v in asdict(self).items() if k != "path"}}, path)
+    def saved(self) -> dict:
+        """The form saved on disk (``artifacts``): the fields but ``path``, with the format version."""
+        return {"format": FORMAT_VERSION, **{k: v for k, v in asdict(self).items() if k != "path"}}
+
+    @classmethod
+    def from_saved(cls, data: dict, path: Path) -> LayerSimilarity:
+        if data.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path} is not a layer-similarity file of format {FORMAT_VERSION}; delete it")
+        return cls(**{k: v for k, v in data.items() if k != "format"}, path=path)
 
     @classmethod
     def load(cls, path: Path) -> LayerSimilarity:
-        data = artifacts.load(path, "layer-similarity calibration file")
-        if data.pop("format", None) != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a layer-similarity file of format {FORMAT_VERSION}; delete it")
-        return cls(**data)
+        return cls.from_saved(artifacts.load(path, WHAT), path)
 
 
 def mean_cosines(x: list[Tensor]) -> Tensor:
@@ -76,14 +81,7 @@ def load_or_measure(ctx: CalibrationContext, share_pair: Callable[[int], KVCache
     """The saved similarity for ``ctx.key`` if there is one, else measure and save it."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     path = Path(ctx.cache_dir).expanduser() / f"similarity-{ctx.key}.pt"
-    if path.exists():
-        sim = LayerSimilarity.load(path)
-        if sim.key == ctx.key:
-            log(f"[sharing] layer similarity from {path}")
-            sim.path = path
-            return sim
-    sim = measure(ctx, share_pair, base, log)
-    sim.save(path)
-    log(f"[sharing] layer similarity saved to {path}")
-    sim.path = path
-    return sim
+    data, reused = artifacts.cached(path, lambda: measure(ctx, share_pair, base, log).saved(), WHAT,
+                                    lambda saved: LayerSimilarity.from_saved(saved, path).key == ctx.key)
+    log(f"[sharing] layer similarity {'from' if reused else 'saved to'} {path}")
+    return LayerSimilarity.from_saved(data, path)

@@ -142,32 +142,35 @@ def load_or_fit(ctx, s: PCASettings, path: Path | None = None, groups: list[list
         meta["settings"] = {**meta["settings"], "layer_groups": [list(g) for g in groups]}
     per_layer = (lambda fits: [fits[next(j for j, g in enumerate(groups) if i in g)]
                                for i in range(sum(map(len, groups)))]) if grouped else (lambda fits: fits)
-    t0 = time.perf_counter()
-    if path.exists():
-        blob = artifacts.load(path, "latent calibration file")
-        check_meta(blob.get("meta", {}), meta, path)
-        stats = {"calibration_s": time.perf_counter() - t0, "calibration_reused": 1.0, "calibration_file": str(path)}
+    t0, made = time.perf_counter(), {}
+
+    def make() -> dict:
+        if s.keys == "post_rope" and getattr(ctx, "rope", None) is None:
+            raise ValueError("keys=post_rope needs a calibration context with the model's rotary embedding (ctx.rope)")
+        samples = ctx.kv_samples()
+        made["calibration_sample_bytes"] = float(sum(t.nbytes for layer in samples for t in layer))
+        layers = fit(group_samples(samples, groups) if grouped else samples, s, getattr(ctx, "rope", None),
+                     getattr(ctx, "progress", True))
+        made["calibration_peak_rss_bytes"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        made["tokens"] = samples[0][0].shape[2]
+        return {"meta": meta, "layers": layers}
+
+    blob, reused = artifacts.cached(path, make, "latent calibration file",
+                                    lambda saved: check_meta(saved.get("meta", {}), meta, path))
+    stats = {"calibration_s": time.perf_counter() - t0, "calibration_reused": float(reused),
+             "calibration_file": str(path), **{k: v for k, v in made.items() if k != "tokens"}}
+    layers = per_layer(blob["layers"])
+    if reused:
         log(f"latent: reusing calibration {path}")
-        return per_layer(blob["layers"]), stats
-    if s.keys == "post_rope" and getattr(ctx, "rope", None) is None:
-        raise ValueError("keys=post_rope needs a calibration context with the model's rotary embedding (ctx.rope)")
-    samples = ctx.kv_samples()
-    sample_bytes = sum(t.nbytes for layer in samples for t in layer)
-    layers = fit(group_samples(samples, groups) if grouped else samples, s, getattr(ctx, "rope", None),
-                 getattr(ctx, "progress", True))
-    artifacts.save({"meta": meta, "layers": layers}, path)
-    stats = {"calibration_s": time.perf_counter() - t0, "calibration_reused": 0.0, "calibration_file": str(path),
-             "calibration_sample_bytes": float(sample_bytes),
-             "calibration_peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}
-    layers = per_layer(layers)
-    log(f"latent: calibrated {len(layers)} layers on {samples[0][0].shape[2]} tokens in "
-        f"{stats['calibration_s']:.1f}s (samples {sample_bytes / 2**20:.1f} MiB, peak RSS "
-        f"{stats['calibration_peak_rss_bytes'] / 2**20:.0f} MiB) -> {path}")
+    else:
+        log(f"latent: calibrated {len(layers)} layers on {made['tokens']} tokens in {stats['calibration_s']:.1f}s "
+            f"(samples {made['calibration_sample_bytes'] / 2**20:.1f} MiB, peak RSS "
+            f"{made['calibration_peak_rss_bytes'] / 2**20:.0f} MiB) -> {path}")
     return layers, stats
 
 
-def check_meta(got: dict, want: dict, path: Path) -> None:
-    """Refuse a calibration file made for another model, calibration text or setting."""
+def check_meta(got: dict, want: dict, path: Path) -> bool:
+    """True for a calibration file made for this model, calibration text and settings; any other is refused."""
     if got.get("version") != want["version"]:
         raise ValueError(f"calibration file {path} has format version {got.get('version')!r}, expected "
                          f"{want['version']}; delete it to recalibrate")
@@ -179,6 +182,7 @@ def check_meta(got: dict, want: dict, path: Path) -> None:
         detail = ", ".join(f"{k}={a!r} in the file but {b!r} here" for k, (a, b) in diff.items())
         raise ValueError(f"calibration file {path} was made with other settings ({detail}); delete it or set "
                          f"storage.calibration_file to another path")
+    return True
 
 
 def choose_rank(spec: int | float | str, eig: Tensor, energy: float) -> int:
