@@ -172,10 +172,12 @@ def speed_plot(table: list[dict], path: Path) -> None:
 
 
 def series_plot(series: list[dict], path: Path, xlabel: str, ylabel: str, title: str = "", ylim=None,
-                hline: tuple[float, str] | None = None, size=(7, 4.5), label_size: int = 8) -> None:
+                hline: tuple[float, str] | None = None, size=(7, 4.5), label_size: int = 8,
+                yscale: str = "linear") -> None:
     """A results folder's plot (``kvc-report --table``): per series (``name``, ``marker``, ``xs``, ``ys``, and per
     point an optional ``labels`` text and ``intervals`` (low, high) of y), points with their bars and labels; a
-    dashed baseline at ``hline`` = (y, name)."""
+    dashed baseline at ``hline`` = (y, name); ``yscale`` as matplotlib names it (``symlog`` for Δppl that spans
+    decades)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=size)
     if hline is not None:
@@ -187,7 +189,7 @@ def series_plot(series: list[dict], path: Path, xlabel: str, ylabel: str, title:
         for x, y, text in zip(s["xs"], s["ys"], s.get("labels") or [], strict=False):
             if text:
                 ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=label_size)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, yscale=yscale)
     if ylim is not None:
         ax.set_ylim(*ylim)
     if any(s.get("name") for s in series) or (hline and hline[1]):

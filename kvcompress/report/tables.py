@@ -149,12 +149,13 @@ def table_lines(spec: dict, ns: dict, where: str) -> list[str]:
     cols = column_list(spec["columns"], ns, where)
     rows = []
     for rns in spaces:
-        row = {h: cell(evaluate(v, {**rns, **extra}, f"{where} column {h!r}")) for h, v, _, extra in cols}
-        rows.append((row, rns))
-    if "sort" in spec:
-        rows.sort(key=lambda x: evaluate(spec["sort"], {**x[1], "row": x[0]}, f"{where} sort"))
+        cells = [cell(evaluate(v, {**rns, **extra}, f"{where} column {h!r}")) for h, v, _, extra in cols]
+        rows.append((cells, rns))
+    if "sort" in spec:  # `row`: the cells by header (a repeated header: its last column)
+        rows.sort(key=lambda x: evaluate(spec["sort"], {**x[1], "row": dict(zip([c[0] for c in cols], x[0],
+                                                                                strict=True))}, f"{where} sort"))
     return ["| " + " | ".join(h for h, *_ in cols) + " |", "|" + "".join(ALIGN[a] + "|" for _, _, a, _ in cols),
-            *("| " + " | ".join(row[h] for h, *_ in cols) + " |" for row, _ in rows)]
+            *("| " + " | ".join(cells) + " |" for cells, _ in rows)]
 
 
 def one_series(s: dict, ns: dict, where: str) -> dict:
@@ -176,7 +177,8 @@ def plot_part(spec: dict, ns: dict, out: Path, where: str) -> None:
     line = (evaluate(hline["y"], ns, f"{where} hline"), hline.get("name", "")) if hline else None
     series_plot(series, out / spec["file"], xlabel=spec.get("xlabel", ""), ylabel=spec.get("ylabel", ""),
                 title=fill(spec.get("title", ""), ns, where), ylim=spec.get("ylim"), hline=line,
-                size=tuple(spec.get("size", (7, 4.5))), label_size=spec.get("label_size", 8))
+                size=tuple(spec.get("size", (7, 4.5))), label_size=spec.get("label_size", 8),
+                yscale=spec.get("yscale", "linear"))
 
 
 def document(parts: list, ns: dict, out: Path, where: str) -> str:
