@@ -56,6 +56,10 @@ ROWS = {
     "int2 g32": (2, "int2", {"group_size": 32}),
     "Hadamard + int2 g32": (2, "rotated", {"key_bits": 2, "value_bits": 2}),
     "PQ 2-bit (sub 4/4)": (2, "pq", {"key_sub": 4, "value_sub": 4}),
+    # KVTC with every token coded (no sinks, no hot window), like the scalar rows above; blocks of 64 tokens
+    "KVTC 4-bit": (4, "kvtc", {"bits": 4.0, "residual": 0, "sink": 0}),
+    "KVTC 3-bit": (3, "kvtc", {"bits": 3.0, "residual": 0, "sink": 0}),
+    "KVTC 2-bit": (2, "kvtc", {"bits": 2.0, "residual": 0, "sink": 0}),
 }
 
 
