@@ -274,6 +274,13 @@ class LatentStore(CodecStore):
             return self.fused_attention(q, q_pos, k_pos, parts, lengths)
         return self.absorbed_attention(q, q_pos, k_pos, parts)[0]
 
+    def decodes_for_attention(self, q: Tensor) -> bool:
+        """Absorbed attention serves every step (prefill chunks too), as ``attend`` computes it."""
+        return not self.absorb
+
+    def decodes_for_attention(self, q: Tensor) -> bool:
+        return False  # ``attend_packed`` computes what ``attend`` does, prefill chunks included
+
     def fused(self, n_weights: int = 0) -> bool:
         """Absorbed attention in one kernel: keys not rotated after reconstruction, no rope dims, no weights."""
         return self.absorb and self.keys == "post_rope" and not self.pca.rope_dims and n_weights == 0
