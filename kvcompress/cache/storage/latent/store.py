@@ -275,10 +275,6 @@ class LatentStore(CodecStore):
         return self.absorbed_attention(q, q_pos, k_pos, parts)[0]
 
     def decodes_for_attention(self, q: Tensor) -> bool:
-        """Absorbed attention serves every step (prefill chunks too), as ``attend`` computes it."""
-        return not self.absorb
-
-    def decodes_for_attention(self, q: Tensor) -> bool:
         return False  # ``attend_packed`` computes what ``attend`` does, prefill chunks included
 
     def fused(self, n_weights: int = 0) -> bool:
