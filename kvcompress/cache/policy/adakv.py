@@ -14,7 +14,8 @@ slots of a head invisible (``keep_per_head``: ``store.hide``). A codec storage (
 into pages (``cache.pages``): it holds each head's B_h tokens rounded up to pages plus a page table, so memory is
 the budget. Storages that are not codecs (KIVI, GEAR, KVQuant, latent) hold the padded view, a factor
 H * max_h B_h / (H * B) over the budget (worst case max_h B_h = H * B - (H - 1) * alpha * B). Either way
-``padding_fraction`` reports the view's padding share (padding slots / all slots, at the last eviction).
+``padding_fraction`` reports the view's padding share (padding slots / all slots, at the last eviction), and
+``paged_fraction`` the share of stores held in pages.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class AdaKV(ScorerWrapper):
     def reset(self, batch_size: int, owners: list[int]) -> None:
         super().reset(batch_size, owners)
         self.padding: dict[int, tuple[int, int]] = {}
+        self.paged: dict[int, bool] = {}  # per store at its last eviction: padding slots not held (pages)
 
     def evict(self, owner: int, store: TokenStore, protect: int = 0) -> None:
         held, budget = store.length, self.target(owner)
@@ -59,6 +61,7 @@ class AdaKV(ScorerWrapper):
         self.state[owner] = keep_per_head(store, keep, self.state[owner])
         slots = store.length * keep.shape[0] * keep.shape[1]
         self.padding[owner] = (slots - int(keep.sum()), slots)  # invisible slots, all slots
+        self.paged[owner] = store.paged
         self.evictions += 1
 
     def head_priority(self, score: Tensor, pos: Tensor, budget: int, protect: int) -> Tensor:
@@ -73,7 +76,13 @@ class AdaKV(ScorerWrapper):
 
     def report(self) -> dict[str, float]:
         pad, slots = (sum(x) for x in zip(*self.padding.values(), strict=True)) if self.padding else (0, 0)
-        return {**super().report(), **({"padding_fraction": pad / slots} if slots else {})}
+        return {**super().report(), **({"padding_fraction": pad / slots} if slots else {}), **paged_report(self.paged)}
+
+
+def paged_report(paged: dict[int, bool]) -> dict[str, float]:
+    """``paged_fraction``: the share of stores that hold uneven heads in pages (no padding held), at their last
+    eviction."""
+    return {"paged_fraction": sum(paged.values()) / len(paged)} if paged else {}
 
 
 def top_slots(prio: Tensor, pos: Tensor, k: int) -> Tensor:

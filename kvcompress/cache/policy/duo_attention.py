@@ -24,6 +24,7 @@ from torch import Tensor
 from kvcompress.cache import artifacts
 from kvcompress.cache.base import PAD_POSITION
 from kvcompress.cache.checks import fail, int_at_least
+from kvcompress.cache.policy.adakv import paged_report
 from kvcompress.cache.policy.base import CacheUnder, EvictionPolicy, Policy
 from kvcompress.cache.policy.score import Candidates
 from kvcompress.cache.policy.wrapper import keep_per_head
@@ -106,11 +107,16 @@ class DuoAttention(EvictionPolicy):
         recent = torch.zeros_like(real).scatter_(-1, prio.topk(min(window, pos.shape[-1]), -1).indices, True)
         keep = torch.where(stream[None, :, None], recent & real, real)
         self.state[owner] = keep_per_head(store, keep, self.state[owner])
+        self.paged[owner] = store.paged
         self.evictions += 1
+
+    def reset(self, batch_size: int, owners: list[int]) -> None:
+        super().reset(batch_size, owners)
+        self.paged: dict[int, bool] = {}  # per store at its last eviction: held in pages (``paged_fraction``)
 
     def score(self, c: Candidates) -> Tensor:
         return c.pos.float()
 
     def report(self) -> dict[str, float]:
-        return {**super().report(), **({"duo_calibration": self.calibration_path}
-                                       if getattr(self, "calibration_path", None) else {})}
+        return {**super().report(), **paged_report(self.paged), **({"duo_calibration": self.calibration_path}
+                                                                   if getattr(self, "calibration_path", None) else {})}

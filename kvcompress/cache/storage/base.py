@@ -30,6 +30,7 @@ class TokenStore(ABC):
     ragged_heads = True  # can keep different tokens per KV head (per-head eviction); a property where it depends
     values_writable = True  # ``update_values`` works (token merging: CaM)
     pads_heads = True  # ``keep`` + ``hide`` can hold a different number of tokens per KV head (AdaKV, DuoAttention)
+    paged = False  # holds only the real tokens of uneven heads, in pages (codec storages: ``cache.pages``)
     group_calibration = False  # calibrate(ctx, groups) fits one calibration per group of layers (layout=xkv)
 
     def __init__(self, keys: str = "post_rope"):
@@ -152,26 +153,3 @@ class TokenStore(ABC):
     def payload_reserved(self) -> list[Tensor]:
         return self.payload_tensors()
 
-
-class PartsStore(TokenStore):
-    """A store holding K and V as two parts (``self.k``, ``self.v``: quantized prefix + residual, GEAR blocks, ...),
-    each with ``read(dtype)``, ``keep(idx (B, H, T'))``, ``tensors()``, ``reserved()`` and ``res`` (recent tokens)."""
-
-    def read_payload(self) -> tuple[Tensor, Tensor]:
-        return self.k.read(self.dtype), self.v.read(self.dtype)
-
-    def keep(self, idx: Tensor) -> None:
-        if self.k.res is not None:  # nothing held yet: nothing to keep
-            super().keep(idx)
-
-    def keep_payload(self, idx: Tensor) -> None:
-        B, H = self.k.res.shape[:2]
-        full = idx[:, None].expand(B, H, idx.shape[-1]) if idx.dim() == 2 else idx
-        self.k.keep(full)
-        self.v.keep(full)
-
-    def payload_tensors(self) -> list[Tensor]:
-        return self.k.tensors() + self.v.tensors()
-
-    def payload_reserved(self) -> list[Tensor]:
-        return self.k.reserved() + self.v.reserved()
