@@ -82,7 +82,7 @@ else
   esac
   echo "bench_gpu: $GPU (peak ${PEAK:-unknown} GB/s)"
   phase tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_static.py \
-    tests/test_static_latent.py tests/test_static_evict.py -k "cuda or triton or graph or static"
+    tests/test_latent_captured.py tests/test_static_evict.py -k "cuda or triton or graph or static"
   phase kernels 40 $PY -m kvcompress.kernels.bench --out "$OUT"
 fi
 
