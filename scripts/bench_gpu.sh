@@ -24,6 +24,12 @@
 # when a device call's time limit cut the first; records and phases.txt accumulate in $OUT).
 # CPU_CHECK=1: the same kvc commands at toy sizes on stories260K on the CPU (no setup, no CUDA, no engine
 # bench), into /tmp/kvc_gpu_bench_check: checks that every command composes before a GPU is spent on it.
+# TRANSFER=1 (issue 23; long: about an hour or more on one H100, so a call of its own): the phases transfer_*
+# only: the transfer study's wide grid (conf/experiment/transfer.yaml's 14 caches, and the six policies at 50% too,
+# on SmolLM2-135M, Qwen2.5-0.5B and Qwen2.5-1.5B: eval=prefill_decode with 4 pieces of 4,096 + 256 tokens of Hamlet
+# and Paradise Lost scored token by token, eval=ruler on six needle tasks at 1k/2k/4k, 8 prompts each) and
+# Qwen2.5-1.5B's speed matrix (the caches of phase 3 at contexts 1k, 4k, 16k, batch 1 and 16, eager and graph),
+# into $OUT/transfer/records.jsonl; results/transfer/table.py reads that file as it reads its own.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${CPU_CHECK:-}" ]; then
@@ -32,6 +38,9 @@ if [ -n "${CPU_CHECK:-}" ]; then
   KV_BUDGET=${KV_BUDGET:-400000}
   MODEL=(model=stories260k device=cpu dtype=float32)
   CONTEXTS=64,128 BATCHES=1,2 TPUT_CONTEXT=64 DATA=tinystories SCALE=10  # a shared CPU: longer limits
+  TR_MODELS=(stories260k) TR_CONTEXTS=64,128 TR_TEXT=(eval.context=96 eval.continuation=16 eval.samples=2
+    eval.dataset=tinystories) TR_RULER=("eval.lengths=[448]" eval.samples=2 eval.max_new_tokens=16
+    "eval.tasks=[niah_single_1]")
 elif [ -n "${BENCH_CPU:-}" ]; then
   OUT=${OUT:-results/cpu_bench}
   SKIP_SETUP=1
@@ -41,6 +50,11 @@ elif [ -n "${BENCH_CPU:-}" ]; then
 else
   MODEL=(model=smollm2-135m device=cuda dtype=bfloat16)
   CONTEXTS=1024,4096,8176 BATCHES=1,16 TPUT_CONTEXT=4096 DATA=wikitext2 SCALE=1
+  TR_MODELS=(smollm2-135m qwen2.5-0.5b qwen2.5-1.5b) TR_CONTEXTS=1024,4096,16384
+  TR_TEXT=(eval.context=4096 eval.continuation=256 eval.samples=4 eval.continuation_chunk=1
+    eval.dataset=hamlet,paradise_lost) TR_RULER=("eval.lengths=[1024,2048,4096]" eval.samples=8 eval.batch_size=8
+    eval.chat=true
+    "eval.tasks=[niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multivalue]")
 fi
 OUT=${OUT:-results/gpu_bench}
 KV_BUDGET=${KV_BUDGET:-2000000000}
@@ -51,6 +65,8 @@ T0=$(date +%s)
 phase() {  # phase NAME SECONDS CMD...: run with a time limit, log its output, note rc and duration
   [ -z "${TABLE_ONLY:-}" ] || return 0
   [[ -z "${ONLY:-}" || $1 =~ ${ONLY} ]] || return 0
+  if [[ $1 == transfer_* ]]; then [ -n "${TRANSFER:-}" ] || return 0  # TRANSFER=1: the transfer phases only
+  else [ -z "${TRANSFER:-}" ] || return 0; fi
   local name=$1 limit=$(( $2 * SCALE )) t=$(date +%s); shift 2
   echo "== $name (limit ${limit}s, at $(( t - T0 ))s)"
   timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
@@ -59,7 +75,7 @@ phase() {  # phase NAME SECONDS CMD...: run with a time limit, log its output, n
   tail -n 3 "$OUT/logs/$name.log"
 }
 
-if [ -z "${SKIP_SETUP:-}" ]; then
+if [ -z "${SKIP_SETUP:-}" ] && [ -z "${TRANSFER:-}" ]; then
   phase setup 150 env KVC_TORCH=torch bash scripts/setup.sh
 fi
 PY=.venv/bin/python
@@ -100,7 +116,27 @@ TPUT=(eval=throughput eval.context=$TPUT_CONTEXT eval.kv_budget_bytes="$KV_BUDGE
       eval.repeats=2 eval.dataset=$DATA eval.decode_path=eager,graph)
 phase throughput 60 "${KVC[@]}" "${TPUT[@]}" storage=dense,int4
 phase throughput_kivi2 40 "${KVC[@]}" "${TPUT[@]}" storage=kivi storage.bits=2
-if [ -z "${CPU_CHECK:-}" ]; then
+if [ -n "${TRANSFER:-}" ] && [ -z "${BENCH_CPU:-}" ]; then  # issue 23: the wide transfer grid, 1.5B speed matrix
+  DEV=("${MODEL[@]:1}")  # the mode's device and dtype
+  TR=(.venv/bin/kvc -m experiment=transfer "${DEV[@]}" results_dir="$OUT/transfer" progress=false)
+  POLICIES_50=(+experiment/point=full policy=streaming,snapkv,h2o,expected_attention,kvzip,adakv policy.budget=0.5
+               policy.when=prefill)
+  for m in "${TR_MODELS[@]}"; do
+    phase transfer_text_$m 1200 "${TR[@]}" model=$m eval=prefill_decode "${TR_TEXT[@]}"
+    phase transfer_text50_$m 600 "${TR[@]}" model=$m eval=prefill_decode "${TR_TEXT[@]}" "${POLICIES_50[@]}"
+    phase transfer_ruler_$m 1200 "${TR[@]}" model=$m eval=ruler "${TR_RULER[@]}"
+  done
+  TR_SPEED=(eval=speed eval.context=$TR_CONTEXTS eval.batch_size=$BATCHES eval.decode_tokens=16 eval.repeats=2
+            eval.prefill_chunk=2048 eval.dataset=$DATA model=${TR_MODELS[-1]} +experiment/point=full)
+  for path in eager graph; do
+    phase transfer_speed_$path 600 "${TR[@]}" "${TR_SPEED[@]}" eval.decode_path=$path \
+      storage=dense,int8,int4 policy=none
+    phase transfer_speed_${path}_kivi2_latent_h2o 600 bash -c '"$@" storage=kivi storage.bits=2 && \
+      "$@" storage=latent storage.rank_fraction=0.5 storage.absorb=true && "$@" policy=h2o policy.budget=0.25' \
+      _ "${TR[@]}" "${TR_SPEED[@]}" eval.decode_path=$path
+  done
+fi
+if [ -z "${CPU_CHECK:-}${TRANSFER:-}" ]; then
   if [ -n "${BENCH_CPU:-}" ]; then ENGINE=(--device cpu --dtype float32 --batch 1 8 --repeats 3)
   else ENGINE=(--device cuda --dtype bfloat16 --batch 1 16 ${PEAK:+--peak-gbps "$PEAK"}); fi
   phase engine 45 $PY scripts/bench_engine.py "${ENGINE[@]}" --static --out "$OUT/engine"
