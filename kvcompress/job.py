@@ -11,22 +11,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kvcompress.cache import ComposedCache, KVCache
+from kvcompress.presets import names, settings
 
 AXES = ("storage", "policy", "layout")
 IDENTITY = {"storage": "dense", "policy": "none", "layout": "per_layer"}
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def presets(axis: str) -> dict[str, dict]:
-    """``conf/<axis>/<name>.yaml`` -> its settings (``_target_`` included), as written."""
-    from omegaconf import OmegaConf
-
-    out = {}
-    for f in sorted((CONF_DIR / axis).glob("*.yaml")):
-        conf = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
-        if isinstance(conf, dict):
-            out[f.stem] = conf
-    return out
+    """``conf/<axis>/<name>.yaml`` -> its settings (``_target_`` included), defaults lists resolved."""
+    return {name: settings(axis, name) for name in names(axis)}
 
 
 def effective_choice(axis: str, choice: str, settings: dict) -> str:

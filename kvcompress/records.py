@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcompress.atomic import write_atomic
+from kvcompress.presets import settings as preset_settings
 
 RECORDS_FILE = "records.jsonl"
 REPO = Path(__file__).resolve().parents[1]
@@ -249,17 +250,13 @@ def flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 @functools.cache
 def preset(axis: str, name: str) -> dict:
-    """The settings of ``conf/<axis>/<name>.yaml`` ({} when there is no such file or it cannot be read)."""
-    path = REPO / "conf" / axis / f"{name}.yaml"
-    if not path.is_file():
-        return {}
-    from omegaconf import OmegaConf
-
+    """The settings of ``conf/<axis>/<name>.yaml``, its defaults list resolved as Hydra composes it ({} when there is
+    no such file or it cannot be read)."""
     try:
-        conf = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        conf = preset_settings(axis, name)
     except Exception:  # an unreadable preset only costs the short form
         return {}
-    return {k: v for k, v in conf.items() if k != "_target_"} if isinstance(conf, dict) else {}
+    return {k: v for k, v in conf.items() if k != "_target_"}
 
 
 def changed_settings(params: dict | None, axis: str | None = None, name: str | None = None) -> str:

@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from kvcompress import presets
 from kvcompress.cache import ComposedCache
 from kvcompress.engine.generate import forward_chunks, positions_like
 
@@ -52,7 +53,7 @@ class RandomCalibration:
 
 
 def node(group: str, name: str, settings: dict):
-    return instantiate(OmegaConf.merge(OmegaConf.load(CONF / group / f"{name}.yaml"), settings), _convert_="all")
+    return instantiate(OmegaConf.merge(presets.load(CONF / group / f"{name}.yaml"), settings), _convert_="all")
 
 
 def logits(smollm2, tmp: Path, storage: str, policy: str = "none", layout: str = "per_layer", decode: int = DECODE,

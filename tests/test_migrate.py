@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+
+from kvcompress import presets
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("migrate_records", REPO / "scripts" / "migrate_records.py")
@@ -45,7 +46,7 @@ def test_committed_records_speak_configs_that_exist():
                     continue
                 yaml = REPO / "conf" / axis / f"{rec[axis]}.yaml"
                 assert yaml.is_file(), f"{path}: {axis}={rec[axis]} has no {yaml.name}"
-                known = set(OmegaConf.load(yaml)) | {"scorer"}
+                known = set(presets.load(yaml)) | {"scorer"}  # base/ and scorer defaults resolved
                 if rec[axis] == "none":  # policy=none ignores a sweep's shared eviction settings (and says so)
                     known |= {"budget", "sinks", "recent", "when", "slack", "per_head", "rerotate"}
                 unknown = set(rec[f"{axis}_params"]) - known

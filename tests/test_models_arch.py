@@ -10,6 +10,7 @@ from conftest import tiny_pair
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from kvcompress import presets
 from kvcompress.cache import ComposedCache, FullCache
 from kvcompress.engine.generate import forward_chunks, positions_like
 
@@ -35,7 +36,7 @@ def ready(cache, model, batch: int):
 
 
 def axis(group: str, name: str, **settings):
-    return instantiate(OmegaConf.merge(OmegaConf.load(CONF / group / f"{name}.yaml"), settings), _convert_="all")
+    return instantiate(OmegaConf.merge(presets.load(CONF / group / f"{name}.yaml"), settings), _convert_="all")
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))

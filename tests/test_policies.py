@@ -12,6 +12,7 @@ from conftest import spec_of, tiny_model
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from kvcompress import presets
 from kvcompress.cache import PAD_POSITION, ComposedCache, ModelSpec
 from kvcompress.cache.policy.adakv import AdaKV
 from kvcompress.cache.policy.base import EvictionPolicy
@@ -58,12 +59,37 @@ class Probe:
 
 
 def load(name: str, **settings):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    for entry in cfg.pop("defaults", []):
-        if not isinstance(entry, str):
-            (sub, choice), = entry.items()
-            cfg = OmegaConf.merge({sub: OmegaConf.load(CONF / sub / f"{choice}.yaml")}, cfg)
-    return instantiate(OmegaConf.merge(cfg, SMALL.get(name, {}), settings), _convert_="all")
+    """conf/policy/<name>.yaml as ``kvc policy=<name>`` composes it (base/ and scorer defaults resolved)."""
+    return instantiate(OmegaConf.merge(presets.load(CONF / f"{name}.yaml"), SMALL.get(name, {}), settings),
+                       _convert_="all")
+
+
+def test_every_policy_yaml_reads_as_hydra_composes_it():
+    """The shared settings live once (conf/policy/base/); code that reads a preset outside a Hydra run (record
+    settings, a run's effective preset, the contract suite) sees exactly what ``kvc policy=<name>`` composes, and
+    the bases are not choices."""
+    from hydra import compose, initialize_config_dir
+
+    from kvcompress.job import presets as job_presets
+    from kvcompress.records import preset
+
+    names = presets.names("policy")
+    assert "base" not in names and {"h2o", "adakv", "streaming", "none"} <= set(names)
+    with initialize_config_dir(config_dir=str(presets.CONF_DIR), version_base=None):
+        for name in names:
+            composed = OmegaConf.to_container(compose("config", [f"policy={name}"]).policy, resolve=False)
+            assert presets.settings("policy", name) == composed == job_presets("policy")[name], name
+            assert preset("policy", name) == {k: v for k, v in composed.items() if k != "_target_"}, name
+    shared = set(OmegaConf.load(CONF / "base" / "keep.yaml"))
+    for name in names:  # every eviction policy extends the base instead of repeating it
+        own = set(OmegaConf.load(CONF / f"{name}.yaml")) - {"defaults"}
+        assert name == "none" or shared <= set(presets.settings("policy", name)) and not shared <= own, name
+
+
+def test_a_preset_defaults_entry_outside_the_read_forms_is_refused(tmp_path):
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - other@elsewhere\n  - _self_\nbudget: 8\n")
+    with pytest.raises(ValueError, match="only '@_here_' packages"):
+        presets.load(tmp_path / "mine.yaml")
 
 
 @pytest.fixture(scope="module")

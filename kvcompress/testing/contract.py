@@ -19,6 +19,7 @@ from kvcompress.cache.policy.base import EvictionPolicy, Policy
 from kvcompress.cache.storage.dense import DenseStore
 from kvcompress.engine.config import ModelConfig
 from kvcompress.engine.model import Transformer
+from kvcompress.presets import load  # a YAML with its defaults list resolved (the suite's loader, re-exported)
 
 CONF = Path(__file__).resolve().parents[2] / "conf"  # kvcompress's own YAMLs (the built-in companions)
 AXES = ("storage", "policy", "layout")
@@ -56,22 +57,6 @@ def describe(spec: Any) -> str:
     if isinstance(spec, (dict, DictConfig)):
         return str(spec.get("_target_", "?")).rsplit(".", 1)[-1]
     return spec if isinstance(spec, str) else type(spec).__name__
-
-
-def load(path: Path) -> DictConfig:
-    """A YAML with its defaults list resolved: ``- name`` merges a config of the same folder under this one,
-    ``- sub: choice`` nests ``sub/choice.yaml`` under the key ``sub``."""
-    cfg = OmegaConf.load(path)
-    base = OmegaConf.create({})
-    for entry in cfg.pop("defaults", []):
-        if entry == "_self_":
-            continue
-        if isinstance(entry, str):
-            base = OmegaConf.merge(base, load(path.parent / f"{entry.split('@')[0]}.yaml"))
-        else:
-            (sub, choice), = entry.items()
-            base = OmegaConf.merge(base, {sub: load(path.parent / sub / f"{choice}.yaml")})
-    return OmegaConf.merge(base, cfg)
 
 
 def make(spec: Any, axis: str, **settings):
