@@ -212,6 +212,8 @@ def main() -> None:
         orders = [[c for c in sorted(scored[m], key=scored[m].get) if c in members] for m in scored]
         common = set.intersection(*(set(o) for o in orders)) if orders else set()
         orders = [[c for c in o if c in common] for o in orders]
+        if len(common) < 2:
+            continue
         same = "yes" if all(o == orders[0] for o in orders) else "no"
         if len(orders) > 1 and orders[0]:
             summary.append(f"- {family}: the order {'is the same on every model' if same == 'yes' else 'changes'}"
@@ -223,7 +225,7 @@ def main() -> None:
     for m in texts:
         per_text_loss[m] = loss(texts[m], shared)
         text_metrics[m] = texts[m][shared[0]] if len(shared) == 1 else {}
-    if len(per_text_loss) >= 2 and all(per_text_loss.values()):
+    if len(per_text_loss) >= 2 and all(len(v) > 2 for v in per_text_loss.values()):
         key = "ppl" if len(shared) == 1 else None
         held, flipped = pair_verdicts(per_text_loss, text_metrics, key, better_low=True)
         n = len(held) + len(flipped)
@@ -239,8 +241,8 @@ def main() -> None:
                ["", "</details>", "", "<details><summary>Pairs that hold</summary>", ""] + \
                [f"- {x}" for x in held] + ["", "</details>", ""]
     largest = next((m for m in reversed(MODELS) if scored.get(m)), None)
-    if largest:
-        order = [c for c in sorted(scored[largest], key=scored[largest].get) if c != "full"]
+    order = [c for c in sorted(scored[largest], key=scored[largest].get) if c != "full"] if largest else []
+    if order:
         summary.insert(0, f"- {largest}, the largest model, ranks the caches (least perplexity lost first, on "
                           f"{', '.join(sorted(texts[largest]))}): {' < '.join(order)}.")
     out[head:head] = ["## What transfers (computed from the tables below)", ""] + summary + [""]
