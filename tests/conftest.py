@@ -7,7 +7,10 @@ when it is absent (``KVC_SHARED_DIR`` points elsewhere): use the ``shared`` / ``
 from __future__ import annotations
 
 import functools
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,3 +213,20 @@ def triton_tests_in_a_subprocess(path: str) -> None:
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " skipped" not in run.stdout.splitlines()[-1], run.stdout[-1000:]
+
+
+# -- the kvc app, run as a user runs it (tiny stories260K settings; results and Hydra outputs under ``tmp``) --------
+PNG = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file (a written plot)
+FAST = ["model=stories260k", "eval.dataset=tinystories", "eval.window=64", "eval.max_windows=2", "progress=false"]
+
+
+def kvc(tmp: Path, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``kvc <args>`` in a subprocess with its records in ``tmp/results`` and Hydra's folders under ``tmp``."""
+    cmd = [sys.executable, "-m", "kvcompress.run", *args, f"results_dir={tmp}/results", f"hydra.run.dir={tmp}/run",
+           f"hydra.sweep.dir={tmp}/sweep"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def records(tmp: Path) -> list[dict]:
+    """The records ``kvc`` appended under ``tmp/results``."""
+    return [json.loads(line) for line in (tmp / "results" / "records.jsonl").read_text().splitlines()]

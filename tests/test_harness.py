@@ -141,3 +141,16 @@ def test_unknown_task_is_a_clear_error(tmp_path):
 def test_unknown_or_bad_model_args_are_clear_errors(args, message):
     with pytest.raises(ValueError, match=message):
         KVCompressLM(model="stories260k", device="cpu", **args)
+
+
+def test_kvc_lm_eval_cli_takes_batch_size_in_model_args(tmp_path):
+    from kvcompress.harness import __main__ as cli
+
+    assert "cache=" not in cli.__doc__  # the example composes the axes
+    code = ("import sys; from kvcompress.harness.__main__ import main; main(sys.argv[1:])")
+    out = subprocess.run([sys.executable, "-c", code, "--model", "kvcompress", "--model_args",
+                          "model=stories260k,batch_size=2", "--tasks", "kvc_tinystories_cloze", "--limit", "2",
+                          "--output_path", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "kvc_tinystories_cloze" in out.stdout and "TypeError" not in out.stderr

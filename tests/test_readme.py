@@ -1,4 +1,4 @@
-"""README.md's commands, run (issue 18, item 12).
+"""README.md's commands, run; and the scripts and table folders that the READMEs and run scripts name exist.
 
 Convention: a ``kvc``, ``kvc-report`` or ``kvc-lm-eval`` line in a fenced ``bash`` block of README.md ends with a
 marker comment:

@@ -1,5 +1,5 @@
-"""Trustworthy records (issue 18): no stale calibration or weights, no swallowed records, no mixed code versions,
-errors that name the file. Each test reproduces one numbered item of the issue."""
+"""Run records: no stale calibration or weights, no swallowed records, no mixed code versions, errors that name the
+file, the data's content in the config, the short name of the effective settings, KV bytes per row and token."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kvcompress.records import RECORDS_FILE, append_jsonl, code_version, is_committed, read_records
+from kvcompress.records import (
+    RECORDS_FILE,
+    append_jsonl,
+    code_version,
+    config_hash,
+    data_fingerprint,
+    is_committed,
+    read_records,
+)
+from kvcompress.run import per_row_and_token
 
-# -- item 1: calibration keyed by the weights ---------------------------------------------------------------
+# -- calibration keyed by the weights ---------------------------------------------------------------
 STORIES_SHAPE = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=5, num_attention_heads=8,
                      num_key_value_heads=4, vocab_size=512, max_position_embeddings=512, tie_word_embeddings=True)
 
@@ -52,7 +61,7 @@ def test_calibration_key_is_a_file_name_for_a_path_dataset(stories, tmp_path):
     assert "/" not in key and " " not in key and key.startswith("stories260k-my_text-")
 
 
-# -- item 4: records.jsonl with a partial last line ---------------------------------------------------------
+# -- records.jsonl with a partial last line ---------------------------------------------------------
 def test_append_after_a_partial_line_starts_a_new_line(tmp_path):
     path = tmp_path / RECORDS_FILE
     append_jsonl(path, {"status": "ok", "cache": "full"})
@@ -78,7 +87,7 @@ def test_report_counts_corrupt_lines(tmp_path):
     assert "1 corrupt line" in md and f"{RECORDS_FILE}:2" in md
 
 
-# -- item 5: resume by code version -------------------------------------------------------------------------
+# -- resume by code version -------------------------------------------------------------------------
 def git(repo: Path, *args: str) -> str:
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
@@ -139,7 +148,7 @@ def test_report_names_its_code_version_and_leaves_others_out(tmp_path):
     assert "left out" not in markdown(rows(recs[:1], current="aaa"))
 
 
-# -- item 6: committed results are written only on request ----------------------------------------------------
+# -- committed results are written only on request ----------------------------------------------------
 def test_committed_results_dir_needs_publish(repo, monkeypatch):
     from kvcompress.report.jobs import unpublished
 
@@ -194,7 +203,7 @@ def test_sweep_that_skips_everything_keeps_sweep_json(tmp_path):
     assert json.loads((results / "sweep.json").read_text())["command"] == "kvc -m model=other"
 
 
-# -- item 3: non-finite logits and metrics fail the run ------------------------------------------------------
+# -- non-finite logits and metrics fail the run ------------------------------------------------------
 class InfAttention:
     """Wraps a cache so that attention returns inf (as calibration tensors of 1e30 did)."""
 
@@ -250,7 +259,7 @@ def test_any_non_finite_metric_fails():
     check_metrics({"kvc_passkey/acc_stderr": float("nan"), "calibration_file": "x.pt"})
 
 
-# -- item 9: text problems before weights load ---------------------------------------------------------------
+# -- text problems before weights load ---------------------------------------------------------------
 @pytest.mark.parametrize("content, message", [
     (b"", "is empty"),
     (b"\x00\x01\x02binary\x00" * 10, "is binary"),
@@ -307,7 +316,7 @@ def test_text_problems_fail_before_weights_load(tmp_path):
     assert f"text file {text} is binary" in out.stderr and "safetensors" not in out.stderr
 
 
-# -- item 10: corrupt files name themselves -------------------------------------------------------------------
+# -- corrupt files name themselves -------------------------------------------------------------------
 def test_truncated_artifact_names_the_file(tmp_path):
     from kvcompress.cache.artifacts import load, save
 
@@ -334,7 +343,7 @@ def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
     assert artifacts.load(path) == {"v": 1} and [p.name for p in tmp_path.iterdir()] == ["sim.pt"]
 
 
-# -- item 11: tests that need ../shared skip with a reason without it ------------------------------------------
+# -- tests that need ../shared skip with a reason without it ------------------------------------------
 def test_tests_skip_without_shared(tmp_path):
     """Without the shared folder, tests that read it (a model config copied from it, the stories260K fixture) are
     skipped with the reason, not failed with FileNotFoundError."""
@@ -349,7 +358,7 @@ def test_tests_skip_without_shared(tmp_path):
     assert f"needs the shared data and models in {tmp_path / 'absent'}" in out.stdout
 
 
-# -- items 2 and 10: GGUF conversions follow their source; a truncated GGUF names itself ------------------------
+# -- GGUF conversions follow their source; a truncated GGUF names itself ------------------------
 def write_gguf(path: Path, seed: int) -> None:
     """A tiny random llama GGUF (fp32 tensors, no tokenizer): 2 layers, hidden 16, 2 heads, 1 kv head."""
     import gguf
@@ -434,3 +443,39 @@ def test_too_short_calibration_text_names_the_setting(stories, tmp_path):
     text.write_text("Once upon a time.")
     with pytest.raises(ValueError, match=r"calibration.dataset='.*short.txt' \(calibration.window=64\): the text has"):
         Calibration(stories[0], stories[1], tmp_path, str(text), 256, 64, tmp_path, progress=False)
+
+
+def test_the_data_is_part_of_the_config(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("one story")
+    resolved = {"paths": {"data": str(tmp_path / "a")}, "eval": {"dataset": str(text)},
+                "calibration": {"dataset": "tinystories"}}
+    before = data_fingerprint(resolved)
+    text.write_text("another story")
+    edited = data_fingerprint(resolved)
+    assert before["eval.dataset"] != edited["eval.dataset"]
+    assert config_hash(resolved, before) != config_hash(resolved, edited)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("a")
+    (tmp_path / "b" / "x.txt").write_text("b")
+    lm_eval = lambda d: data_fingerprint({"paths": {"data": str(tmp_path / d)}, "eval": {"tasks": ["t"]}})
+    assert lm_eval("a") != lm_eval("b")  # no text named: the data folder, by content
+
+
+def test_short_name_follows_the_effective_settings():
+    from kvcompress.harness.config import compose
+    from kvcompress.job import cache_fields
+
+    fields = cache_fields(compose({"storage": "int4", "storage.bits": 8}))
+    assert (fields["storage"], fields["cache"]) == ("int8", "int8")
+    fields = cache_fields(compose({"storage": "int4", "storage.bits": 8, "storage.group_size": 32}))
+    assert fields["cache"] == "int8" and fields["storage_params"]["group_size"] == 32
+    assert cache_fields(compose({"storage": "int4", "storage.group_size": 32}))["cache"] == "int4"
+    assert cache_fields(compose({"storage": "kivi"}))["cache"] == "kivi"
+
+
+def test_bytes_per_row_and_token():
+    m = {"kv_bytes": 1200, "kv_bytes_fp16": 800, "kv_rows": 2}
+    per_row_and_token(m, fp16_bytes_per_token=4)
+    assert m["kv_bytes_per_row"] == 600 and m["kv_bytes_per_token"] == 1200 / (800 / 4)

@@ -1,23 +1,27 @@
-"""Reports (issue 18): composed-cache records beside old ones, code versions, corrupt lines, plots whose styles
-follow (strategy, settings), error bars from ``<metric>/ci_low|ci_high``, no Δppl without a baseline, W&B axis
-tags."""
+"""Reports: composed-cache records beside old ones, one code version per table, loud warnings, no interval from one
+sample, the hosts of the rows, corrupt lines, plots whose styles follow (strategy, settings), error bars from
+``<metric>/ci_low|ci_high``, no Δppl without a baseline, W&B axis tags and folder; and the one table builder of the
+results folders (``kvc-report --table``)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+import torch
+from conftest import PNG, REPO
 
+from kvcompress.eval.stats import interval_metrics, mean_ci, ratio_ci, stratified_mean_ci
+from kvcompress.records import host
 from kvcompress.report import build_report
 from kvcompress.report.cli import main as cli_main
 from kvcompress.report.expr import SpecError
 from kvcompress.report.markdown import markdown
 from kvcompress.report.table import record_settings, rows
 from kvcompress.report.tables import build_tables
-
-PNG = b"\x89PNG\r\n\x1a\n"
+from kvcompress.run import no_eviction_warning, summary_line
 
 
 def rec(cache: str, ppl: float, ratio: float, params: dict | None = None, **extra) -> dict:
@@ -25,6 +29,12 @@ def rec(cache: str, ppl: float, ratio: float, params: dict | None = None, **extr
             "cache": cache, "cache_params": params or {}, "config_hash": f"{cache}-{ratio}-{ppl}",
             "code_version": "v1", "metrics": {"ppl": ppl, "compression_ratio": ratio, **extra.pop("metrics", {})},
             **extra}
+
+
+def versioned(cache: str, ppl: float, version: str = "v1", **extra) -> dict:
+    """A record whose config is its cache name (so a version's record and another's share it), of one version."""
+    return rec(cache, ppl, 1.0 if cache == "full" else 4.0, config_hash=cache, code_version=version, error=None,
+               **extra)
 
 
 def axes(storage="dense", policy="none", layout="per_layer", **params) -> dict:
@@ -161,6 +171,83 @@ def test_kvc_lm_eval_defaults():
     assert default_device([*args, "--device", "cuda:1"]) == [*args, "--device", "cuda:1"]
 
 
+def test_a_policy_that_evicted_nothing_is_flagged_loudly():
+    r = {**versioned("snapkv", 9.6), "policy": "snapkv", "policy_params": {"budget": 0.25, "when": "prefill"}}
+    r["metrics"].update(evictions=0, tokens_held_max=128)
+    warning = no_eviction_warning(r)
+    assert "evicted nothing" in warning and "policy.when=prefill" in warning and "full cache" in warning
+    for budget, evictions, quiet in ((0.25, 3, True), (1.0, 0, True), (256, 0, True), (64, 0, False)):
+        r2 = {**r, "policy_params": {"budget": budget}, "metrics": {**r["metrics"], "evictions": evictions}}
+        assert (no_eviction_warning(r2) is None) == quiet, (budget, evictions)
+    assert no_eviction_warning({**r, "policy": "none"}) is None
+    r["warnings"] = [warning]
+    assert "WARNING: policy=snapkv evicted nothing" in summary_line({**r, "duration_s": 1.0})
+    table = rows([versioned("full", 9.6), r], current="v1")
+    flagged = next(x for x in table if x["cache"] == "snapkv")
+    assert flagged["warning"] == warning and not flagged["pareto"]  # never a clean point on the front
+    md = markdown(table)
+    assert "⚠ 1 row(s) carry a warning" in md and "evicted nothing" in md
+
+
+def test_a_table_is_of_one_code_version(tmp_path, capsys):
+    recs = [versioned("full", 10.0, "v1"), versioned("int4", 11.0, "v1"), versioned("int4", 60.0, "v2"),
+            versioned("h2o", 12.0, "v2")]
+    table = rows(recs, current="v1")
+    by_cache = {r["cache"]: r for r in table}
+    assert table.version == "v1" and by_cache["int4"]["ppl"] == 11.0  # never the other version's number
+    assert by_cache["h2o"]["status"] == "missing" and "v2" in by_cache["h2o"]["error"]
+    md = markdown(table)
+    assert "Code version: `v1` (the current code)" in md and "## Missing" in md and "`v2` (2 records)" in md
+    assert rows(recs, "v2", current="v1").version == "v2"
+    assert rows(recs, current="v9").version == "v2"  # no record of the current code: the newest records'
+    with pytest.raises(ValueError, match="v1, v2"):
+        rows(recs, "v7")
+    for r in recs:
+        with (tmp_path / "records.jsonl").open("a") as f:
+            f.write(json.dumps(r) + "\n")
+    assert cli_main([str(tmp_path), "--code-version", "v2"]) == 0
+    out = capsys.readouterr().out
+    assert "code version v2 (asked for)" in out and "1 missing" in out
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Code version: `v2` (asked for)" in summary and "60.000" in summary and "11.000" not in summary
+    assert cli_main([str(tmp_path)]) == 0  # by default: the current code's, else the newest records' (v2 here)
+    assert "Code version: `v2` (the newest records'" in (tmp_path / "summary.md").read_text()
+
+
+def test_one_sample_has_no_interval():
+    assert all(math.isnan(x) for x in mean_ci([0.5]) + ratio_ci([2.0], [3.0]) + stratified_mean_ci([[1.0], [2.0]]))
+    assert interval_metrics("ppl", 9.0, ratio_ci([2.0], [3.0])) == {"ppl": 9.0}
+    lo, hi = mean_ci([0.0, 1.0, 1.0, 0.0])
+    assert lo < hi
+    old = versioned("full", 9.0, metrics={"ppl": 9.0, "ppl/ci_low": 9.0, "ppl/ci_high": 9.0, "n_windows": 1})
+    md = markdown(rows([old], current="v1"))
+    assert "n=1" in md and "[9.000, 9.000]" not in md
+
+
+def test_host_is_recorded_and_reported():
+    h = host()
+    assert h["isa"] == torch.backends.cpu.get_cpu_capability() and h["threads"] == torch.get_num_threads()
+    a = {"cpu": "A", "isa": "AVX2", "threads": 2}
+    b = {"cpu": "B", "isa": "AVX512", "threads": 16}
+    assert "Host: A (AVX2, 2 threads)" in markdown(rows([versioned("full", 9.0, host=a)], current="v1"))
+    md = markdown(rows([versioned("full", 9.0, host=a), versioned("int4", 9.5, host=b)], current="v1"))
+    assert "Rows from 2 hosts" in md
+
+
+def test_wandb_writes_into_wandb_dir(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from kvcompress.loggers.wandb_logger import WandbLogger
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "hydra_run"
+    record = {**versioned("full", 9.0), "duration_s": 1.0}
+    WandbLogger(system_stats=False).log_run(OmegaConf.create({"seed": 0}), record, run_dir)
+    assert list((tmp_path / "wandb_home" / "wandb").glob("offline-run-*"))
+    assert not (run_dir / "wandb").exists()
+
+
 # --- the one table builder (kvc-report --table) over results/<exp>/table.yaml ---
 SPECS = sorted(REPO.glob("results/**/table.yaml"))
 
@@ -225,6 +312,7 @@ documents:
 
 @pytest.mark.parametrize("expr, message", [
     ("r.__class__", "names starting with '_'"),
+    ("'{0.__class__}'.format(r)", "format"),
     ("(x := 1)", "NamedExpr is not allowed"),
     ("open('/etc/passwd')", "NameError"),
     ("r.metrics.ppl +", "not a Python expression"),
@@ -245,6 +333,36 @@ def test_table_spec_refuses_unsafe_or_broken_expressions(tmp_path, expr, message
 def test_table_spec_errors_name_the_setting(tmp_path, spec, message):
     write_spec(tmp_path, spec, TOY)
     with pytest.raises(SpecError, match=re.escape(message)):
+        build_tables(tmp_path)
+
+
+def test_table_spec_using_checks_and_plots(tmp_path):
+    write_spec(tmp_path, """
+let:
+  cells: "{(r.cache, r.device): r.metrics.ppl for r in records if r.status == 'ok'}"
+documents:
+  OUT.md:
+    - table: &grid
+        using: {dev: "'cpu'"}
+        rows: "sorted({k[0] for k in cells})"
+        columns: [{cache: r}, {"ppl on {{dev}}": "cells.get((r, dev), '–')"}]
+    - table: {<<: *grid, using: {dev: "'cuda'"}}
+    - plot: {kind: bars, file: bars.png, groups: "['full', 'int4']", top: "11.5",
+             series: [{for: "d in ['cpu', 'cuda']", name: "{{d}}",
+                       values: "[cells.get((g, d), 0) for g in ['full', 'int4']]"}]}
+    - plot: {file: points.png, yscale: symlog, hline: {y: "10.0", name: full},
+             series: [{points: records, x: p.metrics.compression_ratio, y: p.metrics.ppl, label: p.cache}]}
+""", TOY)
+    (path,) = build_tables(tmp_path)
+    assert path.read_text() == ("| cache | ppl on cpu |\n|---|---|\n| full | 10.0 |\n| int4 | 12.0 |\n| int8 | 10.5 |\n"
+                                "| cache | ppl on cuda |\n|---|---|\n| full | – |\n| int4 | 11.0 |\n| int8 | – |\n")
+    assert all((tmp_path / f).read_bytes().startswith(PNG) for f in ("bars.png", "points.png"))
+    write_spec(tmp_path, """
+documents:
+  OUT.md:
+    - text: "{{ [fail(f'{r.cache}: no eviction happened') for r in records if r.cache == 'int8'] }}"
+""", TOY)
+    with pytest.raises(SpecError, match="^int8: no eviction happened$"):
         build_tables(tmp_path)
 
 

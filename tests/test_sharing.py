@@ -3,10 +3,11 @@ calibration, and a policy over a shared or merged store (one selection, scored b
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
-from conftest import NoRotary, compose, spec_of, tiny_model
+from conftest import FAST, STORIES, NoRotary, compose, kvc, records, spec_of, tiny_model
 
 from kvcompress.cache import ComposedCache, FullCache
 from kvcompress.cache.base import PAD_POSITION, ModelSpec, attention, attention_with_weights
@@ -410,3 +411,34 @@ def test_minicache_merges_keys_before_rope(model, keys):
     torch.testing.assert_close(stored, direction if keys == "pre_rope" else rope.rotate(direction, pos))
     for layer, scale in ((0, 1.0), (1, 3.0)):
         torch.testing.assert_close(cache.views[layer].read()[0], rope.rotate(k * scale, pos))
+
+
+def test_per_head_policies_over_minicache_are_refused_before_load(tmp_path):
+    folder = tmp_path / "no_weights"
+    folder.mkdir()
+    shutil.copy(STORIES / "config.json", folder)
+    for policy in ("adakv", "duo_attention"):
+        out = kvc(tmp_path, *FAST, "model=local", f"model.source={folder}", f"policy={policy}", "policy.budget=10000",
+                  "layout=minicache", "layout.start_layer=0")
+        assert out.returncode == 1
+        assert f"policy={policy} layout=minicache" in out.stderr and "layout=per_layer" in out.stderr
+        assert "PairSide" not in out.stderr and "weights" not in records(tmp_path)[-1]["error"]
+
+
+def test_cla_search_announces_its_cost():
+    from kvcompress.cache.layout.similarity import measure
+
+    class Ctx:
+        key, progress, windows = "k", False, torch.zeros(2, 8, dtype=torch.long)
+
+        def kv_samples(self):
+            return [(torch.randn(1, 1, 4, 2), torch.randn(1, 1, 4, 2), None) for _ in range(4)]
+
+        def nll(self, cache):
+            lines.append(f"nll {cache}")
+            return 1.0
+
+    lines: list[str] = []
+    measure(Ctx(), lambda i: i, "base", lines.append)
+    assert lines[0].startswith("[sharing] measuring what sharing costs: 4 NLL passes over 16 tokens")
+    assert lines[1:5] == ["nll base", "nll 0", "nll 1", "nll 2"]

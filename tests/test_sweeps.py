@@ -8,17 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST, PNG, STORIES, kvc, records
 
 from kvcompress.report import build_report, pareto_front, rows
 from kvcompress.report.cli import main as kvc_report
 from kvcompress.report.jobs import check_metrics, objectives
 
-FAST = ["model=stories260k", "eval.dataset=tinystories", "eval.window=64", "eval.max_windows=2", "progress=false"]
 POLICIES = {  # test-only policy presets, added to Hydra's search path
     "stream16": "_target_: kvcompress.cache.policy.streaming.StreamingLLM\nbudget: 16\nsinks: 4\n",
     "bad": "_target_: kvcompress.cache.policy.streaming.StreamingLLM\nbudget: 16\nsinks: 32\n",  # sinks >= budget
 }
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def kvc_m(tmp: Path, *args: str) -> subprocess.CompletedProcess:
@@ -30,10 +29,6 @@ def kvc_m(tmp: Path, *args: str) -> subprocess.CompletedProcess:
            f"results_dir={tmp}/results", f"hydra.sweep.dir={tmp}/sweep", *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env | {"WANDB_SILENT": "true"})
-
-
-def records(tmp: Path) -> list[dict]:
-    return [json.loads(line) for line in (tmp / "results" / "records.jsonl").read_text().splitlines()]
 
 
 def wandb_records(run_file: Path) -> list:
@@ -256,3 +251,39 @@ def test_optuna_pareto_search_end_to_end(tmp_path):
     observed = {(round(r["metrics"]["ppl"], 6), round(r["metrics"]["compression_ratio"], 6)) for r in ok}
     assert front and all((round(s["values"][0], 6), round(s["values"][1], 6)) in observed for s in front)
     assert (tmp_path / "results" / "summary.md").exists()
+
+
+def test_resume_reruns_after_the_text_changed(tmp_path):
+    text = tmp_path / "story.txt"
+    source = STORIES.parents[2] / "data" / "tinystories" / "TinyStoriesV2-GPT4-valid.first100.txt"
+    text.write_text(source.read_text()[:20000])
+    sweep = ["-m", *FAST, f"eval.dataset={text}", "eval.bootstrap=0"]
+    assert kvc(tmp_path, *sweep).returncode == 0
+    text.write_text(text.read_text()[::-1])  # the same characters, another text
+    version = records(tmp_path)[0]["code_version"]  # skipping stays allowed by the code: only the data differs
+    out = kvc(tmp_path, *sweep, f"resume_compatible=[{version}]")
+    assert out.returncode == 0 and "[skipped]" not in out.stdout
+    first, second = records(tmp_path)
+    assert first["data"] != second["data"] and first["config_hash"] != second["config_hash"]
+    assert first["metrics"]["ppl"] != second["metrics"]["ppl"]
+    assert set(first["host"]) >= {"cpu", "isa", "threads"}  # item 14: the processor, its vector ISA, the threads
+
+
+def test_sweep_exit_status_bytes_per_row_and_skips(tmp_path):
+    sweep = ["-m", *FAST, "eval.batch_size=1,2", "eval.window=64,100000"]
+    out = kvc(tmp_path, *sweep)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "2 ok, 2 failed" in out.stderr and "exit status 1" in out.stderr
+    ok = [r for r in records(tmp_path) if r["status"] == "ok"]
+    assert len(ok) == 2
+    one, two = sorted(ok, key=lambda r: r["eval_params"]["batch_size"])
+    assert two["metrics"]["kv_bytes"] == 2 * one["metrics"]["kv_bytes"]  # the whole batch's
+    assert one["metrics"]["kv_bytes_per_row"] == two["metrics"]["kv_bytes_per_row"]
+    assert one["metrics"]["kv_bytes_per_token"] == two["metrics"]["kv_bytes_per_token"] > 0
+    summary = (tmp_path / "results" / "summary.md").read_text()
+    assert "KV MB/row" in summary and "KV MB |" not in summary
+    again = kvc(tmp_path, *sweep, f"resume_compatible=[{ok[0]['code_version']}]")  # others may edit the tree
+    assert again.returncode == 1
+    skipped = [line for line in again.stdout.splitlines() if line.startswith("[skipped]")]
+    assert len(skipped) == 2 and all(f"reuses the ok record {r['config_hash']}" in again.stdout for r in ok)
+    assert not any(line.startswith("[ok]") for line in again.stdout.splitlines())

@@ -4,6 +4,7 @@ before it is evaluated.
 Allowed: literals, names of the namespace (the records, the spec's ``let`` values, the helpers below), attribute and
 item access, arithmetic, comparisons, ``and``/``or``/``not``, ``x if c else y``, comprehensions, lambdas, f-strings
 and calls. Refused: names and attributes starting with ``_`` (no way out to ``__class__``, ``__globals__``...),
+``str.format`` (its replacement fields read attributes by name),
 assignments, imports, and every builtin not listed in ``HELPERS``.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ ALLOWED = (ast.Expression, ast.Constant, ast.Name, ast.Load, ast.Attribute, ast.
            ast.keyword, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.comprehension, ast.Store,
            ast.Lambda, ast.arguments, ast.arg, ast.JoinedStr, ast.FormattedValue, ast.Starred,
            ast.operator, ast.unaryop, ast.boolop, ast.cmpop)
+NO_ATTRIBUTES = ("format", "format_map")  # "{0.__class__}".format(x) would walk past the '_' check
 
 
 class Rec(dict):
@@ -46,6 +48,10 @@ def wrap(value):
     return value
 
 
+class SpecError(ValueError):
+    """A table spec that cannot be read or evaluated: names the spec file and the expression."""
+
+
 def where(rows: list, **equal) -> list:
     """The rows whose fields equal ``equal`` (``where(records, cache="full")``)."""
     return [r for r in rows if all(r.get(k) == v for k, v in equal.items())]
@@ -62,14 +68,15 @@ def last(rows: list, **equal):
     return found[-1] if found else None
 
 
+def fail(message: str):
+    """Stop the build with ``message`` (a spec's check: ``[fail(...) for r in records if <not measured>]``)."""
+    raise SpecError(message)
+
+
 HELPERS = {f.__name__: f for f in (abs, all, any, bool, dict, enumerate, float, format, int, isinstance, len, list,
                                    max, min, next, range, reversed, round, set, sorted, str, sum, tuple, zip,
-                                   where, first, last)}
+                                   where, first, last, fail, iter)}
 HELPERS.update(mean=statistics.mean, median=statistics.median, prod=math.prod)
-
-
-class SpecError(ValueError):
-    """A table spec that cannot be read or evaluated: names the spec file and the expression."""
 
 
 @lru_cache(maxsize=4096)
@@ -85,6 +92,9 @@ def compile_expr(text: str, where_: str = "") -> object:
         name = getattr(node, "id", None) or getattr(node, "attr", None) or getattr(node, "arg", None)
         if isinstance(name, str) and name.startswith("_"):
             raise SpecError(f"{where_}: names starting with '_' are not allowed: {text!r}")
+        if isinstance(node, ast.Attribute) and node.attr in NO_ATTRIBUTES:
+            raise SpecError(f"{where_}: .{node.attr}() is not allowed (its fields reach any attribute); use an "
+                            f"f-string: {text!r}")
     return compile(tree, where_ or "<table spec>", "eval")
 
 
@@ -94,5 +104,7 @@ def evaluate(text: str, namespace: dict, where_: str = ""):
     try:
         # one globals dict: lambdas and comprehensions see the namespace too
         return eval(code, {"__builtins__": {}, **HELPERS, **namespace})  # noqa: S307 (checked above)
+    except SpecError:  # a spec's own check (fail) says what is wrong
+        raise
     except Exception as e:  # the spec's author needs the expression that failed, not a bare KeyError
         raise SpecError(f"{where_}: {type(e).__name__}: {e} in {text!r}") from e

@@ -197,3 +197,28 @@ def series_plot(series: list[dict], path: Path, xlabel: str, ylabel: str, title:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
+
+
+def bar_plot(groups: list[str], series: list[dict], path: Path, ylabel: str, title: str = "", top: float | None = None,
+             ylim=None, hline: tuple[float, str] | None = None, size=(10, 4)) -> None:
+    """Grouped bars (``kvc-report --table``): one bar per series (``name``, ``values``) in each group; a bar above
+    ``top`` is cut there and labelled with its value (an off-scale policy must not squash the others)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=size)
+    width = 0.8 / max(len(series), 1)
+    for i, s in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
+        ys = s["values"]
+        ax.bar(xs, [min(y, top) if top else y for y in ys], width, label=s.get("name") or None)
+        for x, y in zip(xs, ys, strict=True):
+            if top and y > top:
+                ax.text(x, top * 0.98, f"{y:.0f}", ha="center", va="top", fontsize=7, rotation=90)
+    if hline is not None:
+        ax.axhline(hline[0], color="k", lw=1, ls="--", label=hline[1] or None)
+    ax.set_xticks(range(len(groups)), groups, rotation=40, ha="right")
+    ax.set(ylabel=ylabel, title=title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)

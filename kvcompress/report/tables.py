@@ -11,20 +11,24 @@ around the tables; every value is an expression (``report/expr.py``) over the re
         - text: "ppl of the full cache: {{ f'{full.metrics.ppl:.3f}' }}\\n"   # {{ expr }} is replaced
         - when: "full is not None"    # any part: left out when false
           table:
+            using: {cut: "2.0"}       # names of this table, bound before its rows
             rows: records             # default: records
             where: "r.status == 'ok'" # each item is `r`
             let: {m: r.metrics}       # per row, in order
             latest: r.config_hash     # one row per key: the last record, at the first one's place
             group: "(r.cache,)"       # one row per key: `rs` its records, `r` the first, `key` the key
-            columns:                  # header: value, or {header, value, for, align}
+            group_let: {n: len(rs)}   # per group, in order
+            columns:                  # header: value, or {header, value, for, align}; headers fill {{ }}
               - cache: r.cache
               - {for: "d in devices", header: "tok/s ({{d}})", value: "...", align: right}
             sort: "(r.cache != 'full', row['cache'])"   # `row`: the cells by header
         - plot: {file: ppl.png, series: [{points: records, x: ..., y: ..., label: ...}], xlabel: ..., ylabel: ...}
+        - plot: {kind: bars, file: b.png, groups: names, series: [{for: b in budgets, values: ...}], top: ...}
 
 Helpers beyond ``expr.HELPERS``: ``load(path)`` (records of another file, relative to the folder), ``exists`` and
 ``read`` (a file of the folder), ``model_config(name)`` (a model's dimensions), ``uniform_groups`` and
-``describe`` (layer groups, as the layouts make them), ``settings(r)`` (a record's settings, as summary.md names them).
+``describe`` (layer groups, as the layouts make them), ``fail(message)`` (a check that stops the build),
+``settings(r)`` (a record's settings, as summary.md names them).
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from kvcompress.cache.layout.groups import describe, uniform_groups
 from kvcompress.engine.loaders import read_config, resolve_source
 from kvcompress.records import read_records, record_settings, write_text_atomic
 from kvcompress.report.expr import Rec, SpecError, evaluate, wrap
-from kvcompress.report.plots import series_plot
+from kvcompress.report.plots import bar_plot, series_plot
 
 SPEC_FILE = "table.yaml"
 TEMPLATE = re.compile(r"\{\{(.+?)\}\}", re.S)
@@ -93,7 +97,7 @@ def column_list(spec: list, ns: dict, where: str) -> list[tuple[str, str, str, d
             if len(col) != 1:
                 raise SpecError(f"{at}: 'header: expression' has one key; got {sorted(col)}")
             (header, value), = col.items()
-            out.append((str(header), str(value), "left", {}))
+            out.append((fill(str(header), ns, at), str(value), "left", {}))
             continue
         align = col.get("align", "left")
         if align not in ALIGN:
@@ -117,7 +121,7 @@ def expand(loop: str | None, ns: dict, where: str) -> list[dict]:
 def row_spaces(spec: dict, ns: dict, where: str) -> list[dict]:
     """The namespace of each row: the items of ``rows`` kept by ``where``, bound by ``let``, deduplicated by
     ``latest`` and grouped by ``group``."""
-    items = evaluate(spec.get("rows", "records"), ns, f"{where} rows")
+    items = evaluate(spec.get("rows", "records"), ns, f"{where} rows")  # ns: with the table's `using` names
     spaces = []
     for r in items:
         rns = {**ns, "r": wrap(r)}
@@ -145,6 +149,7 @@ def cell(value) -> str:
 def table_lines(spec: dict, ns: dict, where: str) -> list[str]:
     if "columns" not in spec:
         raise SpecError(f"{where}: a table needs 'columns'")
+    ns = bind(spec.get("using"), ns, f"{where} using")  # names of this table alone, bound before its rows
     spaces = row_spaces(spec, ns, where)
     cols = column_list(spec["columns"], ns, where)
     rows = []
@@ -169,16 +174,31 @@ def one_series(s: dict, ns: dict, where: str) -> dict:
             "intervals": per_point["interval"]}
 
 
+PLOT_KINDS = ("points", "bars")
+
+
 def plot_part(spec: dict, ns: dict, out: Path, where: str) -> None:
-    """A scatter of one or more series (``for`` repeats one), labelled points, interval bars, a baseline line."""
-    series = [one_series(s, {**ns, **extra}, f"{where} series {i + 1}")
-              for i, s in enumerate(spec.get("series") or []) for extra in expand(s.get("for"), ns, where)]
+    """``kind: points`` (default): a scatter of one or more series (``for`` repeats one), labelled points, interval
+    bars; ``kind: bars``: grouped bars, one per series (``values``) in each of ``groups``, cut at ``top``. Both: a
+    dashed baseline ``hline``; ``ylim`` a [low, high] list or an expression."""
+    kind = spec.get("kind", "points")
+    if kind not in PLOT_KINDS:
+        raise SpecError(f"{where}: plot kind={kind!r}; choose one of {', '.join(PLOT_KINDS)}")
     hline = spec.get("hline")
     line = (evaluate(hline["y"], ns, f"{where} hline"), hline.get("name", "")) if hline else None
-    series_plot(series, out / spec["file"], xlabel=spec.get("xlabel", ""), ylabel=spec.get("ylabel", ""),
-                title=fill(spec.get("title", ""), ns, where), ylim=spec.get("ylim"), hline=line,
-                size=tuple(spec.get("size", (7, 4.5))), label_size=spec.get("label_size", 8),
-                yscale=spec.get("yscale", "linear"))
+    ylim = evaluate(spec["ylim"], ns, f"{where} ylim") if isinstance(spec.get("ylim"), str) else spec.get("ylim")
+    common = dict(ylabel=spec.get("ylabel", ""), title=fill(spec.get("title", ""), ns, where), ylim=ylim, hline=line)
+    if kind == "bars":
+        series = [{"name": fill(s.get("name", ""), {**ns, **extra}, where),
+                   "values": evaluate(s["values"], {**ns, **extra}, f"{where} series {i + 1} values")}
+                  for i, s in enumerate(spec.get("series") or []) for extra in expand(s.get("for"), ns, where)]
+        top = evaluate(spec["top"], ns, f"{where} top") if "top" in spec else None
+        return bar_plot(evaluate(spec["groups"], ns, f"{where} groups"), series, out / spec["file"], top=top,
+                        size=tuple(spec.get("size", (10, 4))), **common)
+    series = [one_series(s, {**ns, **extra}, f"{where} series {i + 1}")
+              for i, s in enumerate(spec.get("series") or []) for extra in expand(s.get("for"), ns, where)]
+    series_plot(series, out / spec["file"], xlabel=spec.get("xlabel", ""), size=tuple(spec.get("size", (7, 4.5))),
+                label_size=spec.get("label_size", 8), yscale=spec.get("yscale", "linear"), **common)
 
 
 def document(parts: list, ns: dict, out: Path, where: str) -> str:
