@@ -84,7 +84,7 @@ def conversion_is_fresh(path: Path, conv: Path) -> bool:
 def _converted(path: Path) -> Path:
     """The fp32 copy of a .gguf; a stale one (the .gguf changed since) is removed, with a message."""
     conv = _converted_dir(path)
-    if path.suffix == ".gguf" and conv.exists() and not conversion_is_fresh(path, conv):
+    if conv.exists() and not conversion_is_fresh(path, conv):
         print(f"[kvcompress] {path} changed since {conv} was made from it; converting it again", file=sys.stderr)
         trash = Path(tempfile.mkdtemp(dir=conv.parent, prefix=".kvc-stale-"))
         try:
@@ -184,10 +184,18 @@ def _to_native(sd: dict[str, Tensor], c: ModelConfig) -> dict[str, Tensor]:
 
 
 # -- sources: where a model's config, tensors and tokenizer come from --------------------------------------------
-class HFFolder:
+class Source:
+    """A model's files: ``config(name)``, ``native_tensors(config)``, ``tokenizer()``; ``loaded`` runs after a
+    complete load (a GGUF file writes its fp32 copy there)."""
+
     def __init__(self, path: Path):
         self.path = path
 
+    def loaded(self, model: Transformer, tokenizer, dtype: torch.dtype) -> None:
+        """Nothing to keep, except for a GGUF file."""
+
+
+class HFFolder(Source):
     def config(self, name: str) -> ModelConfig:
         cfg_file = self.path / "config.json"
         if not cfg_file.exists():
@@ -219,9 +227,13 @@ class HFFolder:
         return AutoTokenizer.from_pretrained(str(self.path))
 
 
-class GGUFFile:
-    def __init__(self, path: Path):
-        self.path = path
+class GGUFFile(Source):
+    """A .gguf file, parsed and dequantised; the first fp32 load writes the copy later loads read
+    (``ConvertedGGUF``)."""
+
+    def loaded(self, model: Transformer, tokenizer, dtype: torch.dtype) -> None:
+        if dtype == torch.float32:
+            _save_converted(self.path, model, tokenizer)
 
     def config(self, name: str) -> ModelConfig:
         return gguf_config(self.path, name)
@@ -239,11 +251,12 @@ class GGUFFile:
         return tok
 
 
-class ConvertedGGUF:
+class ConvertedGGUF(Source):
     """The fp32 copy of a GGUF file, beside it (``<name>.kvc/``), stamped with what it was made from."""
 
     def __init__(self, path: Path):
-        self.path, self.folder = path, _converted_dir(path)
+        super().__init__(path)
+        self.folder = _converted_dir(path)
 
     def config(self, name: str) -> ModelConfig:
         return ModelConfig(**{**json.loads((self.folder / "kvc_config.json").read_text()), "name": name})
@@ -261,7 +274,8 @@ class ConvertedGGUF:
         return AutoTokenizer.from_pretrained(str(self.folder / "tokenizer"))
 
 
-def source_for(path: Path) -> HFFolder | GGUFFile | ConvertedGGUF:
+def source_for(path: Path) -> Source:
+    """The one place a path's kind is decided: a .gguf file (its fp32 copy when a fresh one exists), else a folder."""
     if path.suffix != ".gguf":
         return HFFolder(path)
     return ConvertedGGUF(path) if (_converted(path) / "kvc_config.json").exists() else GGUFFile(path)
@@ -286,10 +300,10 @@ def load_weights(path: Path, c: ModelConfig, device: str | torch.device = "cpu",
 
 def load(path: Path, name: str = "model", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Model and tokenizer; the first load of a GGUF file also writes its fast fp32 copy."""
-    model = load_weights(path, read_config(path, name), device, dtype)
+    source = source_for(path)
+    model = load_weights(path, source.config(name), device, dtype)
     tokenizer = load_tokenizer(path)
-    if path.suffix == ".gguf" and dtype == torch.float32 and not _converted(path).exists():
-        _save_converted(path, model, tokenizer)
+    source.loaded(model, tokenizer, dtype)
     return model, tokenizer
 
 

@@ -15,6 +15,7 @@ from kvcompress.records import (
     has_axes,
     read_records,
     record_settings,
+    running_code_version,
     write_text_atomic,
 )
 from kvcompress.report.pareto import pareto_front
@@ -109,17 +110,11 @@ def choose_version(records: list[dict], asked: str | None = None, current: str |
     return newest, why
 
 
-def current_version() -> str:
-    from kvcompress.records import running_code_version
-
-    return running_code_version()
-
-
 def rows(records: list[dict], version: str | None = None, current: str | None = "auto") -> Table:
     """Flat rows (one per distinct config) of ONE code version (``choose_version``; ``current="auto"`` asks git
     for the code here), with Δppl vs the group's full cache and the Pareto flag. A config with records of other
     versions only is a ``missing`` row: never filled in from another version."""
-    current = current_version() if current == "auto" else current
+    current = running_code_version() if current == "auto" else current
     chosen, why = choose_version(records, version, current)
     mine = [r for r in records if version_of(r) == chosen]
     others: dict[str, int] = {}
