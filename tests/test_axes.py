@@ -18,7 +18,7 @@ from conftest import tiny_model
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from kvcompress.cache.static.evict import slot_addressable
+from kvcompress.cache.policy.captured import slot_addressable
 from kvcompress.testing import (
     Axes,
     build,
@@ -148,15 +148,7 @@ def has_static_form(storage: str, policy: str, layout: str) -> bool:
     return declares(policy, "captured") and slot_addressable(store.static_form(1))
 
 
-# Known deviation (issue 22 left open): eager attention now computes its output exactly as without a policy (SDPA or
-# the packed kernel, the weights beside it: bit-exact identity), while eviction's captured form takes one explicit
-# softmax over slots and stage; the ~1e-7 difference flips int4 codes downstream under H2O (0.004 in logits here).
-CODE_FLIPS = {("int4", "h2o", "per_layer")}
-
-
-@pytest.mark.parametrize("storage,policy,layout", [
-    pytest.param(*c, marks=pytest.mark.xfail(reason="int4 codes flip on the captured form's other softmax arithmetic",
-                                             strict=True)) if c in CODE_FLIPS else c for c in COMBOS])
+@pytest.mark.parametrize("storage,policy,layout", COMBOS)
 def test_static_form_is_the_eager_cache(model, calib_dir, storage, policy, layout):
     """Every combination either has no captured form (eager decode) or one whose logits equal the eager cache's
     (``check_static_form``); which have one follows from the declarations (``has_static_form``)."""

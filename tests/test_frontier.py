@@ -285,13 +285,12 @@ def test_settings_checked_against_the_model():
         ready(PQStore(keys="post_rope"), _spec(), Samples(x_of(1, (1, 2, 8, 32)), x_of(2, (1, 2, 8, 32))))
 
 
-def test_captured_forms_under_eviction_only_where_the_codec_is_layer_free():
-    """An eviction policy's static form stages new tokens in a layer-0 form: only codecs whose encoding ignores the
-    layer (no calibrated scales or codebooks) and attend like the decoded form are slot-addressable there."""
+def test_captured_forms_under_eviction_for_every_codec():
+    """An eviction policy's static form encodes new tokens with each layer's own codec and attends as the eager store
+    does: layer-free codecs and layer-calibrated ones (scales, codebooks, rotations) are slot-addressable alike."""
     free = [Fp8Store("e4m3", "token"), Fp4Store("mxfp4")]
     layered = [Fp8Store("e4m3", "head"), Fp4Store("nvfp4"), PQStore(keys="post_rope"), RotatedStore("int")]
-    assert all(s.static_form(4).slot_addressable for s in free)
-    assert not any(s.static_form(4).slot_addressable for s in layered)
+    assert all(s.static_form(4).slot_addressable for s in free + layered)
     assert PQStore().static_form(4) is None  # pre-RoPE keys decode eagerly
 
 

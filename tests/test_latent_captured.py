@@ -19,6 +19,7 @@ if "triton" not in sys.modules and not CUDA:
 
 from kvcompress import kernels  # noqa: E402
 from kvcompress.cache import ComposedCache, FullCache  # noqa: E402
+from kvcompress.cache.policy.captured import StaticEvictionCache  # noqa: E402
 from kvcompress.cache.policy.h2o import H2O  # noqa: E402
 from kvcompress.cache.storage.dense import StaticKVCache  # noqa: E402
 from kvcompress.cache.storage.fixed import FixedSlotCache  # noqa: E402
@@ -172,9 +173,9 @@ def test_bytes_are_the_buffers_and_fewer_than_the_dense_static_cache(model, ctx)
     assert [t.data_ptr() for t in static.tensors()] == before and static.tokens_seen == 0
 
 
-def test_eviction_has_no_captured_form_and_an_uncalibrated_store_is_refused(model, ctx):
-    assert not eager_cache(model, ctx).static_form(16).slot_addressable  # per-layer projections
-    assert eager_cache(model, ctx, policy=H2O(budget=8)).static_form(16) is None  # eviction: eager
+def test_eviction_has_a_captured_form_and_an_uncalibrated_store_is_refused(model, ctx):
+    assert eager_cache(model, ctx).static_form(16).slot_addressable  # each layer encodes with its own projections
+    assert isinstance(eager_cache(model, ctx, policy=H2O(budget=8)).static_form(16), StaticEvictionCache)
     uncalibrated = LatentStore().static_form(16)
     uncalibrated.setup(spec_of(model))
     uncalibrated.reset(1)

@@ -1,4 +1,4 @@
-"""Fixed-budget eviction in static-capacity buffers (``cache.static.evict``): the same logits and the same tokens
+"""Fixed-budget eviction in static-capacity buffers (``cache.policy.captured``): the same logits and the same tokens
 held per row and layer as the eager composed cache, over prefill (whole or chunked) and decode; a single-token
 step traces as one graph; the buffers hold budget + slack slots, not the capacity."""
 from __future__ import annotations
@@ -12,6 +12,7 @@ from kvcompress.cache import ComposedCache
 from kvcompress.cache.base import PAD_POSITION
 from kvcompress.cache.layout.cla import CLA
 from kvcompress.cache.policy.cam import CaM
+from kvcompress.cache.policy.captured import StaticEvictionCache
 from kvcompress.cache.policy.h2o import H2O
 from kvcompress.cache.policy.keydiff import KeyDiff
 from kvcompress.cache.policy.knorm import KeyNorm
@@ -20,9 +21,8 @@ from kvcompress.cache.policy.random import RandomPolicy
 from kvcompress.cache.policy.snapkv import SnapKV
 from kvcompress.cache.policy.streaming import StreamingLLM
 from kvcompress.cache.policy.tova import TOVA
-from kvcompress.cache.storage.dense import StaticKVCache
-from kvcompress.cache.static.evict import StaticEvictionCache, layer_parts
-from kvcompress.cache.storage.dense import DenseStore
+from kvcompress.cache.storage.codec import CodecStore
+from kvcompress.cache.storage.dense import DenseStore, StaticKVCache
 from kvcompress.cache.storage.quant.store import QuantizedStore
 from kvcompress.engine.generate import positions_like
 from kvcompress.engine.static import CapturedDecode, decode_step
@@ -78,15 +78,30 @@ POLICIES = {
 }
 
 
-STORAGES = {"dense": DenseStore, "int4": lambda: QuantizedStore(bits=4, group_size=8)}
+class LayerScaled(CodecStore):
+    """A codec whose parts depend on the layer, as calibrated ones' do: K and V times (layer + 1), in fp16. Tokens
+    encoded with another layer's codec would decode scaled wrong."""
+
+    codec_per_layer = True
+
+    def encode(self, k, v):
+        return {"k": (k * (self.layer + 1)).half(), "v": (v * (self.layer + 1)).half()}
+
+    def decode(self, parts, dtype):
+        return parts["k"].to(dtype) / (self.layer + 1), parts["v"].to(dtype) / (self.layer + 1)
+
+
+STORAGES = {"dense": DenseStore, "int4": lambda: QuantizedStore(bits=4, group_size=8), "per-layer": LayerScaled}
 
 
 @pytest.mark.parametrize("chunk", [None, 4])
 @pytest.mark.parametrize("name,storage", [(n, "dense") for n in sorted(POLICIES)]
-                         + [("h2o-sinks-slack", "int4"), ("tova", "int4"), ("keydiff", "int4")])
+                         + [("h2o-sinks-slack", "int4"), ("tova", "int4"), ("keydiff", "int4"),
+                            ("h2o-sinks-slack", "per-layer"), ("knorm", "per-layer")])
 @torch.inference_mode()
 def test_static_eviction_equals_the_eager_cache(name, storage, chunk):
-    """Over dense and over per-token int4 codes (the storages whose static form is slot-addressable)."""
+    """Over dense, per-token int4 codes and a codec that differs per layer: every layer encodes its candidates with
+    its own codec."""
     policy = POLICIES[name]()
     eager, static = pair(policy, storage=STORAGES[storage]())
     assert isinstance(static, StaticEvictionCache)
@@ -95,7 +110,7 @@ def test_static_eviction_equals_the_eager_cache(name, storage, chunk):
     want, got = prefill(eager, tokens[:, :PROMPT], chunk), prefill(static, tokens[:, :PROMPT], chunk)
     # codes of a deeper layer's K/V can round the other way on fp noise: int4 is compared looser (the held sets,
     # below, are exact either way)
-    close = dict(atol=1e-5, rtol=1e-5) if storage == "dense" else dict(atol=1e-4, rtol=1e-4)
+    close = dict(atol=1e-5, rtol=1e-5) if storage != "int4" else dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got, want, **close)
     for i in range(STEPS):
         for layer in range(spec_of(model()).num_layers):
@@ -147,7 +162,8 @@ def test_static_eviction_buffers_are_the_budget_not_the_capacity():
     prefill(dense, tokens, None)
     assert static.kv_bytes() == sum(t.nbytes for t in static.tensors())
     for layer in range(spec_of(model()).num_layers):
-        assert {part.shape[2] for part in layer_parts(static.main, layer)} == {6 + 1 + 1}  # budget + slack + trash
+        parts = static.main.slots.view(layer).values()
+        assert {part.shape[2] for part in parts} == {6 + 1 + 1 + 1}  # budget + slack + trash + stage
     assert static.kv_bytes() < dense.kv_bytes() / 2
     addresses = [t.data_ptr() for t in static.tensors()]
     static.reset(2)  # same batch: cleared in place

@@ -1,8 +1,9 @@
 """A decode step captured as a CUDA graph and replayed, over a cache's static-capacity form.
 
-``static_form(cache, capacity)`` asks the cache for an equivalent whose buffers never move
-(``kvcompress.cache.static``: written at a device-side index, so a step has fixed shapes and no host
-synchronisation); ``CapturedDecode`` records one decode step over it once and replays it. Where there is no
+``static_form(cache, capacity)`` asks the cache for an equivalent whose buffers never move (a storage's codec in
+fixed slots, ``cache.storage.fixed``; an eviction policy's fixed budget over it, ``cache.policy.captured``: written
+at device-side slots, so a step has fixed shapes and no host synchronisation); ``CapturedDecode`` records one
+decode step over it once and replays it. Where there is no
 CUDA graph (CPU) the same static step runs eagerly, so callers need no branch.
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ from kvcompress.cache.base import KVCache
 
 
 def static_form(cache: KVCache, capacity: int) -> KVCache | None:
-    """The cache's static-capacity equivalent, when it declares one (``cache.static_form(capacity)``; see
-    ``kvcompress.cache.static`` for which storages and policies have one), else None: that cache decodes eagerly."""
+    """The cache's static-capacity equivalent, when it declares one (``cache.static_form(capacity)``: the storage's
+    ``static_form``, or the policy's over it), else None: that cache decodes eagerly."""
     hook = getattr(cache, "static_form", None)
     return None if hook is None else hook(capacity)
 

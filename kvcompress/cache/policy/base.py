@@ -3,8 +3,8 @@
 ``Policy`` (``policy=none``) keeps everything: the identity. ``EvictionPolicy`` is the base of every
 eviction method; a method is one score with fixed shapes (``policy.score``): ``score(candidates)`` (higher =
 keep) and, if it scores by attention, ``queries_needed`` and ``update(weights, state, heads)``. The eager path
-(``evict``) and the captured one (``cache.static.evict``) call the same functions; a method declares what it
-is (``captured``, ``uneven_heads``, ``rewrites_values``, ``replays``): nothing is inferred from its code. The
+(``evict``) and the captured one (``cache.policy.captured``) call the same functions; a method declares what
+it is (``captured``, ``uneven_heads``, ``rewrites_values``, ``replays``): nothing is inferred from its code. The
 composed cache calls the hooks per store ("owner"): a store read by several layers (a CLA group, a MiniCache
 pair) gets the attention weights of all its readers, summed, and is evicted once per step, after its last reader
 attended.
@@ -38,6 +38,7 @@ from torch import Tensor
 from kvcompress.cache.base import PAD_POSITION, KVCache, ModelSpec
 from kvcompress.cache.buffers import fit, follow, take
 from kvcompress.cache.checks import fail, int_at_least, is_int, is_number, one_of
+from kvcompress.cache.policy.captured import StaticEvictionCache
 from kvcompress.cache.policy.score import Candidates, group_weights
 from kvcompress.cache.storage.base import TokenStore
 
@@ -305,36 +306,14 @@ class EvictionPolicy(Policy):
         return prio.masked_fill(lifted, float("inf"))
 
     # -- the static form (captured decode) ------------------------------------------------------
-    def static_keep(self, score: Tensor, pos: Tensor, row_seen: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
-        """``after_attend``'s eviction on the device (no host sync, fixed shapes): ``score`` (B, 1|Hkv, N) of the
-        candidate slots at ``pos`` (B, N), ``row_seen`` (B,) tokens seen per row, ``held`` (0-d) the slots the
-        eager store holds after this step's append. Every real candidate stays unless ``held`` > budget + slack;
-        then the top-``budget`` by ``priority``'s rules (protect = 0) stay: the set ``evict`` keeps (exact ties
-        of scores may break otherwise). Returns the keep mask (B, N) and the held count after the step."""
-        budget = self.static_budget(row_seen)
-        evicts = held > budget + self.slack
-        if score.shape[1] > 1:
-            score = score.mean(1, keepdim=True)
-        prio = self.priority(score[:, 0], pos, budget)
-        order = prio.argsort(dim=-1, descending=True, stable=True).argsort(-1)
-        return (pos < PAD_POSITION) & ((order < budget) | ~evicts), torch.where(evicts, budget, held)
-
-    def static_budget(self, row_seen: Tensor) -> Tensor:
-        """``row_budget`` as a 0-d device tensor, from the tokens seen per row (B,)."""
-        if isinstance(self.budget, float):
-            return (row_seen.max().double() * self.budget).ceil().long().clamp(min=1)
-        return row_seen.new_full((), self.budget)
-
     def static_form(self, storage: TokenStore, capacity: int):
-        """Fixed-budget eviction over ``storage``'s static form (``cache.static.evict``), or None (eager decode).
+        """Fixed-budget eviction over ``storage``'s static form (``cache.policy.captured``), or None (eager decode).
 
         Needs a method that declares ``captured``, ``when=decode`` (``prefill``/``both`` compress once at the
         prompt's end, before that step attends: not in the static form yet), no ``per_head``, no ``rerotate``, no
         query statistics, and a slot-addressable static storage. Slots: budget + slack (``ceil(fraction *
         capacity)`` for a fractional budget), at most ``capacity``. A budget no store reaches within ``capacity``
         evicts nothing: the storage's own static form."""
-        from kvcompress.cache.static.evict import StaticEvictionCache
-
         if not self.captured or self.when != "decode" or self.per_head or self.rerotate or self.wants_queries:
             return None
         if getattr(self, "never_evicts", False) or (is_int(self.budget) and self.budget + self.slack >= capacity):

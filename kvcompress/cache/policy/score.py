@@ -1,7 +1,7 @@
 """What a policy's score sees: the same candidates on both decode paths.
 
 A method is one score with fixed shapes. The eager path (``EvictionPolicy.evict``) builds ``Candidates`` from a
-store's held tokens; the captured path (``cache.static.evict``) from a layer's fixed slots plus the step's new
+store's held tokens; the captured path (``cache.policy.captured``) from a layer's fixed slots plus the step's new
 tokens. Either way the method's two functions are called the same:
 
     state  = policy.update(weights, state, heads)   # a step's attention weights folded into the per-token state

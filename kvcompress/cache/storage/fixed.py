@@ -9,18 +9,19 @@ no Python branch on data: the whole step (embedding to logits) can be recorded o
 (``kvcompress.engine.static``). Attention runs over the capacity with the mask ``key_pos <= query_pos`` (empty
 slots are masked): the codec's ``attend_packed`` with the slot count as ``lengths``, else decode + attention.
 
-For an eviction policy's static form (``cache.static.evict``) the cache is slot-addressable: ``write(layer, slots,
-k, v)`` stores rotated tokens at any slots, ``slot_tokens(layer, dtype)`` decodes every slot, ``payload()`` lists
-the per-slot buffers and ``allocate_payload(dtype, device)`` allocates them ahead of the first token.
+Attention is ``attend_parts``: the arithmetic of the eager ``CodecStore.attend``, so captured logits follow eager
+ones. For an eviction policy's static form (``cache.policy.captured``) the cache is slot-addressable: ``encode(layer,
+k, v, pos, rope)`` packs new tokens with the layer's own codec and ``slots.write(layer, slots, parts)`` stores them
+at any slots; ``allocate_payload(dtype, device)`` allocates every layer's slots ahead of the first token.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from kvcompress.cache import base
 from kvcompress.cache.base import PAD_POSITION, KVCache, ModelSpec, Rotary
 from kvcompress.cache.buffers import SlotParts
 
@@ -28,11 +29,8 @@ from kvcompress.cache.buffers import SlotParts
 class FixedSlotCache(KVCache):
     """A codec storage (``storage.codec.CodecStore``) of every layer in ``capacity`` fixed slots."""
 
-    @property
-    def slot_addressable(self) -> bool:
-        """A codec's parts are per token: any token can be written at any slot. Not where the codec differs per layer
-        (calibrated per layer): eviction's static form encodes new tokens in a one-layer stage."""
-        return not getattr(self.store, "codec_per_layer", False)
+    slot_addressable = True  # a codec's parts are per token: any token can be written at any slot (every layer with
+    #                          its own codec), so an eviction policy's static form can hold it
 
     def __init__(self, store, capacity: int, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None):
@@ -85,29 +83,19 @@ class FixedSlotCache(KVCache):
         if layer == 0:  # the first layer advances the index: every layer's attend then sees the new tokens
             self.index.add_(T)
         slots = self.index - T + torch.arange(T, device=k.device)
-        codec = self.codecs[layer]
-        codec.rope = rope  # as a store's ``append`` keeps it: a codec may rotate (part of) pre-RoPE keys itself
-        k = rope.rotate(k, pos) if codec.keys == "post_rope" else k
-        self.slots.write(layer, slots, codec.encode_at(k, v, pos))
+        self.slots.write(layer, slots, self.encode(layer, k, v, pos, rope))
         if layer == 0:
             self.pos.index_copy_(1, slots, pos)
 
-    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store rotated keys and values of the new tokens at ``slots``."""
-        self.slots.write(layer, slots, self.codecs[layer].encode(k, v))
-
-    def slot_tokens(self, layer: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Keys and values of every slot of a layer, (B, Hkv, capacity, D) in ``dtype``."""
-        k, v = self.codecs[layer].decode(self.slots.view(layer), dtype)
-        return k.to(dtype), v.to(dtype)
+    def encode(self, layer: int, k: Tensor, v: Tensor, pos: Tensor, rope: Rotary) -> dict[str, Tensor]:
+        """The parts of new tokens (pre-RoPE keys k, values v at ``pos``) by the layer's own codec, keys as it stores
+        them."""
+        codec = self.codecs[layer]
+        codec.rope = rope  # as a store's ``append`` keeps it: a codec may rotate (part of) pre-RoPE keys itself
+        return codec.encode_at(rope.rotate(k, pos) if codec.keys == "post_rope" else k, v, pos)
 
     def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
-        out = self.codecs[layer].attend_packed(q, q_pos, self.pos, self.slots.view(layer), self.index)
-        if out is not None:
-            return out
-        mask = self.pos[:, None, None, :] <= q_pos[:, None, :, None]  # (B, 1, Tq, capacity)
-        k, v = self.slot_tokens(layer, q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        return attend_parts(self.codecs[layer], q, q_pos, self.pos, self.slots.view(layer), self.index)[0]
 
     def tensors(self) -> Iterable[Tensor]:
         """The whole capacity is held (a static cache reserves it up front)."""
@@ -119,3 +107,20 @@ class FixedSlotCache(KVCache):
     @property
     def tokens_seen(self) -> int:
         return 0 if self.pos is None else int((self.pos < PAD_POSITION).sum())
+
+
+def attend_parts(codec, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
+                 lengths: Tensor | None = None, n_weights: int = 0) -> tuple[Tensor, Tensor | None]:
+    """Attention of rotated queries q (B, Hq, Tq, D) over a codec's packed parts at ``k_pos``, the one arithmetic of
+    every buffer: the codec's kernel (``attend_packed``; ``lengths``: how many leading slots are written, None: all)
+    unless it decodes for this step (``decodes_for_attention``: prefill chunks), else decode + ``base.attention``.
+    The last ``n_weights`` queries' softmax weights (``base.attention_weights``) are computed beside the output,
+    never instead of it: a policy that observes attention never changes its arithmetic."""
+    out = None if codec.decodes_for_attention(q) else codec.attend_packed(q, q_pos, k_pos, parts, lengths)
+    if out is not None and n_weights <= 0:
+        return out, None
+    k, v = (x.to(q.dtype) for x in codec.decode_at(parts, q.dtype, k_pos))
+    if out is None:
+        out = base.attention(q, k, v, q_pos, k_pos)
+    n = min(n_weights, q.shape[2])
+    return out, base.attention_weights(q[:, :, -n:], k, q_pos[:, -n:], k_pos) if n > 0 else None
