@@ -79,20 +79,22 @@ def test_reference_equals_dequantize_then_attention(layout, Tq, per_head):
 
 
 @pytest.mark.parametrize("kv", [("channel", "token", 8), ("token", "token", 0)])
-def test_quant_part_read_as_a_side_equals_its_dequantized_read(kv):
-    """The storage's own part (chunked appends, int32 positions) through ``from_part``: no copy, same attention."""
-    from kvcompress.cache.storage.quant.part import QuantPart
+def test_residual_stage_read_as_a_side_equals_its_dequantized_read(kv):
+    """The storage's own residual stage (chunked appends, int32 positions) through ``packed``: no copy, same
+    attention."""
+    from kvcompress.cache.storage.quant.codec import QuantSide
+    from kvcompress.cache.storage.residual import Stage
 
     k_axis, v_axis, residual = kv
     q, q_pos, k, v, k_pos = case(Tq=1)
-    parts = [QuantPart(QuantConfig(2, 8, axis), residual, "float32") for axis in (k_axis, v_axis)]
+    parts = [Stage(QuantSide(QuantConfig(2, 8, axis)), residual, torch.float32) for axis in (k_axis, v_axis)]
     for lo, hi in ((0, 20), (20, 21), (21, 37)):
         parts[0].append(k[:, :, lo:hi])
         parts[1].append(v[:, :, lo:hi])
     want = attention(q, parts[0].read(q.dtype), parts[1].read(q.dtype), q_pos, k_pos.int())
-    ks, vs = kernels.from_part(parts[0]), kernels.from_part(parts[1])
+    ks, vs = parts[0].packed(), parts[1].packed()
     assert ks.n_q == parts[0].n_q and ks.length == vs.length == 37
-    assert ks.codes.data_ptr() == parts[0].codes.data.data_ptr()  # a view of the stored codes
+    assert ks.codes.data_ptr() == parts[0].parts.view()["codes"].data_ptr()  # a view of the stored codes
     got = kernels.quant_attention(q, q_pos, k_pos.int(), ks, vs, backend="torch")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if INTERP:
@@ -236,9 +238,9 @@ def test_device_lengths_over_capacity_buffers(backend):
                                       dict(bits=2, group_size=2, key_axis="channel", residual=2)])  # int4, KIVI-2
 @torch.inference_mode()
 def test_triton_static_quant_cache_equals_its_reference(settings):
-    """The static int4 / KIVI cache on the kernels (quantize on append, attention with device lengths: prefix and
+    """The captured int4 / KIVI forms on the kernels (quantize on append, attention with device lengths: prefix and
     residual counts) vs the reference."""
-    from kvcompress.cache.static.quant import StaticQuantKVCache
+    from kvcompress.cache.storage.quant.store import QuantizedStore
     from kvcompress.engine.generate import positions_like
     from tests.conftest import spec_of, tiny_model
 
@@ -246,7 +248,7 @@ def test_triton_static_quant_cache_equals_its_reference(settings):
     tokens = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
     out = []
     for backend in ("torch", "triton"):
-        cache = StaticQuantKVCache(capacity=10, backend=backend, **settings)
+        cache = QuantizedStore(backend=backend, **settings).static_form(10)
         cache.setup(spec_of(model))
         cache.reset(2)
         logits = [model(tokens[:, :5], positions_like(tokens[:, :5]), cache)]

@@ -10,10 +10,14 @@ from kvcompress.cache import ComposedCache, FullCache
 from kvcompress.cache.layout.cla import CLA
 from kvcompress.cache.policy.snapkv import SnapKV
 from kvcompress.cache.storage.dense import StaticKVCache
+from kvcompress.cache.storage.fixed import FixedSlotCache
+from kvcompress.cache.storage.quant.store import QuantizedStore
+from kvcompress.cache.storage.residual import ResidualSlots
 from kvcompress.engine.static import CapturedDecode, decode_step
 from tests.conftest import assert_graph_replay_equals_eager, greedy_steps, spec_of, static_prefill, tiny_model
 
 prefill, steps = static_prefill, greedy_steps
+KIVI = dict(bits=2, group_size=4, key_axis="channel", value_axis="token")
 
 
 @torch.inference_mode()
@@ -71,13 +75,13 @@ def test_capacity_is_checked():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs CUDA")
-@pytest.mark.parametrize("kind", ["dense", "int4"])
+@pytest.mark.parametrize("kind", ["dense", "int4", "kivi"])
 @torch.inference_mode()
 def test_cuda_graph_replay_equals_eager(kind):
-    from kvcompress.cache.static.quant import StaticQuantKVCache
-
-    make = (lambda: StaticKVCache(capacity=16, device="cuda")) if kind == "dense" else (
-        lambda: StaticQuantKVCache(capacity=16, group_size=8, device="cuda"))
+    """Dense, the per-token int4 codec in fixed slots, and KIVI's residual stage (a flush every 4 tokens)."""
+    make = {"dense": lambda: StaticKVCache(capacity=16, device="cuda"),
+            "int4": lambda: FixedSlotCache(QuantizedStore(group_size=8).codec(), 16, device="cuda"),
+            "kivi": lambda: ResidualSlots(QuantizedStore(residual=3, **KIVI), 16, device="cuda")}[kind]
     assert_graph_replay_equals_eager(tiny_model().cuda(), make(), make(), torch.randint(0, 97, (2, 8), device="cuda"))
 
 
@@ -108,9 +112,6 @@ def test_speed_on_the_static_path_keeps_the_perplexity(stories):
 @pytest.mark.parametrize("bits,symmetric", [(4, False), (8, True)])
 @torch.inference_mode()
 def test_static_quant_cache_equals_the_quantized_storage(bits, symmetric):
-    from kvcompress.cache import ComposedCache
-    from kvcompress.cache.storage.quant.store import QuantizedStore
-
     model = tiny_model()
     tokens = torch.randint(0, 97, (2, 12))
     eager = ComposedCache(QuantizedStore(bits=bits, group_size=8, symmetric=symmetric))
@@ -127,12 +128,10 @@ def test_static_quant_cache_equals_the_quantized_storage(bits, symmetric):
 
 @torch.inference_mode()
 def test_static_quant_decode_step_traces_as_one_graph():
-    from kvcompress.cache.static.quant import StaticQuantKVCache
-
     torch._dynamo.reset()
     model = tiny_model()
     tokens = torch.randint(0, 97, (1, 6))
-    eager, traced = StaticQuantKVCache(capacity=12, group_size=8), StaticQuantKVCache(capacity=12, group_size=8)
+    eager, traced = (FixedSlotCache(QuantizedStore(group_size=8).codec(), 12) for _ in range(2))
     prefill(model, eager, tokens)
     nxt = prefill(model, traced, tokens)[:, -1:].argmax(-1)
     compiled = torch.compile(decode_step, fullgraph=True, backend="eager")
@@ -141,10 +140,6 @@ def test_static_quant_decode_step_traces_as_one_graph():
 
 def test_static_forms_follow_the_axes():
     """Only identity policy and layout, and a storage that declares one, have a static form."""
-    from kvcompress.cache.static.quant import StaticQuantKVCache
-    from kvcompress.cache.storage.fixed import FixedSlotCache
-    from kvcompress.cache.storage.quant.store import QuantizedStore
-
     spec = spec_of(tiny_model())
     def form(**axes):
         cache = ComposedCache(**axes)
@@ -154,13 +149,13 @@ def test_static_forms_follow_the_axes():
     q = form(storage=QuantizedStore(bits=4, group_size=8))  # per-token codes: the codec in fixed slots
     assert isinstance(q, FixedSlotCache) and {(c.bits, c.group_size) for c in q.store.configs.values()} == {(4, 8)}
     kivi = form(storage=QuantizedStore(bits=2, group_size=8, key_axis="channel", residual=16))
-    assert isinstance(kivi, StaticQuantKVCache)  # per-channel groups and a residual: the residual stage's form
-    assert [c.axis for c in kivi.configs] == ["channel", "token"] and kivi.residual == 16
+    assert isinstance(kivi, ResidualSlots)  # per-channel groups and a residual: the residual stage's form
+    assert [c.cfg.axis for c in kivi.store.side_codecs()] == ["channel", "token"] and kivi.store.residual == 16
+    assert not kivi.slot_addressable
     assert form(storage=QuantizedStore(bits=4, group_size=8, keys="pre_rope")) is None  # rotated at read time
     assert form(policy=SnapKV(budget=16)) is None and form(layout=CLA(group_size=2)) is None
 
 
-KIVI = dict(bits=2, group_size=4, key_axis="channel", value_axis="token")
 
 
 @pytest.mark.parametrize("residual,chunk", [(0, None), (3, None), (6, 4), (32, 5)])
@@ -168,8 +163,6 @@ KIVI = dict(bits=2, group_size=4, key_axis="channel", value_axis="token")
 def test_static_kivi_cache_equals_the_kivi_storage(residual, chunk):
     """Per-channel key groups and a full-precision residual: every flush (prefill chunks and single-token steps)
     leaves the eager storage's codes, so the logits match; residual 32 > every length quantizes nothing."""
-    from kvcompress.cache.static.quant import StaticQuantKVCache
-    from kvcompress.cache.storage.quant.store import QuantizedStore
     from kvcompress.engine.generate import forward_chunks
 
     model = tiny_model()
@@ -177,7 +170,7 @@ def test_static_kivi_cache_equals_the_kivi_storage(residual, chunk):
     eager = ComposedCache(QuantizedStore(residual=residual, **KIVI))
     eager.setup(spec_of(model))
     static = eager.static_form(24)
-    assert isinstance(static, StaticQuantKVCache)
+    assert isinstance(static, ResidualSlots)
     static.setup(spec_of(model))
     for cache in (eager, static):
         cache.reset(2)
@@ -186,27 +179,49 @@ def test_static_kivi_cache_equals_the_kivi_storage(residual, chunk):
     torch.testing.assert_close(b, a, **close)
     nxt = a[:, -1:].argmax(-1)
     torch.testing.assert_close(steps(model, static, nxt, 13, 9), steps(model, eager, nxt, 13, 9), **close)
-    store, (k, v) = eager.views[0], static.parts  # layer 0: its K/V do not depend on attention's rounding
+    store, (k, v) = eager.views[0], static.sides  # layer 0: its K/V do not depend on attention's rounding
     n = int(static.index)
     for part, side in ((k, store.k), (v, store.v)):
         assert part.split(n) == side.n_q
         if side.n_q:
-            assert torch.equal(part.codes[0][:, :, : side.n_q], side.prefix().codes)
-        if part.res is None:  # per-token groups, residual 0: every token is a code
-            assert side.n_res == 0
-        else:
-            assert torch.equal(part.res[0][:, :, : n - side.n_q], side.res)
+            for name, held in side.parts.view().items():
+                assert torch.equal(part.parts[name][0][:, :, : held.shape[2]], held)
+        assert torch.equal(part.res[0][:, :, : n - side.n_q], side.res)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+@torch.inference_mode()
+def test_gear_in_fixed_slots_equals_the_gear_storage(rank):
+    """GEAR's blocks (codes, per-channel scales, rank-r factors, outliers: parts with per-token, per-group and
+    per-block rows) in the same residual stage: fixed slots equal the eager storage. Rank 0 is GEAR's captured
+    form; a rank codes blocks with an SVD (a host sync on CUDA), so ``static_form`` refuses it."""
+    from kvcompress.cache.storage.gear import GEARStore
+    from kvcompress.engine.generate import forward_chunks
+
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (2, 13))
+    eager = ComposedCache(GEARStore(bits=4, group_size=4, block_size=8, rank=rank, outlier_fraction=0.05, residual=3))
+    eager.setup(spec_of(model))
+    assert (eager.static_form(24) is None) == bool(rank)
+    static = ResidualSlots(eager.storage, 24)
+    static.setup(spec_of(model))
+    for cache in (eager, static):
+        cache.reset(2)
+    a, b = (forward_chunks(model, tokens, c, 5) for c in (eager, static))
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    nxt = a[:, -1:].argmax(-1)
+    close = dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(steps(model, static, nxt, 13, 9), steps(model, eager, nxt, 13, 9), **close)
+    assert static.sides[0].n_q == eager.views[0].k.n_q == 16  # 22 tokens, 3 recent: two blocks of 8 coded
 
 
 @torch.inference_mode()
 def test_static_kivi_decode_step_traces_as_one_graph():
     """The flush is a device-side flag, not a Python branch: one graph, equal to eager, across flushes."""
-    from kvcompress.cache.static.quant import StaticQuantKVCache
-
     torch._dynamo.reset()
     model = tiny_model()
     tokens = torch.randint(0, 97, (1, 6))
-    make = lambda: StaticQuantKVCache(capacity=20, residual=3, **KIVI)
+    make = lambda: ResidualSlots(QuantizedStore(residual=3, **KIVI), 20)
     eager, traced = make(), make()
     prefill(model, eager, tokens)
     nxt = prefill(model, traced, tokens)[:, -1:].argmax(-1)

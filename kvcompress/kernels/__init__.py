@@ -5,8 +5,8 @@ full-precision residual. ``latent_attention``: absorbed attention over latents. 
 quantize-on-append. Choose the implementation with ``backend=`` or ``KVC_KERNELS=triton|torch|auto``.
 """
 from kvcompress.kernels.dispatch import resolve, triton_available
-from kvcompress.kernels.layout import Packed, dense, from_part
+from kvcompress.kernels.layout import Packed, dense
 from kvcompress.kernels.ops import latent_attention, quant_attention, quantize_tokens
 
-__all__ = ["Packed", "dense", "from_part", "latent_attention", "quant_attention", "quantize_tokens", "resolve",
+__all__ = ["Packed", "dense", "latent_attention", "quant_attention", "quantize_tokens", "resolve",
            "triton_available"]

@@ -63,10 +63,3 @@ def dense(x: Tensor) -> Packed:
     """A side held in full precision only (plain K/V, or latents)."""
     return Packed(res=x)
 
-
-def from_part(part) -> Packed:
-    """A quantized storage's part (``QuantPart``: ``cfg``, ``n_q``, ``prefix()``, ``res``) as a side, no copy."""
-    if not part.n_q:
-        return Packed(res=part.res)
-    q, cfg = part.prefix(), part.cfg
-    return Packed(q.codes, q.scale, q.zero, part.res if part.n_res else None, cfg.bits, cfg.group_size, cfg.axis)

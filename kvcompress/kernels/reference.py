@@ -127,23 +127,28 @@ def round_fp16(x: Tensor, up: bool) -> Tensor:
     return torch.where(off, torch.nextafter(h, torch.full_like(h, float("inf") if up else float("-inf"))), h)
 
 
-def quantize_tokens(x: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-token groups of ``group_size`` channels of x (..., D): packed codes, fp16 scale and zero (..., D / g).
+def quantize_groups(g: Tensor, dim: int, bits: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Unpacked uint8 codes, fp16 scale and zero of groups of ``g`` (fp32) reduced over ``dim``.
 
     Asymmetric: ``zero = down(min)``, ``scale = max(up((max - zero) / (2**bits - 1)), 2**-24)``,
     ``code = clamp(rint((x - zero) / scale), 0, 2**bits - 1)``. Symmetric: ``scale = max(up(absmax / qmax),
     2**-24)``, ``code = clamp(rint(x / scale), -qmax, qmax) + 2**(bits-1)`` with ``qmax = 2**(bits-1) - 1``.
     """
-    g = x.float().unflatten(-1, (-1, group_size))
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        scale = round_fp16(g.abs().amax(-1, keepdim=True) / qmax, True).clamp_min(TINY)
+        scale = round_fp16(g.abs().amax(dim, keepdim=True) / qmax, True).clamp_min(TINY)
         q = (g / scale.float()).round().clamp(-qmax, qmax) + 2 ** (bits - 1)
         zero = None
     else:
         levels = 2**bits - 1
-        zero = round_fp16(g.amin(-1, keepdim=True), False)
-        scale = round_fp16((g.amax(-1, keepdim=True) - zero.float()) / levels, True).clamp_min(TINY)
+        zero = round_fp16(g.amin(dim, keepdim=True), False)
+        scale = round_fp16((g.amax(dim, keepdim=True) - zero.float()) / levels, True).clamp_min(TINY)
         q = ((g - zero.float()) / scale.float()).round().clamp(0, levels)
-        zero = zero.squeeze(-1)
-    return pack(q.to(torch.uint8).flatten(-2), bits), scale.squeeze(-1), zero
+        zero = zero.squeeze(dim)
+    return q.to(torch.uint8), scale.squeeze(dim), zero
+
+
+def quantize_tokens(x: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-token groups of ``group_size`` channels of x (..., D): packed codes, fp16 scale and zero (..., D / g)."""
+    q, scale, zero = quantize_groups(x.float().unflatten(-1, (-1, group_size)), -1, bits, symmetric)
+    return pack(q.flatten(-2), bits), scale, zero

@@ -24,8 +24,9 @@ from hydra import compose, initialize_config_dir
 from torch import Tensor
 
 import kvcompress.run  # noqa: F401  (registers the config resolvers)
-from kvcompress.cache.storage.quant.part import QuantPart
+from kvcompress.cache.storage.quant.codec import QuantSide
 from kvcompress.cache.storage.quant.quantizer import QuantConfig
+from kvcompress.cache.storage.residual import Stage
 from kvcompress.engine.generate import prefill
 from kvcompress.eval.data import load_text, wants_bos
 from kvcompress.eval.ruler import ALL_TASKS
@@ -35,7 +36,7 @@ from kvcompress.eval.ruler.haystack import token_codec
 from kvcompress.eval.ruler.scoring import score
 from kvcompress.eval.ruler.tasks import Haystacks
 from kvcompress.job import build_cache, prepare, setup_cache
-from kvcompress.kernels import from_part, quant_attention
+from kvcompress.kernels import quant_attention
 from kvcompress.run import CONF_DIR
 
 TASKS, LENGTH, SAMPLES, NEW_TOKENS, CHUNK = ("niah_single_1", "niah_single_2"), 1024, 4, 16, 512
@@ -140,7 +141,8 @@ def tensors() -> None:
     for layer in range(spec.num_layers):
         k, v = (t[:, :, :T] for t in full.views[layer].read()[:2])
         q = queries[layer]
-        pk, pv, ok, ov = QuantPart(kc, 128), QuantPart(vc, 128), QuantPart(kc, 128), QuantPart(vc, 128)
+        part = lambda cfg: Stage(QuantSide(cfg), 128, torch.float16)  # the storage's residual stage, fp16 residual
+        pk, pv, ok, ov = part(kc), part(vc), part(kc), part(vc)
         for lo in range(0, T, 100):  # chunks that end off the 32-token groups
             pk.append(k[:, :, lo:lo + 100])
             pv.append(v[:, :, lo:lo + 100])
@@ -158,7 +160,7 @@ def tensors() -> None:
             apart = (ref - d[:, :, :n_q]).abs() / step
             assert float(apart.max()) < 1.01, "more than one step from the independent quantizer"
             flips.append(float((apart > 0.01).float().mean()))
-        got = quant_attention(q, pos[:, None], torch.arange(T)[None], from_part(pk), from_part(pv))
+        got = quant_attention(q, pos[:, None], torch.arange(T)[None], pk.packed(), pv.packed())
         want = sdpa(q, dk, dv)
         kernel.append(float((got - want).abs().max()))
         k2, k4 = prefix_quant(k, n_q, 2, "channel"), prefix_quant(k, n_q, 4, "channel")

@@ -9,8 +9,9 @@ SVD; GEAR uses a few power iterations, which approach the same factors), stored 
 per token, B (r x head_dim) per block. The most recent ``residual`` tokens and an unfinished block stay fp16
 (GEAR's streaming buffer). Every byte is a held tensor: codes, scales, zeros, factors, outlier values/indices.
 
-Eviction: a block's factors span its tokens, so ``keep`` rebuilds the kept tokens and compresses them again
-from scratch (a token may be compressed twice); GEAR itself does not evict.
+Each of K and V is a ``GearSide`` codec behind the residual stage (``storage.residual``: eager and captured). Eviction
+(GEAR itself does not evict): a kept block that is exactly an old block keeps its parts; any other block is
+compressed again from the held (decoded) values.
 """
 from __future__ import annotations
 
@@ -18,96 +19,45 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache.base import ModelSpec
-from kvcompress.cache.buffers import gather_tokens
 from kvcompress.cache.checks import int_at_least, number_in, one_of
-from kvcompress.cache.storage.base import KEY_MODES, PartsStore
+from kvcompress.cache.storage.base import KEY_MODES
 from kvcompress.cache.storage.quant.quantizer import QTensor, QuantConfig, dequantize, quantize
+from kvcompress.cache.storage.residual import GroupCodec, ResidualStore
 
 
-class Blocks:
-    """A tensor grown along dim 2 by concatenation: compressed data arrives once per block, so a spare
-    capacity (``GrowingBuffer``) would only hold unused bytes."""
+class GearSide(GroupCodec):
+    """One of K or V in blocks of ``block`` tokens: codes, scale, zero; ``a`` (per token) and ``b`` (per block) the
+    rank-r factors; ``out`` / ``idx`` (per block) the outliers."""
 
-    def __init__(self) -> None:
-        self.data: Tensor | None = None
+    def __init__(self, cfg: QuantConfig, block: int, rank: int, n_out: int):
+        self.cfg, self.gran, self.rank, self.n_out = cfg, block, rank, n_out
 
-    def append(self, x: Tensor) -> None:
-        self.data = x.contiguous() if self.data is None else torch.cat([self.data, x], 2)
-
-    def view(self) -> Tensor:
-        return self.data
-
-    def tensors(self) -> list[Tensor]:
-        return [self.data] if self.data is not None else []
-
-    reserved = tensors
-
-
-class GearPart:
-    """One of K or V: compressed blocks, then the fp16 recent tokens ``res``."""
-
-    NAMES = ("codes", "scale", "zero", "a", "b", "out", "idx")
-
-    def __init__(self, cfg: QuantConfig, block: int, residual: int, rank: int, n_out: int):
-        self.cfg, self.block, self.residual, self.rank, self.n_out = cfg, block, residual, rank, n_out
-        self.buf = {n: Blocks() for n in self.NAMES}
-        self.res: Tensor | None = None
-        self.n_q = 0
-
-    def split(self, n: int) -> int:
-        return max(n - self.residual, 0) // self.block * self.block
-
-    def append(self, x: Tensor) -> None:
-        full = x.half() if self.res is None else torch.cat([self.res, x.half()], 2)
-        n = self.split(self.n_q + full.shape[2]) - self.n_q
-        if n > 0:
-            self._compress(full[:, :, :n].float())
-        self.res = full[:, :, n:].contiguous()
-
-    def _compress(self, x: Tensor) -> None:
-        B, H, T, D = x.shape
-        blocks = x.unflatten(2, (T // self.block, self.block))  # (B, H, nb, block, D)
+    def encode(self, x: Tensor) -> dict[str, Tensor]:
+        blocks = x.float().unflatten(2, (-1, self.gran))  # (B, H, nb, block, D)
         flat = blocks.flatten(-2)
         idx = flat.abs().topk(self.n_out, dim=-1).indices
         dense = flat.scatter(-1, idx, 0.0).view_as(blocks)
         q = quantize(dense.flatten(2, 3), self.cfg)
-        for name, t in (("codes", q.codes), ("scale", q.scale), ("zero", q.zero)):
-            self.buf[name].append(t)
+        parts = {"codes": q.codes, "scale": q.scale, "zero": q.zero}
         if self.n_out:
-            self.buf["out"].append(flat.gather(-1, idx).half())
-            self.buf["idx"].append(idx.to(torch.int16))
+            parts |= {"out": flat.gather(-1, idx).half(), "idx": idx.to(torch.int16)}
         if self.rank:
             r = (dense - dequantize(q, self.cfg).view_as(blocks)).flatten(-2).scatter(-1, idx, 0.0).view_as(blocks)
             u, s, vh = torch.linalg.svd(r, full_matrices=False)
-            self.buf["a"].append((u[..., : self.rank] * s[..., None, : self.rank]).flatten(2, 3).half())
-            self.buf["b"].append(vh[..., : self.rank, :].half())
-        self.n_q += T
+            parts |= {"a": (u[..., : self.rank] * s[..., None, : self.rank]).flatten(2, 3).half(),
+                      "b": vh[..., : self.rank, :].half()}
+        return parts
 
-    def read(self, dtype: torch.dtype) -> Tensor:
-        if not self.n_q:
-            return self.res.to(dtype)
-        b = self.buf
-        x = dequantize(QTensor(b["codes"].view(), b["scale"].view(), b["zero"].view()), self.cfg)
-        x = x.unflatten(2, (-1, self.block))
+    def decode(self, parts: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        x = dequantize(QTensor(parts["codes"], parts["scale"], parts["zero"]), self.cfg).unflatten(2, (-1, self.gran))
         if self.rank:
-            x = x + b["a"].view().float().unflatten(2, (-1, self.block)) @ b["b"].view().float()
+            x = x + parts["a"].float().unflatten(2, (-1, self.gran)) @ parts["b"].float()
         if self.n_out:
-            x = x.flatten(-2).scatter(-1, b["idx"].view().long(), b["out"].view().float()).view_as(x)
-        return torch.cat([x.flatten(2, 3).to(dtype), self.res.to(dtype)], 2)
-
-    def keep(self, idx: Tensor) -> None:
-        kept = gather_tokens(self.read(torch.float32), idx)
-        self.__init__(self.cfg, self.block, self.residual, self.rank, self.n_out)
-        self.append(kept)
-
-    def tensors(self) -> list[Tensor]:
-        return [t for b in self.buf.values() for t in b.tensors()] + ([self.res] if self.res is not None else [])
-
-    def reserved(self) -> list[Tensor]:
-        return [t for b in self.buf.values() for t in b.reserved()] + ([self.res] if self.res is not None else [])
+            x = x.flatten(-2).scatter(-1, parts["idx"].long(), parts["out"].float()).view_as(x)
+        return x.flatten(2, 3).to(dtype)
 
 
-class GEARStore(PartsStore):
+class GEARStore(ResidualStore):
     def __init__(self, bits: int = 2, group_size: int = 32, block_size: int = 64, rank: int = 2,
                  outlier_fraction: float = 0.02, residual: int = 0, keys: str = "post_rope"):
         one_of("storage.bits", bits, (8, 4, 2))
@@ -134,19 +84,17 @@ class GEARStore(PartsStore):
             raise ValueError(f"storage.block_size={self.block} x head_dim={D} must be < 32768 (int16 outlier indices)")
         self.n_out = min(self.block * D, round(self.fraction * self.block * D))
 
-    def clear_payload(self) -> None:
-        self.dtype = None
+    def side_codecs(self) -> tuple[GearSide, GearSide] | None:
         if not hasattr(self, "n_out"):  # before check(spec): no dimensions yet
-            self.k = self.v = None
-            return
-        part = lambda g, axis: GearPart(QuantConfig(self.bits, g, axis), self.block, self.residual, self.rank,
-                                        self.n_out)
-        self.k, self.v = part(self.group_size, "channel"), part(self.value_group, "token")
+            return None
+        side = lambda g, axis: GearSide(QuantConfig(self.bits, g, axis), self.block, self.rank, self.n_out)
+        return side(self.group_size, "channel"), side(self.value_group, "token")
 
-    def append_payload(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        self.dtype = k.dtype
-        self.k.append(k)
-        self.v.append(v)
+    def static_form(self, capacity: int):
+        """The residual stage's captured form for ``rank`` 0. With a rank, coding a block runs ``torch.linalg.svd``,
+        which synchronises a CUDA device with the host: a decode step that flushes a block cannot be captured (the
+        fixed-slot form itself runs uncaptured, tests/test_static.py), so eager decode."""
+        return None if self.rank else super().static_form(capacity)
 
     def report(self) -> dict[str, float | str]:
         return {"gear_outliers_per_block": float(getattr(self, "n_out", 0))}

@@ -9,7 +9,8 @@ the index of the nearest of ``2**bits`` levels of the layer's codebook. Per toke
 ``round(outlier_fraction * head_dim)`` entries farthest out (normalised) are kept exactly as a sparse part:
 ``outlier_dtype`` values and uint8 channel indices (their bytes count). A fixed count per vector (KVQuant
 thresholds by a calibrated percentile, so its count varies) keeps every tensor per token, so eviction gathers
-tokens exactly. 3-bit codes are packed 8 codes into 3 bytes.
+tokens exactly. 3-bit codes are packed 8 codes into 3 bytes. Every part is per token: a per-token codec
+(``storage.codec``, calibrated per layer), held in the generic buffers.
 
 Sensitivity weighting: KVQuant weighs k-means by Fisher information (squared gradients); a storage has no
 gradients, so ``sensitivity: query`` weighs a key entry by the calibrated mean square of the query channels
@@ -29,11 +30,11 @@ from torch import Tensor
 
 from kvcompress.cache import artifacts
 from kvcompress.cache.base import ModelSpec
-from kvcompress.cache.buffers import GrowingBuffer, gather_tokens
 from kvcompress.cache.checks import DTYPES, dtype_of, number_in, one_of
-from kvcompress.cache.storage.base import KEY_MODES, TokenStore
-from kvcompress.cache.storage.quant.quantizer import pack, unpack
+from kvcompress.cache.storage.base import KEY_MODES
+from kvcompress.cache.storage.codec import CodecStore
 from kvcompress.cache.storage.queries import channel_moments
+from kvcompress.kernels.reference import pack, unpack
 
 SENSITIVITY = ("query", "none")
 KMEANS_SAMPLES, KMEANS_ITERS = 1 << 20, 30
@@ -69,7 +70,7 @@ def kmeans_1d(x: Tensor, w: Tensor, levels: int, iters: int = KMEANS_ITERS) -> T
     return c.float()
 
 
-class KVQuantStore(TokenStore):
+class KVQuantStore(CodecStore):
     def __init__(self, bits: int = 4, outlier_fraction: float = 0.01, outlier_dtype: str = "float16",
                  sensitivity: str = "query", keys: str = "pre_rope", calibration_file: str | None = None):
         one_of("storage.bits", bits, (4, 3, 2))
@@ -156,57 +157,49 @@ class KVQuantStore(TokenStore):
         mid, half = ((hi + lo) / 2).half(), ((hi - lo) / 2).half().clamp_min(2.0**-14)
         return mid.float(), half.float(), idx
 
-    # -- tokens -------------------------------------------------------------------------------
-    def _prepare(self, device: torch.device) -> None:
+    # -- tokens: a per-token codec (calibrated per layer) ---------------------------------------
+    codec_per_layer = True
+
+    def _cal(self, device: torch.device) -> dict[str, Tensor]:
+        """This layer's calibration on ``device`` (moved once per store)."""
         if self.layers is None:
             raise RuntimeError("storage=kvquant needs calibrate(ctx) before use")
         if self._device != device:
-            self.cal = {n: t.to(device) for n, t in self.layers[self.layer].items()}
-            self._device = device
+            self.cal, self._device = {n: t.to(device) for n, t in self.layers[self.layer].items()}, device
+        return self.cal
 
     def clear_payload(self) -> None:
-        names = ("k_codes", "k_out", "k_idx", "v_codes", "v_scale", "v_out", "v_idx")
-        self.buf = {n: GrowingBuffer() for n in names}
-        self.model_dtype, self._device = None, None
+        super().clear_payload()
+        self._device = None
 
     def _encode(self, x: Tensor, mid: Tensor, half: Tensor, book: Tensor, side: str, idx: Tensor | None = None
-                ) -> None:
+                ) -> dict[str, Tensor]:
         xn, idx = self._normalise(x.float(), mid, half, idx)
         codes = torch.bucketize(xn.contiguous(), (book[1:] + book[:-1]) / 2).to(torch.uint8)
-        self.buf[f"{side}_codes"].append(pack_codes(codes, self.bits))
-        self.buf[f"{side}_out"].append(x.gather(-1, idx).to(dtype_of("storage.outlier_dtype", self.outlier_dtype)
-                                                             or x.dtype))
-        self.buf[f"{side}_idx"].append(idx.to(torch.uint8))
+        parts = {f"{side}_codes": pack_codes(codes, self.bits)}
+        if self.k_out:  # the sparse outliers: values and uint8 channel indices
+            out_dtype = dtype_of("storage.outlier_dtype", self.outlier_dtype) or x.dtype
+            parts |= {f"{side}_out": x.gather(-1, idx).to(out_dtype), f"{side}_idx": idx.to(torch.uint8)}
+        return parts
 
-    def _decode(self, side: str, mid: Tensor, half: Tensor, book: Tensor) -> Tensor:
-        x = mid + half * book[unpack_codes(self.buf[f"{side}_codes"].view(), self.bits).long()]
-        out = self.buf[f"{side}_out"].view()
-        return x.to(self.model_dtype).scatter_(-1, self.buf[f"{side}_idx"].view().long(), out.to(self.model_dtype))
+    def _decode(self, parts: dict[str, Tensor], side: str, mid: Tensor, half: Tensor, book: Tensor, dtype
+                ) -> Tensor:
+        x = (mid + half * book[unpack_codes(parts[f"{side}_codes"], self.bits).long()]).to(dtype)
+        if not self.k_out:
+            return x
+        return x.scatter_(-1, parts[f"{side}_idx"].long(), parts[f"{side}_out"].to(dtype))
 
-    def append_payload(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        self._prepare(k.device)
-        self.model_dtype, c = k.dtype, self.cal
-        self._encode(k, c["key_mid"][None, :, None], c["key_half"][None, :, None], c["key_book"], "k")
+    def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        c = self._cal(k.device)
+        parts = self._encode(k, c["key_mid"][None, :, None], c["key_half"][None, :, None], c["key_book"], "k")
         mid, half, idx = self._value_scale(v.float())
-        self.buf["v_scale"].append(torch.cat([mid, half], -1).half())
-        self._encode(v, mid, half, c["value_book"], "v", idx)
+        parts["v_scale"] = torch.cat([mid, half], -1).half()
+        return parts | self._encode(v, mid, half, c["value_book"], "v", idx)
 
-    def read_payload(self) -> tuple[Tensor, Tensor]:
-        c, s = self.cal, self.buf["v_scale"].view().float()
-        k = self._decode("k", c["key_mid"][None, :, None], c["key_half"][None, :, None], c["key_book"])
-        return k, self._decode("v", s[..., :1], s[..., 1:], c["value_book"])
-
-    def keep_payload(self, idx: Tensor) -> None:
-        for b in self.buf.values():
-            if b.data is not None:
-                b.replace(gather_tokens(b.view(), idx))
-
-    # -- accounting ---------------------------------------------------------------------------
-    def payload_tensors(self) -> list[Tensor]:
-        return [t for b in self.buf.values() for t in b.tensors() if t.numel()]
-
-    def payload_reserved(self) -> list[Tensor]:
-        return [t for b in self.buf.values() for t in b.reserved() if t.numel()]
+    def decode(self, parts: dict[str, Tensor], dtype) -> tuple[Tensor, Tensor]:
+        c, s = self._cal(parts["k_codes"].device), parts["v_scale"].float()
+        k = self._decode(parts, "k", c["key_mid"][None, :, None], c["key_half"][None, :, None], c["key_book"], dtype)
+        return k, self._decode(parts, "v", s[..., :1], s[..., 1:], c["value_book"], dtype)
 
     def calibration_tensors(self) -> list[Tensor]:
         return [t for layer in self.layers or [] for t in layer.values()]

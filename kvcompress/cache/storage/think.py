@@ -26,11 +26,11 @@ from torch import Tensor
 from kvcompress.cache import artifacts
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.checks import DTYPES, dtype_of, int_at_least, number_in, one_of
-from kvcompress.cache.storage.base import PartsStore
 from kvcompress.cache.storage.codec import CodecStore
-from kvcompress.cache.storage.quant.part import QuantPart
+from kvcompress.cache.storage.quant.codec import QuantSide
 from kvcompress.cache.storage.quant.quantizer import QuantConfig
 from kvcompress.cache.storage.queries import channel_moments
+from kvcompress.cache.storage.residual import ResidualStore
 
 SCORES = ("query_key", "key")
 
@@ -127,26 +127,24 @@ class ThinKStore(CodecStore):
         return {"think_kept_channels": float(getattr(self, "n_keep", 0)), "think_score": self.score, **self.stats}
 
 
-class ThinKQuantParts(PartsStore):
-    """``storage=think`` with ``bits``: the kept key channels and the values in KIVI-style parts (keys per channel in
-    groups of ``group_size`` tokens, values per token, ``residual`` recent tokens in fp16)."""
+class ThinKQuantParts(ResidualStore):
+    """``storage=think`` with ``bits``: the kept key channels and the values KIVI-style behind the residual stage (keys
+    per channel in groups of ``group_size`` tokens, values per token, ``residual`` recent tokens in fp16)."""
+
+    packed_decode = False  # keys hold the kept channels only: decode (zeros in the pruned ones), then attend
 
     def __init__(self, think: ThinKStore, layer: int):
-        self.think, self.spec = copy.copy(think), think.spec
+        self.think, self.spec, self.residual = copy.copy(think), think.spec, think.residual
         self.think.layer = layer
         super().__init__("post_rope")
         self.layer = layer
 
-    def clear_payload(self) -> None:
+    def side_codecs(self) -> tuple[QuantSide, QuantSide]:
         t = self.think
-        self.k = QuantPart(QuantConfig(t.bits, t.group_size, "channel"), t.residual, "float16")
-        self.v = QuantPart(QuantConfig(t.bits, t.value_group, "token"), t.residual, "float16")
-        self.dtype = None
+        return QuantSide(QuantConfig(t.bits, t.group_size, "channel")), QuantSide(QuantConfig(t.bits, t.value_group))
 
     def append_payload(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        self.dtype = k.dtype
-        self.k.append(k.gather(-1, self.think._idx(k)))
-        self.v.append(v)
+        super().append_payload(k.gather(-1, self.think._idx(k)), v, pos)
 
     def read_payload(self) -> tuple[Tensor, Tensor]:
         kk, v = super().read_payload()

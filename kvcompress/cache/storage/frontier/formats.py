@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvcompress.cache.storage.quant.quantizer import pack, unpack
+from kvcompress.kernels.reference import pack, unpack
 
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MAX = {name: float(torch.finfo(dt).max) for name, dt in FP8.items()}  # 448, 57344

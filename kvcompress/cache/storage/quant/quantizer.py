@@ -13,13 +13,13 @@ packing, shared with the kernels).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from kvcompress.kernels.reference import TINY as _TINY
-from kvcompress.kernels.reference import pack, round_fp16, unpack
+from kvcompress.kernels.layout import Packed
+from kvcompress.kernels.reference import dequant_prefix, pack, quantize_groups, quantize_tokens
 
 Axis = Literal["token", "channel"]
 BITS = (2, 4, 8)
@@ -62,8 +62,7 @@ class QuantConfig:
         return self.bits + (16 if self.symmetric else 32) / self.group_size
 
 
-@dataclass
-class QTensor:
+class QTensor(NamedTuple):
     """Packed codes (B, H, T, D * bits / 8) uint8 and fp16 ``scale`` / ``zero`` per group.
 
     Per-token groups: scale (B, H, T, D / g). Per-channel groups: scale (B, H, T / g, D).
@@ -74,47 +73,19 @@ class QTensor:
     zero: Tensor | None
 
 
-def _grouped(x: Tensor, cfg: QuantConfig) -> tuple[Tensor, int]:
-    """View x (B, H, T, D) as groups, and the dim to reduce over."""
-    if cfg.axis == "token":
-        return x.unflatten(-1, (-1, cfg.group_size)), -1  # (B, H, T, D/g, g)
-    return x.unflatten(2, (-1, cfg.group_size)), 3  # (B, H, T/g, g, D)
-
-
 def quantize(x: Tensor, cfg: QuantConfig) -> QTensor:
-    """Quantize x (B, H, T, D); for per-channel groups T must be a multiple of group_size."""
-    g, dim = _grouped(x.float(), cfg)
-    if cfg.symmetric:
-        qmax = 2 ** (cfg.bits - 1) - 1
-        absmax = g.abs().amax(dim, keepdim=True)
-        scale = round_fp16(absmax / qmax, up=True).clamp_min(_TINY)
-        q = (g / scale.float()).round().clamp(-qmax, qmax) + 2 ** (cfg.bits - 1)
-        zero = None
-    else:
-        levels = 2**cfg.bits - 1
-        zero = round_fp16(g.amin(dim, keepdim=True), up=False)
-        scale = round_fp16((g.amax(dim, keepdim=True) - zero.float()) / levels, up=True).clamp_min(_TINY)
-        q = ((g - zero.float()) / scale.float()).round().clamp(0, levels)
-        zero = zero.squeeze(dim)
-    codes = q.to(torch.uint8).flatten(-2) if cfg.axis == "token" else q.to(torch.uint8).flatten(2, 3)
-    return QTensor(pack(codes, cfg.bits), scale.squeeze(dim), zero)
+    """Quantize x (B, H, T, D); for per-channel groups T must be a multiple of group_size (the kernels' reference
+    arithmetic: ``kernels.reference.quantize_groups``)."""
+    if cfg.axis == "token":
+        return QTensor(*quantize_tokens(x, cfg.bits, cfg.group_size, cfg.symmetric))
+    q, scale, zero = quantize_groups(x.float().unflatten(2, (-1, cfg.group_size)), 3, cfg.bits, cfg.symmetric)
+    return QTensor(pack(q.flatten(2, 3), cfg.bits), scale, zero)
 
 
-def dequantize(q: QTensor, cfg: QuantConfig, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
-    """Reconstruct (B, H, T, D) in ``dtype`` (written into ``out`` when given)."""
-    codes = unpack(q.codes, cfg.bits)
-    dim = -1 if cfg.axis == "token" else 3
-    g, _ = _grouped(codes, cfg)
-    scale = q.scale.unsqueeze(dim).float()
-    if cfg.symmetric:
-        x = (g.float() - 2 ** (cfg.bits - 1)) * scale
-    else:
-        x = torch.addcmul(q.zero.unsqueeze(dim).float(), g.float(), scale)
-    x = x.flatten(-2) if cfg.axis == "token" else x.flatten(2, 3)
-    if out is None:
-        return x.to(dtype)
-    out.copy_(x)
-    return out
+def dequantize(q: QTensor, cfg: QuantConfig, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Reconstruct (B, H, T, D) in ``dtype`` (``kernels.reference.dequant_prefix``)."""
+    side = Packed(q.codes, q.scale, q.zero, None, cfg.bits, cfg.group_size, cfg.axis)
+    return dequant_prefix(side, 0, q.codes.shape[2]).to(dtype)
 
 
 def error_bound(q: QTensor, cfg: QuantConfig) -> Tensor:
