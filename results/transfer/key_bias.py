@@ -3,9 +3,10 @@
     .venv/bin/python results/transfer/key_bias.py
 
 Reads each Qwen GGUF's ``blk.N.attn_k.bias`` (f32 in the file) and prints the largest |bias| over every layer and
-channel, the median over layers of each layer's largest, and the median |bias|. A per-token absmax code of b bits
-has the step max|k| / (2^(b-1) - 1) in every channel of that token, so one channel near the largest bias sets a step
-that rounds the ordinary channels (|k| of order 1) to zero; per-channel key codes (KIVI, KVQuant) do not share it.
+channel, the median over layers of each layer's largest, and the median |bias|. storage=int4 codes each token's
+keys in groups of 64 channels with the step (max - min) / (2^4 - 1), so one channel near the largest bias sets a
+step that rounds the group's ordinary channels (|k| of order 1) to one level; per-channel key codes (KIVI, KVQuant)
+give that channel its own range.
 """
 from __future__ import annotations
 
