@@ -99,6 +99,14 @@ def separated(a: dict, b: dict, key: str) -> bool:
     return all(k in a and k in b for k in (lo, hi)) and (a[hi] < b[lo] or b[hi] < a[lo])
 
 
+def grid_size() -> int:
+    """The number of caches in conf/experiment/transfer.yaml's sweep."""
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(HERE.parents[1] / "conf" / "experiment" / "transfer.yaml")
+    return len(str(conf.hydra.sweeper.params["+experiment/point"]).split(","))
+
+
 def ranking_table(texts: dict[str, dict[str, dict]]) -> list[str]:
     which = sorted(texts)
     scores = loss(texts, which)
@@ -166,14 +174,19 @@ def main() -> None:
                 f"tokens per text, the prompt compressed once at its end (policies: when=prefill, budget = a "
                 f"fraction of the prompt), the continuation teacher-forced {p['continuation_chunk']} tokens at a "
                 f"time; 95% intervals resample the pieces ({p['samples']} per text: a rough spread, not a test). ratio = fp16 "
-                f"reference bytes / bytes held (the fp32 full cache reads 0.5).", ""]
+                f"reference bytes / bytes held after the last scored token (the fp32 full cache reads 0.5; a "
+                f"policy's ratio counts the {p['continuation']} continuation tokens, held in full after the prompt "
+                f"was compressed).", ""]
     # -- per model -------------------------------------------------------------------------------
     per_text_loss, text_metrics, summary = {}, {}, []
     head = len(out)
     for m in MODELS:
         if m not in texts:
             continue
-        out += [f"## {m}: perplexity after the compressed prompt", ""] + ranking_table(texts[m])
+        done = set.union(*(set(t) for t in texts[m].values()))
+        out += [f"## {m}: perplexity after the compressed prompt", "",
+                f"{len(done)} of the grid's {grid_size()} caches measured (the rest did not fit the CPU time)."
+                if len(done) < grid_size() else f"All {len(done)} caches of the grid.", ""] + ranking_table(texts[m])
     if ruler:
         r0 = next(r for r in records if r["eval"] == "ruler")["eval_params"]
         out += [f"## RULER needles ({', '.join(r0['tasks'])}, length {r0['lengths']}, {r0['samples']} prompts "
