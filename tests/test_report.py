@@ -327,8 +327,11 @@ def test_table_spec_refuses_unsafe_or_broken_expressions(tmp_path, expr, message
 
 @pytest.mark.parametrize("spec, message", [
     ("documents: {OUT.md: [{table: {columns: [{header: a, value: '1', align: up}]}}]}", "align='up'; choose one of"),
-    ("documents: {OUT.md: [{chart: {}}]}", "a part is one of text, table, plot"),
+    ("documents: {OUT.md: [{chart: {}}]}", "unknown part key(s) chart; a part takes plot, table, text, when"),
+    ("documents: {OUT.md: [{when: 'True'}]}", "a part is one of text, table, plot"),
     ("documents: {OUT.md: [{table: {}}]}", "a table needs 'columns'"),
+    ("documents: {OUT.md: [{table: {colums: []}}]}", "unknown table key(s) colums; a table takes columns, group"),
+    ("documents: {OUT.md: [{text: a, wehn: 'False'}]}", "unknown part key(s) wehn"),
     ("records: x.jsonl", "documents required"),
 ])
 def test_table_spec_errors_name_the_setting(tmp_path, spec, message):

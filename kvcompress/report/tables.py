@@ -46,6 +46,18 @@ from kvcompress.report.plots import bar_plot, series_plot
 SPEC_FILE = "table.yaml"
 TEMPLATE = re.compile(r"\{\{(.+?)\}\}", re.S)
 PART_KINDS = ("text", "table", "plot")
+KEYS = {"part": {"when", *PART_KINDS},
+        "table": {"using", "rows", "where", "let", "latest", "group", "group_let", "columns", "sort"},
+        "plot": {"kind", "file", "series", "groups", "top", "hline", "xlabel", "ylabel", "title", "ylim", "yscale",
+                 "size", "label_size"}}
+
+
+def check_keys(spec: dict, what: str, where: str) -> None:
+    """A misspelt key is an error naming the valid ones, never silently ignored."""
+    unknown = sorted(set(spec) - KEYS[what])
+    if unknown:
+        raise SpecError(f"{where}: unknown {what} key(s) {', '.join(unknown)}; a {what} takes "
+                        f"{', '.join(sorted(KEYS[what]))}")
 ALIGN = {"left": "---", "right": "---:", "center": ":---:"}
 
 
@@ -147,6 +159,7 @@ def cell(value) -> str:
 
 
 def table_lines(spec: dict, ns: dict, where: str) -> list[str]:
+    check_keys(spec, "table", where)
     if "columns" not in spec:
         raise SpecError(f"{where}: a table needs 'columns'")
     ns = bind(spec.get("using"), ns, f"{where} using")  # names of this table alone, bound before its rows
@@ -181,6 +194,7 @@ def plot_part(spec: dict, ns: dict, out: Path, where: str) -> None:
     """``kind: points`` (default): a scatter of one or more series (``for`` repeats one), labelled points, interval
     bars; ``kind: bars``: grouped bars, one per series (``values``) in each of ``groups``, cut at ``top``. Both: a
     dashed baseline ``hline``; ``ylim`` a [low, high] list or an expression."""
+    check_keys(spec, "plot", where)
     kind = spec.get("kind", "points")
     if kind not in PLOT_KINDS:
         raise SpecError(f"{where}: plot kind={kind!r}; choose one of {', '.join(PLOT_KINDS)}")
@@ -207,6 +221,7 @@ def document(parts: list, ns: dict, out: Path, where: str) -> str:
         at = f"{where} part {i + 1}"
         if not isinstance(part, dict):
             raise SpecError(f"{at}: a part is a mapping (text, table or plot), not {part!r}")
+        check_keys(part, "part", at)
         kinds = [k for k in PART_KINDS if k in part]
         if len(kinds) != 1:
             raise SpecError(f"{at}: a part is one of {', '.join(PART_KINDS)} (with an optional 'when'); "
