@@ -298,6 +298,8 @@ documents:
         sort: "(-r.metrics.compression_ratio, row['cache'])"
     - when: "full > 100"
       text: never shown
+    - for: "d in devices"
+      parts: [{text: "## {{d}}: "}, {text: "{{ len(where(records, device=d)) }} runs\\n", when: "d != 'none'"}]
     - table:
         group: r.cache
         columns: [{cache: key}, {runs: len(rs)}, {"mean ppl": "f'{mean(x.metrics.ppl for x in rs):.2f}'"}]
@@ -307,6 +309,7 @@ documents:
         "full 10.0 on 2 devices\n"
         "| cache | Δppl | on cpu | on cuda |\n|---|---|---:|---:|\n"
         "| int4 | +1.0 | False | True |\n| int8 | +0.5 | True | False |\n| full | +0.0 | True | False |\n"
+        "## cpu: 3 runs\n## cuda: 1 runs\n"
         "| cache | runs | mean ppl |\n|---|---|---|\n"
         "| full | 1 | 10.00 |\n| int4 | 2 | 11.50 |\n| int8 | 2 | 54.75 |\n")
 
@@ -327,8 +330,8 @@ def test_table_spec_refuses_unsafe_or_broken_expressions(tmp_path, expr, message
 
 @pytest.mark.parametrize("spec, message", [
     ("documents: {OUT.md: [{table: {columns: [{header: a, value: '1', align: up}]}}]}", "align='up'; choose one of"),
-    ("documents: {OUT.md: [{chart: {}}]}", "unknown part key(s) chart; a part takes plot, table, text, when"),
-    ("documents: {OUT.md: [{when: 'True'}]}", "a part is one of text, table, plot"),
+    ("documents: {OUT.md: [{chart: {}}]}", "unknown part key(s) chart; a part takes for, parts, plot, table, text"),
+    ("documents: {OUT.md: [{when: 'True'}]}", "a part is one of text, table, plot, parts"),
     ("documents: {OUT.md: [{table: {}}]}", "a table needs 'columns'"),
     ("documents: {OUT.md: [{table: {colums: []}}]}", "unknown table key(s) colums; a table takes columns, group"),
     ("documents: {OUT.md: [{text: a, wehn: 'False'}]}", "unknown part key(s) wehn"),

@@ -24,6 +24,8 @@ around the tables; every value is an expression (``report/expr.py``) over the re
             sort: "(r.cache != 'full', row['cache'])"   # `row`: the cells by header
         - plot: {file: ppl.png, series: [{points: records, x: ..., y: ..., label: ...}], xlabel: ..., ylabel: ...}
         - plot: {kind: bars, file: b.png, groups: names, series: [{for: b in budgets, values: ...}], top: ...}
+        - for: "model in models"      # any part: repeated per item; `parts` nests a list (a section per model)
+          parts: [{text: "## {{model}}\\n"}, {table: ...}]
 
 Helpers beyond ``expr.HELPERS``: ``load(path)`` (records of another file, relative to the folder), ``exists`` and
 ``read`` (a file of the folder), ``model_config(name)`` (a model's dimensions), ``uniform_groups`` and
@@ -45,8 +47,8 @@ from kvcompress.report.plots import bar_plot, series_plot
 
 SPEC_FILE = "table.yaml"
 TEMPLATE = re.compile(r"\{\{(.+?)\}\}", re.S)
-PART_KINDS = ("text", "table", "plot")
-KEYS = {"part": {"when", *PART_KINDS},
+PART_KINDS = ("text", "table", "plot", "parts")
+KEYS = {"part": {"when", "for", *PART_KINDS},
         "table": {"using", "rows", "where", "let", "latest", "group", "group_let", "columns", "sort"},
         "plot": {"kind", "file", "series", "groups", "top", "hline", "xlabel", "ylabel", "title", "ylim", "yscale",
                  "size", "label_size"}}
@@ -226,14 +228,18 @@ def document(parts: list, ns: dict, out: Path, where: str) -> str:
         if len(kinds) != 1:
             raise SpecError(f"{at}: a part is one of {', '.join(PART_KINDS)} (with an optional 'when'); "
                             f"got {sorted(part)}")
-        if "when" in part and not evaluate(part["when"], ns, f"{at} when"):
-            continue
-        if kinds == ["text"]:
-            pieces.append(fill(part["text"], ns, at))
-        elif kinds == ["table"]:
-            pieces.append("".join(line + "\n" for line in table_lines(part["table"], ns, at)))
-        else:
-            plot_part(part["plot"], ns, out, at)
+        for extra in expand(part.get("for"), ns, at):  # a part repeated per item (``parts``: a section per model)
+            pns = {**ns, **extra}
+            if "when" in part and not evaluate(part["when"], pns, f"{at} when"):
+                continue
+            if kinds == ["text"]:
+                pieces.append(fill(part["text"], pns, at))
+            elif kinds == ["table"]:
+                pieces.append("".join(line + "\n" for line in table_lines(part["table"], pns, at)))
+            elif kinds == ["parts"]:
+                pieces.append(document(part["parts"], pns, out, f"{at} parts"))
+            else:
+                plot_part(part["plot"], pns, out, at)
     return "".join(pieces)
 
 
