@@ -16,6 +16,7 @@ from kvcompress.cache.base import PAD_POSITION, ModelSpec
 from kvcompress.cache.composed import ComposedCache
 from kvcompress.cache.layout.base import Layout
 from kvcompress.cache.policy.base import EvictionPolicy, Policy
+from kvcompress.cache.policy.captured import slot_addressable
 from kvcompress.cache.storage.dense import DenseStore
 from kvcompress.engine.config import ModelConfig
 from kvcompress.engine.model import Transformer
@@ -270,15 +271,17 @@ def check_static_form(axes: Axes, model: Transformer | None = None, calibration_
                       ) -> bool:
     """The captured (static-capacity) form, where the combination has one, gives the eager cache's logits over a
     chunked prefill and decode (codes can round the other way on fp noise: 1e-4). A policy declaring ``captured``
-    has one over dense storage under the identity layout (``when=decode``, no ``per_head``). No token repeats in a
+    has one over every storage whose captured form is slot-addressable (a codec in fixed slots) under the identity
+    layout (``when=decode``, no ``per_head``, ``rerotate`` or query statistics). No token repeats in a
     row: a repeated token ties with itself on key scores, and eager ``topk`` and the captured form's stable sort may
     keep different copies (both right). Returns whether there was one."""
     model = model or tiny_model()
     cache = build(model, axes, calibration_dir)
     static = cache.static_form(capacity)
     policy = cache.policy
-    if isinstance(policy, EvictionPolicy) and policy.captured and type(cache.storage) is DenseStore \
-            and type(cache.layout) is Layout and policy.when == "decode" and not policy.per_head:
+    if isinstance(policy, EvictionPolicy) and policy.captured and slot_addressable(cache.storage.static_form(1)) \
+            and type(cache.layout) is Layout and policy.when == "decode" \
+            and not (policy.per_head or policy.rerotate or policy.wants_queries):
         assert static is not None, f"{axes}: the policy declares captured but has no captured form"
     if static is None:
         return False
