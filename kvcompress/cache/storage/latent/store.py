@@ -22,8 +22,8 @@ and only the rank-r latent of each token is stored:
 
 A codec (``storage.codec``): a token's parts are its latents (``key`` and ``value``, or ``joint``; with ``latent_bits``
 their codes, scales and zeros) and, with ``rope_dims``, its rotated uncompressed dims (``rope``). Eagerly they grow
-with the tokens; the captured form is the same codec in fixed slots (``FixedSlotCache``). The projections are per
-layer (``codec_per_layer``), so eviction's captured form does not apply.
+with the tokens; the captured form is the same codec in fixed slots (``FixedSlotCache``), under a fixed-budget
+eviction policy too (each layer encodes with its own projections).
 """
 from __future__ import annotations
 
