@@ -16,15 +16,15 @@ Subclass ``CodecStore`` and implement two methods (optionally a third):
 
 The storage never implements a buffer. Eagerly its parts live in ``GrowingParts`` (``cache.buffers``: appended,
 gathered on eviction, memory freed after it) until a keep leaves its KV heads with different token counts (AdaKV,
-DuoAttention, per-head global budgets): the store then moves into ``PagedParts`` (``cache.pages``: the positions and
-parts of each row and head in pages of ``page_size`` tokens, only kept tokens held; the padded view is rebuilt for
-attention, so the numbers do not change; ``page_size = None`` keeps the padded form). The captured (static-capacity)
-form is the same codec in ``SlotParts`` (``storage.fixed.FixedSlotCache``: every buffer allocated once, tokens
-written at a device-side index with ``index_copy_``, no host synchronisation, so the decode step can be recorded as
-a CUDA graph), and an eviction policy's static form writes tokens at the slots it chooses (``slot_addressable``,
-``write(layer, slots, k, v)``, ``slot_tokens(layer, dtype)``). Both decode paths and the byte accounting (the parts'
-real tensors) come for free. Attention weights asked for by a policy are computed beside the output, never instead
-of it: observing never changes the arithmetic.
+DuoAttention, per-head global budgets) and pages would hold fewer slots than the padded view: the store then moves
+into ``PagedParts`` (``cache.pages``: the positions and parts of each row and head in pages of ``page_size`` tokens,
+only kept tokens held; the padded view is rebuilt for attention, so the numbers do not change; ``page_size = None``
+keeps the padded form). The captured (static-capacity) form is the same codec in ``SlotParts``
+(``storage.fixed.FixedSlotCache``: every buffer allocated once, tokens written at a device-side index with
+``index_copy_``, no host synchronisation, so the decode step can be recorded as a CUDA graph), and an eviction
+policy's static form (``cache.policy.captured``) writes tokens at the slots it chooses, each layer with its own
+codec. Both decode paths and the byte accounting (the parts' real tensors) come for free. Attention weights asked
+for by a policy are computed beside the output, never instead of it: observing never changes the arithmetic.
 
 An fp8 (e4m3) per-token storage, complete::
 
@@ -134,14 +134,20 @@ class CodecStore(TokenStore):
 
     def hide(self, valid: Tensor) -> None:
         """Hide slots; a per-head ``valid`` (heads keep different counts: AdaKV, DuoAttention, per-head global
-        budgets) moves the store into pages of ``page_size`` tokens, which hold only the real tokens."""
+        budgets) moves the store into pages of ``page_size`` tokens, which hold only the real tokens, once the
+        pages, sum over (row, head) of ceil(n / page_size) * page_size slots, are fewer than the padded view's."""
         if self.paged:
             return self.parts.hide(valid)
         super().hide(valid)
-        if self.page_size is not None and valid.dim() == 3 and valid.shape[1] > 1:
-            if not (isinstance(self.page_size, int) and self.page_size >= 1):
-                raise ValueError(f"storage page_size must be an integer >= 1 or None, got {self.page_size!r}")
-            self.parts = PagedParts(self.parts.view(), self.pos.view(), self.page_size)
+        if self.page_size is None or valid.dim() != 3 or valid.shape[1] == 1:
+            return
+        page = self.page_size
+        if not (isinstance(page, int) and page >= 1):
+            raise ValueError(f"storage page_size must be an integer >= 1 or None, got {page!r}")
+        pos = self.pos.view()
+        counts = (pos < base.PAD_POSITION).sum(-1)
+        if int(((counts + page - 1) // page).sum()) * page < pos.numel():
+            self.parts = PagedParts(self.parts.view(), pos, page)
             self.pos = PagedPositions(self.parts)
 
     def update_values(self, v: Tensor) -> None:
