@@ -357,8 +357,10 @@ documents:
     - plot: {kind: bars, file: bars.png, groups: "['full', 'int4']", top: "11.5",
              series: [{for: "d in ['cpu', 'cuda']", name: "{{d}}",
                        values: "[cells.get((g, d), 0) for g in ['full', 'int4']]"}]}
-    - plot: {file: points.png, yscale: symlog, hline: {y: "10.0", name: full},
-             series: [{points: records, x: p.metrics.compression_ratio, y: p.metrics.ppl, label: p.cache}]}
+    - plot: {file: points.png, yscale: symlog, hline: {y: "10.0", name: full}, columns: 2,
+             panels: [{for: "d in ['cpu', 'cuda']", title: "{{d}}"}],
+             series: [{points: "where(records, device=d)", x: p.metrics.compression_ratio, y: p.metrics.ppl,
+                       label: p.cache}]}
 """, TOY)
     (path,) = build_tables(tmp_path)
     assert path.read_text() == ("| cache | ppl on cpu |\n|---|---|\n| full | 10.0 |\n| int4 | 12.0 |\n| int8 | 10.5 |\n"

@@ -171,32 +171,39 @@ def speed_plot(table: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def series_plot(series: list[dict], path: Path, xlabel: str, ylabel: str, title: str = "", ylim=None,
-                hline: tuple[float, str] | None = None, size=(7, 4.5), label_size: int = 8,
-                yscale: str = "linear") -> None:
-    """A results folder's plot (``kvc-report --table``): per series (``name``, ``marker``, ``xs``, ``ys``, and per
-    point an optional ``labels`` text and ``intervals`` (low, high) of y), points with their bars and labels; a
-    dashed baseline at ``hline`` = (y, name); ``yscale`` as matplotlib names it (``symlog`` for Δppl that spans
-    decades)."""
+def series_plot(panels: list[dict], path: Path, columns: int = 1, size=(7, 4.5)) -> None:
+    """A results folder's plot (``kvc-report --table``), ``columns`` panels a row. A panel: ``series`` (per series
+    ``name``, ``marker``, ``xs``, ``ys``, and per point an optional ``labels`` text and ``intervals`` (low, high) of
+    y: points with their bars and labels), ``xlabel``, ``ylabel``, ``title``, ``ylim``, a dashed baseline ``hline``
+    = (y, name), ``yscale`` as matplotlib names it (``symlog`` for Δppl that spans decades), ``label_size``."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=size)
-    if hline is not None:
-        ax.axhline(hline[0], color="grey", ls="--", lw=1, label=hline[1] or None)
-    for s in series:
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(size[0], size[1] * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        _panel(ax, panel)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_axis_off()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _panel(ax, p: dict) -> None:
+    if p.get("hline") is not None:
+        ax.axhline(p["hline"][0], color="grey", ls="--", lw=1, label=p["hline"][1] or None)
+    for s in p["series"]:
         cis = s.get("intervals") or [None] * len(s["ys"])
         ax.errorbar(s["xs"], s["ys"], yerr=_err(s["ys"], cis), fmt=s.get("marker", "o"), capsize=3, alpha=0.8,
                     label=s.get("name") or None)
         for x, y, text in zip(s["xs"], s["ys"], s.get("labels") or [], strict=False):
             if text:
-                ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=label_size)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, yscale=yscale)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    if any(s.get("name") for s in series) or (hline and hline[1]):
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=p.get("label_size", 8))
+    ax.set(xlabel=p.get("xlabel", ""), ylabel=p.get("ylabel", ""), title=p.get("title", ""),
+           yscale=p.get("yscale", "linear"))
+    if p.get("ylim") is not None:
+        ax.set_ylim(*p["ylim"])
+    if any(s.get("name") for s in p["series"]) or (p.get("hline") and p["hline"][1]):
         ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, path)
 
 
 def bar_plot(groups: list[str], series: list[dict], path: Path, ylabel: str, title: str = "", top: float | None = None,

@@ -51,7 +51,7 @@ PART_KINDS = ("text", "table", "plot", "parts")
 KEYS = {"part": {"when", "for", *PART_KINDS},
         "table": {"using", "rows", "where", "let", "latest", "group", "group_let", "columns", "sort"},
         "plot": {"kind", "file", "series", "groups", "top", "hline", "xlabel", "ylabel", "title", "ylim", "yscale",
-                 "size", "label_size"}}
+                 "size", "label_size", "panels", "columns"}}
 
 
 def check_keys(spec: dict, what: str, where: str) -> None:
@@ -193,28 +193,39 @@ PLOT_KINDS = ("points", "bars")
 
 
 def plot_part(spec: dict, ns: dict, out: Path, where: str) -> None:
-    """``kind: points`` (default): a scatter of one or more series (``for`` repeats one), labelled points, interval
-    bars; ``kind: bars``: grouped bars, one per series (``values``) in each of ``groups``, cut at ``top``. Both: a
-    dashed baseline ``hline``; ``ylim`` a [low, high] list or an expression."""
+    """``kind: points`` (default): scatters of one or more series (``for`` repeats one), labelled points, interval
+    bars, in one panel or in ``panels`` (each may repeat with ``for``; ``columns`` a row; a panel's keys default to
+    the plot's); ``kind: bars``: grouped bars, one per series (``values``) in each of ``groups``, cut at ``top``.
+    Both: a dashed baseline ``hline``; ``ylim`` a [low, high] list or an expression."""
     check_keys(spec, "plot", where)
     kind = spec.get("kind", "points")
     if kind not in PLOT_KINDS:
         raise SpecError(f"{where}: plot kind={kind!r}; choose one of {', '.join(PLOT_KINDS)}")
-    hline = spec.get("hline")
-    line = (evaluate(hline["y"], ns, f"{where} hline"), hline.get("name", "")) if hline else None
-    ylim = evaluate(spec["ylim"], ns, f"{where} ylim") if isinstance(spec.get("ylim"), str) else spec.get("ylim")
-    common = dict(ylabel=spec.get("ylabel", ""), title=fill(spec.get("title", ""), ns, where), ylim=ylim, hline=line)
     if kind == "bars":
+        common = panel_of({**spec, "series": []}, ns, where)  # its bars are not point series
         series = [{"name": fill(s.get("name", ""), {**ns, **extra}, where),
                    "values": evaluate(s["values"], {**ns, **extra}, f"{where} series {i + 1} values")}
                   for i, s in enumerate(spec.get("series") or []) for extra in expand(s.get("for"), ns, where)]
         top = evaluate(spec["top"], ns, f"{where} top") if "top" in spec else None
         return bar_plot(evaluate(spec["groups"], ns, f"{where} groups"), series, out / spec["file"], top=top,
-                        size=tuple(spec.get("size", (10, 4))), **common)
-    series = [one_series(s, {**ns, **extra}, f"{where} series {i + 1}")
-              for i, s in enumerate(spec.get("series") or []) for extra in expand(s.get("for"), ns, where)]
-    series_plot(series, out / spec["file"], xlabel=spec.get("xlabel", ""), size=tuple(spec.get("size", (7, 4.5))),
-                label_size=spec.get("label_size", 8), yscale=spec.get("yscale", "linear"), **common)
+                        size=tuple(spec.get("size", (10, 4))), ylabel=common["ylabel"], title=common["title"],
+                        ylim=common["ylim"], hline=common["hline"])
+    panels = [panel_of({**spec, **p}, {**ns, **extra}, f"{where} panel {i + 1}")
+              for i, p in enumerate(spec.get("panels") or [{}]) for extra in expand(p.get("for"), ns, where)]
+    series_plot(panels, out / spec["file"], columns=spec.get("columns", 1), size=tuple(spec.get("size", (7, 4.5))))
+
+
+def panel_of(spec: dict, ns: dict, where: str) -> dict:
+    """One panel's series and settings, evaluated."""
+    hline = spec.get("hline")
+    ylim = spec.get("ylim")
+    return {"series": [one_series(s, {**ns, **extra}, f"{where} series {i + 1}")
+                       for i, s in enumerate(spec.get("series") or []) for extra in expand(s.get("for"), ns, where)],
+            "hline": (evaluate(hline["y"], ns, f"{where} hline"), hline.get("name", "")) if hline else None,
+            "ylim": evaluate(ylim, ns, f"{where} ylim") if isinstance(ylim, str) else ylim,
+            "title": fill(spec.get("title", ""), ns, where), "xlabel": fill(spec.get("xlabel", ""), ns, where),
+            "ylabel": fill(spec.get("ylabel", ""), ns, where), "yscale": spec.get("yscale", "linear"),
+            "label_size": spec.get("label_size", 8)}
 
 
 def document(parts: list, ns: dict, out: Path, where: str) -> str:
