@@ -77,7 +77,7 @@ def spread(name: str, values: list[float]) -> dict[str, float]:
 SESSION_DECODE = {"eager": "eager", "graph": "captured", "compiled": "compiled"}  # eval.decode_path -> Session
 
 
-def session_for(ctx: EvalContext, capacity: int, want: str = "eager", chunk: int | None = None) -> Session:
+def session_for(ctx: EvalContext, capacity: int, want: str = "eager") -> Session:
     """The engine session a measurement runs on. ``eager``: the cache's own step. ``graph``: its static-capacity form
     of ``capacity`` slots, the step a CUDA graph (on a CPU: the static step, eagerly: path ``static``);
     ``compiled``: that step compiled by Inductor (where compiling fails: the static step, and the reason on stderr);
@@ -91,7 +91,7 @@ def session_for(ctx: EvalContext, capacity: int, want: str = "eager", chunk: int
                 "H2O/TOVA/StreamingLLM/key-norm/KeyDiff; sharing layouts and prefill-time policies do not)", want)
     if want == "auto":
         want = "graph" if form is not None and ctx.model.device.type == "cuda" else "eager"
-    return Session(ctx.model, ctx.cache, chunk, decode=SESSION_DECODE[want], capacity=capacity)
+    return Session(ctx.model, ctx.cache, decode=SESSION_DECODE[want], capacity=capacity)
 
 
 def timed_passes(session: Session, tokens: torch.Tensor, decode_tokens: int, repeats: int, chunk: int | None,
