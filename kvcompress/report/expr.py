@@ -40,10 +40,13 @@ class Rec(dict):
 
 
 def wrap(value):
-    """Mappings (also inside lists) as ``Rec``, so nested fields read as attributes too."""
-    if isinstance(value, Mapping) and not isinstance(value, Rec):
-        return Rec(value)
-    if isinstance(value, list) and any(isinstance(v, Mapping) and not isinstance(v, Rec) for v in value):
+    """Mappings as ``Rec``, all the way down (also inside lists, and the values ``.items()`` and ``.values()``
+    give), so nested fields read as attributes too. A ``Rec`` is taken as already wrapped."""
+    if isinstance(value, Rec):
+        return value
+    if isinstance(value, Mapping):
+        return Rec({k: wrap(v) for k, v in value.items()})
+    if isinstance(value, list) and any(isinstance(v, (Mapping, list)) for v in value):
         return [wrap(v) for v in value]
     return value
 

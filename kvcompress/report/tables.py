@@ -70,7 +70,7 @@ def model_config(name: str):
 
 def helpers(folder: Path) -> dict:
     def load(path: str) -> list[Rec]:
-        return [Rec(r) for r in read_records(folder / path)]
+        return [wrap(r) for r in read_records(folder / path)]
 
     return {"load": load, "exists": lambda name: (folder / name).exists(),
             "read": lambda name: (folder / name).read_text(), "model_config": model_config,
@@ -271,7 +271,7 @@ def build_tables(folder: Path, out: Path | None = None, spec: Path | None = None
     if unknown or not spec.get("documents"):
         raise SpecError(f"{path}: keys are records, let, documents (documents required); got {sorted(spec)}")
     records_file = folder / spec.get("records", "records.jsonl")
-    records = [Rec(r) for r in read_records(records_file)] if records_file.exists() else []
+    records = [wrap(r) for r in read_records(records_file)] if records_file.exists() else []
     ns = bind(spec.get("let"), {**helpers(folder), "records": records}, str(path))
     written = []
     for name, parts in spec["documents"].items():
