@@ -3,6 +3,7 @@ plot ``policies_ppl.png``. Called by table.py; reads the records that ``sweep.sh
 with a 2,048-token context and a 256-token continuation)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,9 +28,12 @@ NOTES = [
     "- kvpress is not installed here and cannot be, so the issue's reference (kvpress 0.5.5's Expected Attention on",
     "  this test) was not reproduced: every number above is this project's, on identical token ids.",
     "- kvpress prunes each KV head on its own (its ScorerPress), hence the `expected_attention (per head)` row.",
-    "- AdaKV's padding slots (heads hold the fullest head's count) cost ~1.3x SnapKV's bytes at the same budget;",
-    "  DuoAttention's more: a layer with one retrieval head holds every token in all its heads (1.4-1.5x). Its head",
-    "  split was calibrated on two 256-token TinyStories windows (`calibration.window=256 calibration.tokens=512`).",
+    "- Heads that keep different counts (AdaKV, DuoAttention) are held in pages of 16 tokens per row and KV head",
+    "  (`kvcompress/cache/pages.py`, dense storage): a row that `paged` marks holds its kept tokens, and its notes",
+    "  compare it with SnapKV at the same budget (every head holds the budget) and with the same run in the padded",
+    "  form (`results/eviction/padded.py`: every head holds the fullest head's count, padding slots are memory;",
+    "  records in `padded/`). Rows without `paged` were recorded before pages, padded. DuoAttention's head split",
+    "  was calibrated on two 256-token TinyStories windows (`calibration.window=256 calibration.tokens=512`).",
     "- KVzip is query-agnostic: it pays a second prefill to serve any later question. This test scores a continuation",
     "  of the prompt, which rewards recency (SnapKV's window is the prompt's last 32 tokens); the query-agnostic",
     "  RULER protocol, where the paper's claim lives, was not run here.",
@@ -50,6 +54,30 @@ def name(r: dict) -> str:
     return "full" if p == "none" else p
 
 
+def padded_twins() -> dict:
+    """(name, budget) -> metrics of the last run of ``padded.py`` (``padded/records.jsonl``): the padded form."""
+    path = HERE / "padded" / "records.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return {(name(r), r["policy_params"].get("budget")): r["metrics"] for r in selected(recs) if r["status"] == "ok"}
+
+
+def memory_notes(m: dict, b: float, uniform: dict | None) -> list[str]:
+    """How a policy keeping uneven heads holds them at budget ``b``: paged (against SnapKV's bytes, the budget held
+    uniformly, and the same run padded), or, for a record made before pages, its padding share."""
+    if m.get("paged_fraction") is None:
+        pad = m.get("padding_fraction")
+        return [] if pad is None else [f"padding {100 * pad:.0f}% of slots at {b:.0%} (padded: recorded before pages)"]
+    note = f"at {b:.0%}: paged ({100 * m['paged_fraction']:.0f}% of stores)"
+    if uniform:
+        note += f", held {m['kv_bytes'] / uniform['kv_bytes']:.3f}x SnapKV's {uniform['kv_bytes'] / 1e6:.1f} MB"
+    old = m.get("padded")
+    if old:
+        same = "identical" if old["ppl"] == m["ppl"] else f"{old['ppl']!r} padded, {m['ppl']!r} paged"
+        note += (f"; padded form {old['kv_bytes'] / 1e6:.1f} MB ({old['kv_bytes'] / m['kv_bytes']:.2f}x, padding"
+                 f" {100 * old.get('padding_fraction', 0):.0f}% of slots), ppl {same}")
+    return [note]
+
+
 def selected(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("policy") and r["eval"] == "prefill_decode"
             and r["eval_params"].get("context") == 2048 and r["eval_params"].get("continuation") == 256]
@@ -59,7 +87,9 @@ def section(records: list[dict]) -> list[str]:
     recs = selected(records)
     if not recs:
         return []
-    cells = {(name(r), r["policy_params"].get("budget")): r["metrics"] for r in recs}
+    twins = padded_twins()
+    cells = {(name(r), b): {**r["metrics"], "padded": twins.get((name(r), b))}
+             for r in recs for b in [r["policy_params"].get("budget")]}
     full = next((m["ppl"] for (n, _), m in cells.items() if n == "full"), None)
     budgets = [0.5, 0.25]
     ev = recs[0]["eval_params"]
@@ -68,7 +98,8 @@ def section(records: list[dict]) -> list[str]:
            "`bash results/eviction/sweep.sh policies` (`kvc -m experiment=eviction_policies publish=true`, + "
            "`policy=none`, + `policy=expected_attention policy.per_head=true`). One sample (single document, no",
            "confidence interval: prefill_decode records only the mean NLL), so gaps under ~1-2% are noise.",
-           "`kv MB`: what the cache holds after the continuation (fp32; AdaKV/DuoAttention padding slots included).",
+           "`kv MB`: what the cache holds after the continuation (fp32; uneven heads: see the notes and Notes). The",
+           "`paged` rows and their padded twins: `bash results/eviction/sweep.sh paged`.",
            "", f"full cache (every token): ppl {full:.3f}" if full else "", "",
            "| policy | paper | ppl at 50% | ppl at 25% | kv MB at 50% | kv MB at 25% | notes |",
            "|---|---|---|---|---|---|---|"]
@@ -77,13 +108,13 @@ def section(records: list[dict]) -> list[str]:
         if not any(ms):
             continue
         ppl = [f"{m['ppl']:.3f}" if m else "–" for m in ms]
-        mb = [f"{m['kv_bytes'] / 1e6:.1f}" if m else "–" for m in ms]
+        mb = [f"{m['kv_bytes'] / 1e6:.1f}{' paged' if m.get('paged_fraction') else ''}" if m else "–" for m in ms]
         notes = []
         for b, m in zip(budgets, ms, strict=True):
             if m and m.get("replay_tokens"):
                 notes.append(f"{m['replay_tokens']} replayed tokens (2x prefill)")
-            if m and m.get("padding_fraction") is not None:
-                notes.append(f"padding {100 * m['padding_fraction']:.0f}% of slots at {b:.0%}")
+            if m:
+                notes += memory_notes(m, b, cells.get(("snapkv", b)))
         out.append(f"| {p} | {PAPERS.get(p, '')} | {ppl[0]} | {ppl[1]} | {mb[0]} | {mb[1]} | "
                    f"{'; '.join(dict.fromkeys(notes))} |")
     out += ["", "![ppl by policy](policies_ppl.png)", "", *relations(cells, budgets), "", *NOTES, ""]

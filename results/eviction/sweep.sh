@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The eviction tables on SmolLM2-135M (CPU). Records go to results/eviction/records.jsonl, then
 #   .venv/bin/python results/eviction/table.py > results/eviction/README.md
-# Usage: results/eviction/sweep.sh [ppl] [prefill_decode] [passkey] [speed] [policies]   (default: all)
+# Usage: results/eviction/sweep.sh [ppl] [prefill_decode] [passkey] [speed] [policies] [paged]   (default: all)
 # One thread per process: the shared CPU was oversubscribed and multi-threaded BLAS only thrashed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 kvc() { .venv/bin/kvc "$@" progress=false; }
-stages=("${@:-ppl prefill_decode passkey speed policies}")
+stages=("${@:-ppl prefill_decode passkey speed policies paged}")
 for stage in ${stages[@]}; do
   case $stage in
     ppl)
@@ -29,6 +29,10 @@ for stage in ${stages[@]}; do
       kvc -m experiment=eviction_policies policy=adakv policy/scorer=expected_attention,kvzip publish=true
       kvc -m experiment=eviction_policies policy=duo_attention calibration.window=256 calibration.tokens=512 \
         publish=true ;;
+    paged)  # AdaKV over SnapKV with uneven heads in pages, and the same runs padded (padded.py) for the table
+      kvc -m experiment=eviction_policies policy=adakv publish=true
+      .venv/bin/python results/eviction/padded.py -m experiment=eviction_policies policy=adakv \
+        results_dir=results/eviction/padded publish=true progress=false ;;
     speed)  # rounds interleaved: every policy of round (seed) 0, then of round 1; force=true re-measures
       for seed in 0 1; do
         kvc -m experiment=eviction_speed seed=$seed force=true publish=true
