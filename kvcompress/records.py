@@ -11,7 +11,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcompress import __version__
 from kvcompress.atomic import write_atomic
+from kvcompress.eval.data import dataset_path
 from kvcompress.presets import settings as preset_settings
 
 RECORDS_FILE = "records.jsonl"
@@ -50,8 +52,6 @@ def folder_digest(folder: Path) -> str:
 def text_digest(name: str, data_dir: Path) -> str:
     """A dataset name or path by content: the hash of its local file, ``hub:<name>`` for a hub-only dataset,
     ``missing:<name>`` when it cannot be found (the evaluation's own check then says why)."""
-    from kvcompress.eval.data import dataset_path
-
     try:
         path = dataset_path(str(name), data_dir)
     except ValueError:
@@ -102,8 +102,6 @@ def cpu_model() -> str:
 def versions() -> dict:
     import torch
 
-    from kvcompress import __version__
-
     return {"python": platform.python_version(), "torch": torch.__version__, "kvcompress": __version__}
 
 
@@ -129,8 +127,6 @@ def code_version(root: Path = REPO) -> str:
     spec = [*CODE_PATHS, *(f":(exclude){p}" for p in NOT_CODE)]
     tree = _git("ls-tree", "-r", "HEAD", "--", *CODE_PATHS, root=root)
     if not tree:
-        from kvcompress import __version__
-
         return f"pkg-{__version__}"
     kept = [t for t in tree.splitlines() if not t.split("\t", 1)[-1].startswith(NOT_CODE)]
     version = hashlib.sha256("\n".join(kept).encode()).hexdigest()[:12]
