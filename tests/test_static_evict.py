@@ -171,14 +171,16 @@ def test_static_eviction_buffers_are_the_budget_not_the_capacity():
     assert int(static.held) == 0 and bool((static.pos == PAD_POSITION).all())
 
 
-@pytest.mark.parametrize("name", ["h2o-sinks-slack", "tova-frac-recent", "keydiff"])
+@pytest.mark.parametrize("name,storage", [("h2o-sinks-slack", "dense"), ("tova-frac-recent", "dense"),
+                                          ("keydiff", "dense"), ("h2o-sinks-slack", "int4")])
 @torch.inference_mode()
-def test_traced_decode_step_is_one_graph_and_equals_eager(name):
-    """fullgraph=True fails on any graph break or host sync: what a CUDA graph cannot record."""
+def test_traced_decode_step_is_one_graph_and_equals_eager(name, storage):
+    """fullgraph=True fails on any graph break or host sync: what a CUDA graph cannot record (int4: the codec's
+    packed attention over the slots)."""
     torch._dynamo.reset()
     tokens = torch.randint(0, 97, (2, PROMPT + 4))
-    _, plain = pair(POLICIES[name]())
-    _, traced = pair(POLICIES[name]())
+    _, plain = pair(POLICIES[name](), storage=STORAGES[storage]())
+    _, traced = pair(POLICIES[name](), storage=STORAGES[storage]())
     prefill(plain, tokens[:, :PROMPT], None)
     prefill(traced, tokens[:, :PROMPT], None)
     compiled = torch.compile(decode_step, fullgraph=True, backend="eager")
