@@ -18,7 +18,8 @@ batch row has the same layout, and both forms below hold the same codes:
   ``gran`` under the same flag; the counts are computed once per step at layer 0. Longer steps (prefill chunks,
   never captured) read the count on the host.
 
-A codec with ``packed`` (the integer codes) is read by the kernels (``kernels.quant_attention``) in decode steps.
+A codec with ``packed`` (the integer codes) is read by the kernels (``kernels.quant_attention``) in decode steps;
+in fixed slots a prefill chunk attends over the held tokens with the eager store's arithmetic.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from kvcompress.cache.base import Rotary, attention_weights
+from kvcompress.cache.base import Rotary, attention, attention_weights
 from kvcompress.cache.buffers import GrowingBuffer, GrowingParts, gather_tokens
 from kvcompress.cache.storage.base import TokenStore
 from kvcompress.cache.storage.fixed import FixedSlotCache
@@ -345,9 +346,16 @@ class ResidualSlots(FixedSlotCache):
             side.append(layer, x.to(side.dtype))
 
     def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
+        """A prefill chunk (never captured: the count may be read) attends over the held tokens as the eager store
+        does. A decode step reads the codes with Triton (the counts on the device); otherwise every slot is decoded
+        and empty slots are masked (branch-free, no host read: the step stays capturable)."""
         k, v = self.sides
         if layer == 0:  # [n_q of K, n_q of V, T], once per step for every layer
             self.lengths = torch.stack([k.split(self.index), v.split(self.index), self.index]).to(torch.int32)
+        if q.shape[2] > 1:
+            n = int(self.index)
+            kk, vv = (side.tokens(layer, n, q.dtype) for side in self.sides)
+            return attention(q, kk, vv, q_pos, self.pos[:, :n])
         sides = k.packed(layer), v.packed(layer)
         if None not in sides and resolve(q.device, self.store.backend) == "triton":
             return quant_attention(q, q_pos, self.pos, *sides, lengths=self.lengths, backend=self.store.backend)
