@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from kvcompress.cache.base import ModelSpec
+from kvcompress.engine.session import Session
 from kvcompress.eval.base import EvalContext, Evaluation, require
 from kvcompress.eval.data import check_dataset, load_text
 from kvcompress.eval.ppl import text_windows
-from kvcompress.engine.session import Session
 from kvcompress.eval.speed import DECODE_PATHS, decode_rates, session_for, spread, time_prefill_decode, timed_passes
 
 VERIFY_TRIES = 4
