@@ -2,12 +2,15 @@
 the same logits, positions and kept tokens as the padded form and the bytes of the pages it uses."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from kvcompress.cache.base import PAD_POSITION
 from kvcompress.cache.pages import PagedParts, pack_bits, unpack_bits
 from kvcompress.cache.storage.dense import DenseStore
+from kvcompress.cache.storage.frontier.fp8 import Fp8Store
 from kvcompress.testing import contract
 
 UNEVEN = {"adakv": dict(budget=0.5, recent=4, scorer=dict(window=4)),
@@ -145,3 +148,25 @@ def test_pages_only_where_they_hold_fewer_slots(page, paged):
     assert store.paged == paged
     assert store.positions().tolist() == [[[PAD_POSITION] * 3 + [3], [0, 1, 2, 3]]]
     assert sum(t.nbytes for t in store.parts.tensors()) == (2 * 3 * 4 * (5 if page == 1 else 6 if page == 2 else 8))
+
+
+@pytest.mark.parametrize("store", [DenseStore(), Fp8Store()], ids=["dense", "fp8"])
+def test_update_values_in_pages(store):
+    """Token merging (CaM's ``update_values``) on a paged store writes the real tokens' values as the padded store
+    does (float8 codes included)."""
+    g = torch.Generator().manual_seed(1)
+    k, v, new = (torch.randn(1, 2, 4, 8, generator=g) for _ in range(3))
+    out = []
+    for page in (None, 1):
+        s = copy.deepcopy(store)
+        s.page_size = page
+        s = s.fresh(0)
+        s.append(k, v, torch.arange(4)[None], NoRope())
+        s.keep(torch.tensor([[[0, 1, 2, 3], [0, 1, 2, 3]]]))
+        s.hide(torch.tensor([[[False, False, True, True], [True, True, True, True]]]))
+        assert s.paged == (page is not None)
+        s.update_values(new)
+        out.append(s.read())
+    real = out[0][2] < PAD_POSITION
+    for a, b in zip(out[0], out[1], strict=True):
+        assert torch.equal(a[real], b[real])
