@@ -25,7 +25,7 @@ from kvcompress.eval.calibration import Calibration
 from kvcompress.eval.data import load_text
 from kvcompress.eval.ppl import text_windows
 
-DEFAULT = r"^full|^int4 g32|^KVTC|^Hadamard \+ int4 g32|^KVQuant-3"
+DEFAULT = r"^full|^int4 g32|^KVTC 3-bit$|^Hadamard \+ int4 g32"
 
 
 @torch.inference_mode()
