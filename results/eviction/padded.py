@@ -5,7 +5,7 @@ are memory (how AdaKV and DuoAttention were held before pages). ``sweep.sh paged
     .venv/bin/python results/eviction/padded.py -m experiment=eviction_policies policy=adakv \\
         results_dir=results/eviction/padded publish=true progress=false
 
-Its records (``padded/records.jsonl``, ``paged_fraction`` 0) are the padded twins that ``policies.py`` compares with
+Its records (``padded/records.jsonl``, ``paged_fraction`` 0) are the padded twins that ``table.yaml`` compares with
 the paged records of the same policy and budget.
 """
 from kvcompress.cache.storage.codec import CodecStore

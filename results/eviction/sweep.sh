@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The eviction tables on SmolLM2-135M (CPU). Records go to results/eviction/records.jsonl, then
-#   .venv/bin/python results/eviction/table.py > results/eviction/README.md
+#   .venv/bin/kvc-report --table results/eviction   (README.md and policies_ppl.png; spec: table.yaml)
 # Usage: results/eviction/sweep.sh [ppl] [prefill_decode] [passkey] [speed] [policies] [paged]   (default: all)
 # One thread per process: the shared CPU was oversubscribed and multi-threaded BLAS only thrashed.
 set -euo pipefail
