@@ -1,7 +1,7 @@
 """Decode cost per step of the storages that decode on read (KVTC inflates its DEFLATE streams at every step)
 against the full cache and int4: SmolLM2-135M, one row holding ``CONTEXT`` tokens of wikitext2 (prefilled in chunks
 of 256), then the best of ``REPEATS`` single-token decode steps (the whole model forward; CPU, one thread) and the
-part of it spent reading the cache (every layer's ``read``). Writes decode_cost.jsonl; table.py reports it.
+part of it spent reading the cache (every layer's ``read``). Writes decode_cost.jsonl; table.yaml reports it.
 
     OMP_NUM_THREADS=1 .venv/bin/python results/storages_frontier/decode_cost.py
 

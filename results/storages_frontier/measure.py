@@ -2,7 +2,7 @@
 KVQuant-3/4 and GEAR at about 8, 4, 3 and 2 bits per entry, on SmolLM2-135M, one process (the model loads once,
 one calibration text for every storage that calibrates).
 
-    .venv/bin/python results/storages_frontier/measure.py   # appends rows.jsonl; then table.py
+    .venv/bin/python results/storages_frontier/measure.py   # appends rows.jsonl; then kvc-report --table
 
 Each row: a conf/storage YAML with overrides, built like test_axes builds an axis (Hydra instantiate), in a
 ComposedCache (no policy, per-layer), calibrated on ``CAL_TOKENS`` TinyStories tokens (windows of 512), then

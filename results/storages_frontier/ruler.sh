@@ -2,8 +2,8 @@
 # Issue 25's RULER needle tasks for the frontier storages against int4, KIVI and KVQuant on SmolLM2-135M-Instruct:
 # niah_single_1 and niah_single_2 at 1024 tokens (where the full cache passes: results/ruler), 4 samples each,
 # query-aware, chat template, 16 new tokens; every storage with the settings of its row in measure.py. Records go
-# to results/storages_frontier/ruler/records.jsonl; table.py adds them to README.md.
-#   bash results/storages_frontier/ruler.sh && .venv/bin/python results/storages_frontier/table.py
+# to results/storages_frontier/ruler/records.jsonl; table.yaml adds them to README.md.
+#   bash results/storages_frontier/ruler.sh && .venv/bin/kvc-report --table results/storages_frontier
 set -euo pipefail  # the list runs in order of interest: stop it when time runs out
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

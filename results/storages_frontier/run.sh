@@ -3,7 +3,7 @@
 # (measure.py: sizes and settings in its docstring), the rows split over single-threaded processes (one model load
 # each; the calibrating rows share one calibration text per process); records are appended to rows.jsonl (the
 # table keeps the latest of each model, row and text), then the table and plot:
-#   bash results/storages_frontier/run.sh [MODEL [ROWS]] && .venv/bin/python results/storages_frontier/table.py
+#   bash results/storages_frontier/run.sh [MODEL [ROWS]] && .venv/bin/kvc-report --table results/storages_frontier
 # MODEL: smollm2-135m (default: every row) or qwen2.5-0.5b (a subset: the CPU runs it ~4x slower); ROWS: a regex of
 # row names run in one process instead of the model's groups.
 set -euo pipefail
