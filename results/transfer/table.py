@@ -262,7 +262,7 @@ def main() -> None:
                 "`.venv/bin/python results/transfer/key_bias.py` prints their key projections' biases: a few "
                 "channels carry biases of a few hundred (Qwen2.5-1.5B: in layer 0) against a median below 1. "
                 "storage=int4 codes each token's keys in groups of 64 channels with one min-max range, so such a "
-                "channel sets the step of its group; KIVI-2 and KVQuant-3 code keys per channel and are not hit. A "
+                "channel sets the step of its group; KIVI-2 and KVQuant-3 code keys per channel and do not share that step. A "
                 "conclusion about per-token key quantization drawn on SmolLM2 (a Llama model: no key biases) does not "
                 "carry over."]
     out[head:head] = ["## What transfers (computed from the tables below)", ""] + summary + [""]
