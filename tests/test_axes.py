@@ -41,7 +41,9 @@ REAL = {
                 "bnb_nf4": dict(blocksize=32), "bnb_fp4": dict(blocksize=32),
                 # RandomCalibration cannot run the model: no query moments, so key-only / unweighted calibration
                 "think": dict(score="key"), "kvquant": dict(sensitivity="none"),
-                "gear": dict(group_size=8, block_size=16, residual=8)},
+                "gear": dict(group_size=8, block_size=16, residual=8),
+                # the YAML's 128-token hot window would leave a 48-token test uncoded
+                "kvtc": dict(residual=8, block_size=8, sink=2)},
     "policy": {name: dict(budget=0.5) for name in NAMES["policy"] if name != "none"}
     | {"snapkv": dict(budget=0.5, window=4), "pyramid": dict(budget=0.5, window=4, beta=2),
        "adakv": dict(budget=0.5, recent=4, scorer=dict(window=4)), "chunkkv": dict(budget=0.5, recent=4, chunk=4,

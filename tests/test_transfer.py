@@ -55,8 +55,9 @@ def test_tau_refuses_mismatched_items():
 
 
 def test_transfer_preset_composes_every_axis():
-    """experiment=transfer: every point composes (with eval=prefill_decode; eval=ruler too), each policy compresses at the prompt's end,
-    and the points span every axis (a storage, a policy and a layout change each appear, and one triple)."""
+    """experiment=transfer: every point composes (with eval=prefill_decode; eval=ruler too), each policy compresses
+    at the prompt's end, and the points span every axis (a storage, a policy and a layout change each appear, and
+    one triple)."""
     from hydra import compose, initialize_config_dir
 
     from kvcompress.run import CONF_DIR
@@ -76,5 +77,5 @@ def test_transfer_preset_composes_every_axis():
         if choices.policy != "none":
             assert cfg.policy.when == "prefill" and 0 < cfg.policy.budget < 1
         changed.append(tuple(c != d for c, d in zip((choices.storage, choices.policy, choices.layout),
-                                                    ("dense", "none", "per_layer"))))
+                                                    ("dense", "none", "per_layer"), strict=False)))
     assert {(True, False, False), (False, True, False), (False, False, True), (True, True, True)} <= set(changed)

@@ -93,6 +93,6 @@ class PrefillDecode(Evaluation):
                 nll, first = nll + s, first + f
                 per_batch.append((s, len(batch) * self.continuation))
         n = len(pieces) * self.continuation
-        ci = ratio_ci(*zip(*per_batch), resamples=self.bootstrap, seed=0, transform=np.exp)
+        ci = ratio_ci(*zip(*per_batch, strict=False), resamples=self.bootstrap, seed=0, transform=np.exp)
         return {**interval_metrics("ppl", math.exp(nll / n), ci), "nll": nll / n, "n_tokens": n,
                 "n_samples": len(pieces), "nll_first_token": first / len(pieces), **memory}

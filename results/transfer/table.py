@@ -113,14 +113,15 @@ def ranking_table(texts: dict[str, dict[str, dict]]) -> list[str]:
     if not scores:
         return ["(no full-cache record yet: no ranking)", ""]
     head = " | ".join(f"ppl {t} [95% CI]" for t in which)
-    lines = [f"| rank | cache | ratio | {head} | mean log(ppl / full) |", "|---|---|---|" + "---|" * len(which) + "---|"]
+    lines = [f"| rank | cache | ratio | {head} | mean log(ppl / full) |",
+             "|---|---|---|" + "---|" * len(which) + "---|"]
     order = sorted(scores, key=lambda c: (c != "full", scores[c]))
     for i, c in enumerate(order):
         ratio = texts[which[0]][c].get("compression_ratio", float("nan"))
         cells = " | ".join(fmt_ci(texts[t][c], "ppl", ".2f") for t in which)
         lines.append(f"| {'ref' if c == 'full' else i} | {c} | {ratio:.2f} | {cells} | {scores[c]:+.4f} |")
     missing = sorted(set().union(*(set(texts[t]) for t in which)) - set(scores))
-    return lines + ([f"", f"Not on every text (not ranked): {', '.join(missing)}."] if missing else []) + [""]
+    return lines + (["", f"Not on every text (not ranked): {', '.join(missing)}."] if missing else []) + [""]
 
 
 def tau_line(a: str, b: str, sa: dict[str, float], sb: dict[str, float], what: str) -> tuple[str, str] | None:
@@ -150,13 +151,13 @@ def pair_verdicts(per_model: dict[str, dict[str, float]], metrics: dict[str, dic
             d = per_model[m][c1] - per_model[m][c2]
             signs.append(0 if d == 0 else (1 if (d < 0) == better_low else -1))
         sep = [key is not None and separated(metrics[m][c1], metrics[m][c2], key) for m in models]
-        note = "separated on " + (", ".join(m for m, s in zip(models, sep) if s) or "none")
+        note = "separated on " + (", ".join(m for m, s in zip(models, sep, strict=False) if s) or "none")
         if all(s == signs[0] != 0 for s in signs):
             win, lose = (c1, c2) if signs[0] > 0 else (c2, c1)
             held.append(f"{win} > {lose} ({note})")
         else:
             flipped.append(f"{c1} vs {c2}: " + ", ".join(f"{m} {'>' if s > 0 else '<' if s < 0 else '='}"
-                                                        for m, s in zip(models, signs)) + f" ({note})")
+                                                        for m, s in zip(models, signs, strict=False)) + f" ({note})")
     return held, flipped
 
 
@@ -173,9 +174,10 @@ def main() -> None:
         out += [f"Perplexity: eval=prefill_decode, {p['samples']} pieces of {p['context']} + {p['continuation']} "
                 f"tokens per text, the prompt compressed once at its end (policies: when=prefill, budget = a "
                 f"fraction of the prompt), the continuation teacher-forced {p['continuation_chunk']} tokens at a "
-                f"time; 95% intervals resample the pieces ({p['samples']} per text: a rough spread, not a test). ratio = fp16 "
-                f"reference bytes / bytes held after the last scored token (the fp32 full cache reads 0.5; a "
-                f"policy's ratio counts the {p['continuation']} continuation tokens, held in full after the prompt "
+                f"time; 95% intervals resample the pieces ({p['samples']} per text: a rough spread, not a test). "
+                f"ratio = fp16 reference bytes / bytes held after the last scored token (the fp32 full cache reads "
+                f"0.5; a policy's ratio counts the {p['continuation']} continuation tokens, held in full after the "
+                f"prompt "
                 f"was compressed).", ""]
     # -- per model -------------------------------------------------------------------------------
     per_text_loss, text_metrics, summary = {}, {}, []
@@ -230,7 +232,7 @@ def main() -> None:
         same = "yes" if all(o == orders[0] for o in orders) else "no"
         if len(orders) > 1 and orders[0]:
             summary.append(f"- {family}: the order {'is the same on every model' if same == 'yes' else 'changes'}"
-                           f" ({'; '.join(f'{m}: ' + ' < '.join(o) for m, o in zip(scored, orders))}).")
+                           f" ({'; '.join(f'{m}: ' + ' < '.join(o) for m, o in zip(scored, orders, strict=False))}).")
         out.append(f"| {family} | " + " | ".join(" < ".join(o) for o in orders) + f" | {same} |")
     out += ["", "('a < b': a loses less perplexity than b.)"]
     # -- which pairwise conclusions hold on every model ------------------------------------------
@@ -262,9 +264,9 @@ def main() -> None:
                 "`.venv/bin/python results/transfer/key_bias.py` prints their key projections' biases: a few "
                 "channels carry biases of a few hundred (Qwen2.5-1.5B: in layer 0) against a median below 1. "
                 "storage=int4 codes each token's keys in groups of 64 channels with one min-max range, so such a "
-                "channel sets the step of its group; KIVI-2 and KVQuant-3 code keys per channel and do not share that step. A "
-                "conclusion about per-token key quantization drawn on SmolLM2 (a Llama model: no key biases) does not "
-                "carry over."]
+                "channel sets the step of its group; KIVI-2 and KVQuant-3 code keys per channel and do not "
+                "share that step. A conclusion about per-token key quantization drawn on SmolLM2 (a Llama model: "
+                "no key biases) does not carry over."]
     out[head:head] = ["## What transfers (computed from the tables below)", ""] + summary + [""]
     out += checks(load(HERE / "checks" / "records.jsonl"))
     print("\n".join(out))

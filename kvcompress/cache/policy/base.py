@@ -164,7 +164,8 @@ class EvictionPolicy(Policy):
         if (self.per_head or self.uneven_heads) and spec.num_kv_heads > 1 and not storage.ragged_heads:
             setting = f"policy={type(self).__name__}" if self.uneven_heads else "policy.per_head=true"
             raise ValueError(f"{setting} keeps different tokens per KV head, so the storage must hold ragged heads; "
-                             f"{name} with these settings cannot (a latent across heads: set storage.per_head=true)")
+                             f"{name} with these settings cannot (it codes a token's heads together; "
+                             "for storage=latent set storage.per_head=true)")
         if self.rewrites_values and not storage.values_writable:
             raise ValueError(f"policy={type(self).__name__} merges evicted values into kept ones, so the storage "
                              f"must rewrite values; {name} cannot (its values live in a latent)")

@@ -114,6 +114,8 @@ def fit_side(x: Tensor, bits_per_entry: float) -> dict[str, Tensor]:
 
 
 class KVTCStore(TokenStore):
+    ragged_heads = False  # one PCA code covers every KV head of a token: a head cannot drop it alone
+
     def __init__(self, bits: float = 3.0, block_size: int = 64, residual: int = 128, sink: int = 4,
                  level: int = 9, keys: str = "pre_rope", calibration_file: str | None = None):
         self.bits = number_in("storage.bits", bits, 0, MAX_BITS, open_lo=True)
