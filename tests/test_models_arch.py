@@ -227,3 +227,21 @@ def test_a_truncated_or_wrong_model_file_is_refused_by_name(tmp_path):
         check_file(path, Asset("m.gguf", good.sha256, 200, (), "test"))
     with pytest.raises(ValueError, match=rf"model file {path}: sha256 .* differs from the published"):
         check_file(path, Asset("m.gguf", "0" * 64, 100, (), "test"))
+
+
+@pytest.mark.parametrize("storage,policy,layout", [
+    ("int4", "h2o", "per_layer"), ("kivi", "snapkv", "per_layer"), ("fp8", "tova", "per_layer"),
+    ("dense", "streaming", "per_layer"), ("int8", "adakv", "per_layer")])
+def test_the_contract_invariants_hold_on_each_architecture(pair, storage, policy, layout, tmp_path):
+    """kvcompress.testing's invariants (finite logits, exact byte accounting, positions, rows independent, ...) on
+    the tiny Qwen2 and Gemma 3 (windowed layers) models, not only on the tiny Llama of the contract matrix (sharing
+    layouts over Gemma's mixed windows are refused: test_sharing_layouts_refuse_mixed_windows)."""
+    from kvcompress.testing.contract import Axes, check_combination
+
+    model, _ = pair
+    real = {"kivi": dict(residual=8, group_size=8), "snapkv": dict(window=4),
+            "adakv": dict(recent=4, scorer=dict(window=4))}
+    node = lambda group, name: OmegaConf.merge(presets.load(CONF / group / f"{name}.yaml"), real.get(name, {}),  # noqa: E731
+                                               {"budget": 0.5} if group == "policy" else {})
+    axes = Axes(node("storage", storage), node("policy", policy), node("layout", layout))
+    assert check_combination(axes, model, tmp_path) == "ran"
