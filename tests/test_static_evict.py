@@ -82,8 +82,6 @@ class LayerScaled(CodecStore):
     """A codec whose parts depend on the layer, as calibrated ones' do: K and V times (layer + 1), in fp16. Tokens
     encoded with another layer's codec would decode scaled wrong."""
 
-    codec_per_layer = True
-
     def encode(self, k, v):
         return {"k": (k * (self.layer + 1)).half(), "v": (v * (self.layer + 1)).half()}
 

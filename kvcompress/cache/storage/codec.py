@@ -73,7 +73,6 @@ class CodecStore(TokenStore):
     """A storage that is only a codec (see the module docstring); the buffers, eviction and both decode paths are
     generic."""
 
-    codec_per_layer = False  # True when encode depends on the layer (``self.layer``: calibrated per layer)
     page_size: int | None = 16  # tokens per page once KV heads keep different counts; None: stay padded
 
     @abstractmethod

@@ -158,8 +158,6 @@ class KVQuantStore(CodecStore):
         return mid.float(), half.float(), idx
 
     # -- tokens: a per-token codec (calibrated per layer) ---------------------------------------
-    codec_per_layer = True
-
     def _cal(self, device: torch.device) -> dict[str, Tensor]:
         """This layer's calibration on ``device`` (moved once per store)."""
         if self.layers is None:

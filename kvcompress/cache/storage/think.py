@@ -92,8 +92,6 @@ class ThinKStore(CodecStore):
         return torch.stack(rows)
 
     # -- tokens: kept key channels and whole values, a per-token codec ----------------------------------------
-    codec_per_layer = True  # each layer keeps its own channels
-
     def fresh(self, layer: int):
         """Per-layer stores: this codec, or with ``bits`` the kept channels in KIVI-style parts (``ThinKQuantParts``,
         a residual stage: per-channel key groups span tokens)."""

@@ -92,10 +92,5 @@ class Fp4Store(CodecStore):
             out.append(x.flatten(-2).to(dtype))
         return out[0], out[1]
 
-    @property
-    def codec_per_layer(self) -> bool:
-        """NVFP4's calibrated tensor scale is per layer: eviction's static form decodes eagerly."""
-        return self.format == "nvfp4"
-
     def calibration_tensors(self) -> list[Tensor]:
         return [t for layer in self.tensor_scales or [] for t in layer.values()]

@@ -76,11 +76,6 @@ class Fp8Store(CodecStore):
             out.append((parts[name].float() * s).to(dtype))
         return out[0], out[1]
 
-    @property
-    def codec_per_layer(self) -> bool:
-        """Calibrated scales are per layer: eviction's static form (a one-layer stage) decodes eagerly."""
-        return self.scale != "token"
-
     def calibration_tensors(self) -> list[Tensor]:
         return [t for layer in self.scales or [] for t in layer.values()]
 

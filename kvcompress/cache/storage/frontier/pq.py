@@ -122,8 +122,6 @@ class PQStore(CodecStore):
             out.append(book[h, m, codes].flatten(-2).to(dtype))
         return out[0], out[1]
 
-    codec_per_layer = True  # codebooks per layer
-
     def calibration_tensors(self) -> list[Tensor]:
         return [t for layer in self.books or [] for t in layer.values()]
 

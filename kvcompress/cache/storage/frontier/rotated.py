@@ -150,11 +150,6 @@ class RotatedStore(CodecStore):
         out = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, enable_gqa=groups > 1)
         return self.turn(out, "v", back=True).to(q.dtype)
 
-    # not slot-addressable in fixed slots (eviction's static form decodes eagerly): that form attends over decoded,
-    # un-rotated tokens where this store attends in the rotated space; equal in exact arithmetic, but later layers'
-    # codes may round the other way on that fp noise
-    codec_per_layer = True
-
     def calibration_tensors(self) -> list[Tensor]:
         return [self.matrix, *self.inner.calibration_tensors()] if self.matrix is not None else []
 

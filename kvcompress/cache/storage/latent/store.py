@@ -64,7 +64,6 @@ class LatentStore(CodecStore):
     """Stores a calibrated rank-r latent per token (plus ``rope_dims`` uncompressed rotary dims per head)."""
 
     values_writable = False  # values live in a (possibly joint) latent: no ``update_values`` (CaM)
-    codec_per_layer = True  # each layer projects with its own calibrated bases
 
     def __init__(self, rank: Rank = None, rank_fraction: float | None = 0.5, energy: float = 0.95,
                  key_rank: Rank = None, value_rank: Rank = None, joint_kv: bool = False, per_head: bool = False,
