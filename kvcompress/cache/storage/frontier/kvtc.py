@@ -142,13 +142,10 @@ class KVTCStore(TokenStore):
         digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:10]
         path = Path(self.calibration_file or Path(ctx.cache_dir) / f"kvtc-{ctx.key}-{digest}.pt").expanduser()
         meta = {"ctx_key": ctx.key, **self.settings()}
-        blob = artifacts.load(path, "KVTC calibration file") if path.exists() else None
-        if blob is not None and blob.get("meta") == meta:
-            self.tables, self.stats = blob["tables"], {"calibration_reused": 1.0}
-        else:
-            self.tables = [self._fit_layer(k, v, pos, ctx) for k, v, pos in ctx.kv_samples()]
-            artifacts.save({"meta": meta, "tables": self.tables}, path)
-            self.stats = {"calibration_reused": 0.0}
+        blob, reused = artifacts.cached(
+            path, lambda: {"meta": meta, "tables": [self._fit_layer(k, v, pos, ctx) for k, v, pos in ctx.kv_samples()]},
+            "KVTC calibration file", lambda saved: saved.get("meta") == meta)
+        self.tables, self.stats = blob["tables"], {"calibration_reused": float(reused)}
         self.stats["calibration_file"] = str(path)
         self.stats["kvtc_bits_allocated_per_entry"] = float(np.mean(
             [t[s]["bits"].float().mean().item() for t in self.tables for s in "kv"]))

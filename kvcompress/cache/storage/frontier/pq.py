@@ -70,13 +70,9 @@ class PQStore(CodecStore):
         digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:10]
         path = Path(self.calibration_file or Path(ctx.cache_dir) / f"pq-{ctx.key}-{digest}.pt").expanduser()
         meta = {"ctx_key": ctx.key, **self.settings()}
-        blob = artifacts.load(path, "PQ calibration file") if path.exists() else None
-        if blob is not None and blob.get("meta") == meta:
-            self.books, self.stats = blob["books"], {"calibration_reused": 1.0}
-        else:
-            self.books = self._fit(ctx)
-            artifacts.save({"meta": meta, "books": self.books}, path)
-            self.stats = {"calibration_reused": 0.0}
+        blob, reused = artifacts.cached(path, lambda: {"meta": meta, "books": self._fit(ctx)}, "PQ calibration file",
+                                        lambda saved: saved.get("meta") == meta)
+        self.books, self.stats = blob["books"], {"calibration_reused": float(reused)}
         self.stats["calibration_file"] = str(path)
 
     def _fit(self, ctx) -> list[dict[str, Tensor]]:
