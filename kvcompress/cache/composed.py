@@ -128,21 +128,32 @@ class ComposedCache(KVCache):
         remap = self.layout.after_attend(layer)
         if remap is not None:
             self.policy.remap(owner, remap)
+        self._trim_to_window(owner, view, q_pos)
         if not replaying:
-            self._trim_to_window(owner, view, q_pos)
             self.policy.after_attend(owner, view, steps)
         return out
 
     def _trim_to_window(self, owner: int, view: TokenStore, q_pos: Tensor) -> None:
-        """A sliding-window layer's store keeps only its window (the model's semantics, see ``cache/window.py``)."""
+        """A sliding-window layer's store keeps only its window (the model's semantics, see ``cache/window.py``).
+        During a replay pass only replayed tokens leave it: the prompt stays, to be scored and compressed."""
         window = self.spec.window(owner)
-        picked = window_keep(view.positions(), q_pos, window) if window is not None else None
-        if picked is not None:
-            idx, valid = picked
-            view.keep(idx)
-            if not bool(valid.all()):
-                view.hide(valid)
-            self.policy.remap(owner, idx)
+        if window is None:
+            return
+        pos = view.positions()
+        keep = window_keep(pos, q_pos, window)
+        if self.replay_from is not None:
+            keep |= pos < self.replay_from.to(pos.device).view(-1, *[1] * (pos.dim() - 1))
+        self._keep_where(owner, view, keep)
+
+    def _keep_where(self, owner: int, view: TokenStore, keep: Tensor) -> None:
+        """The store keeps the slots where ``keep`` (B, T) or (B, Hkv, T) holds, in order; the policy's state follows."""
+        if bool(keep.all()):
+            return
+        idx, valid = pick_rows(keep)
+        view.keep(idx)
+        if not bool(valid.all()):
+            view.hide(valid)
+        self.policy.remap(owner, idx)
 
     # -- a replay pass over the prompt (KVzip's reconstruction), driven by the engine ----------------------
     def replay_wanted(self) -> bool:
@@ -157,14 +168,8 @@ class ComposedCache(KVCache):
             return
         start, self.replay_from = self.replay_from, None
         for owner in sorted(set(self.owner)):
-            view = self.views[owner]
-            pos = view.positions()
-            keep = pos < start.to(pos.device).view(-1, *[1] * (pos.dim() - 1))
-            idx, valid = pick_rows(keep)
-            view.keep(idx)
-            if not bool(valid.all()):
-                view.hide(valid)
-            self.policy.remap(owner, idx)
+            pos = self.views[owner].positions()
+            self._keep_where(owner, self.views[owner], pos < start.to(pos.device).view(-1, *[1] * (pos.dim() - 1)))
 
     def end_prompt(self) -> None:
         self.policy.end_prompt()

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache.base import PAD_POSITION, ModelSpec
-from kvcompress.cache.buffers import pick_rows
 from kvcompress.cache.layout.base import Layout
 
 
@@ -31,18 +30,13 @@ def check_layout(spec: ModelSpec, layout: Layout) -> None:
                          "read a global layer's store. Only layout=per_layer runs on this model")
 
 
-def window_keep(pos: Tensor, q_pos: Tensor, window: int) -> tuple[Tensor, Tensor] | None:
-    """Keep indices (and which are real) of the held positions ``pos`` (B, T) or (B, Hkv, T) still inside the
-    window after queries ``q_pos`` (B, Tq): the last W - 1 positions up to each row's last real query.
-    None: nothing leaves."""
+def window_keep(pos: Tensor, q_pos: Tensor, window: int) -> Tensor:
+    """Which held positions ``pos`` (B, T) or (B, Hkv, T) are still inside the window after queries ``q_pos``
+    (B, Tq): the last W - 1 positions up to each row's last real query (hidden padding slots stay)."""
     real = q_pos < PAD_POSITION
     last = torch.where(real, q_pos, -PAD_POSITION).amax(1)  # a row with no real query keeps everything
     floor = torch.where(real.any(1), last - window + 2, -PAD_POSITION).to(pos.device)
-    keep = pos >= floor.view(-1, *[1] * (pos.dim() - 1))
-    keep |= pos >= PAD_POSITION  # hidden padding slots stay as they are (their row's layout needs them)
-    if bool(keep.all()):
-        return None
-    return pick_rows(keep)
+    return (pos >= floor.view(-1, *[1] * (pos.dim() - 1))) | (pos >= PAD_POSITION)
 
 
 def windowed_fp16_bytes(spec: ModelSpec, seen_per_row: Tensor) -> int:
