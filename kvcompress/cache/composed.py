@@ -146,7 +146,7 @@ class ComposedCache(KVCache):
         self._keep_where(owner, view, keep)
 
     def _keep_where(self, owner: int, view: TokenStore, keep: Tensor) -> None:
-        """The store keeps the slots where ``keep`` (B, T) or (B, Hkv, T) holds, in order; the policy's state follows."""
+        """Keep the slots where ``keep`` (B, T) or (B, Hkv, T) holds, in order; the policy's state follows."""
         if bool(keep.all()):
             return
         idx, valid = pick_rows(keep)
