@@ -230,3 +230,36 @@ def kvc(tmp: Path, *args: str, env: dict | None = None, timeout: int = 600) -> s
 def records(tmp: Path) -> list[dict]:
     """The records ``kvc`` appended under ``tmp/results``."""
     return [json.loads(line) for line in (tmp / "results" / "records.jsonl").read_text().splitlines()]
+
+
+# -- a tiny GGUF file (test_failures, test_sources) --------------------------------------------------
+def write_gguf(path: Path, seed: int) -> None:
+    """A tiny random llama GGUF (fp32 tensors, no tokenizer): 2 layers, hidden 16, 2 heads, 1 kv head."""
+    import gguf
+
+    g = torch.Generator().manual_seed(seed)
+    hidden, layers, heads, kv, ff, vocab = 16, 2, 2, 1, 24, 32
+    dim = hidden // heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_context_length, 64), (w.add_embedding_length, hidden), (w.add_block_count, layers),
+                   (w.add_feed_forward_length, ff), (w.add_head_count, heads), (w.add_head_count_kv, kv),
+                   (w.add_layer_norm_rms_eps, 1e-5), (w.add_vocab_size, vocab)):
+        add(v)
+    t = lambda *shape: torch.randn(*shape, generator=g).numpy()
+    w.add_tensor("token_embd.weight", t(vocab, hidden))
+    w.add_tensor("output_norm.weight", t(hidden))
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (kv * dim, hidden), "attn_v": (kv * dim, hidden),
+              "attn_output": (hidden, hidden), "ffn_gate": (ff, hidden), "ffn_up": (ff, hidden),
+              "ffn_down": (hidden, ff), "attn_norm": (hidden,), "ffn_norm": (hidden,)}
+    for i in range(layers):
+        for name, shape in shapes.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", t(*shape))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+class NoTokenizer:
+    def save_pretrained(self, folder):
+        Path(folder).mkdir(parents=True)

@@ -3,7 +3,7 @@ GGUF file's fp32 copy written after the first full-precision load only (a tiny G
 from __future__ import annotations
 
 import torch
-from test_records import NoTokenizer, write_gguf
+from conftest import NoTokenizer, write_gguf
 
 from kvcompress.engine.loaders import ConvertedGGUF, GGUFFile, HFFolder, load_weights, source_for
 
