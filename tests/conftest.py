@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcompress.cache import ModelSpec
+from kvcompress.cache import ComposedCache, ModelSpec
+from kvcompress.cache.layout.cla import CLA
+from kvcompress.cache.layout.minicache import MiniCache
 from kvcompress.engine.config import ModelConfig
+from kvcompress.engine.generate import forward_chunks, prefill
 from kvcompress.engine.loaders import _to_native, load_tokenizer, load_weights, read_config
 from kvcompress.engine.model import Transformer
 
@@ -150,8 +153,6 @@ def compose(model, storage=None, policy=None, layout=None, batch: int = 1):
     """``ComposedCache(storage, policy, layout)`` (identity on any axis left None), set up for ``model`` (a
     Transformer or a ModelSpec) and reset for ``batch`` rows, e.g.
     ``compose(model, storage=DenseStore(), policy=H2O(budget=8), layout=CLA(group_size=2), batch=2)``."""
-    from kvcompress.cache import ComposedCache
-
     cache = ComposedCache(storage, policy, layout)
     cache.setup(model if isinstance(model, ModelSpec) else spec_of(model))
     cache.reset(batch)
@@ -263,3 +264,44 @@ def write_gguf(path: Path, seed: int) -> None:
 class NoTokenizer:
     def save_pretrained(self, folder):
         Path(folder).mkdir(parents=True)
+
+
+# -- sharing layouts (test_cla, test_minicache, test_sharing) -----------------------------------------------
+def ready(cache, model, batch: int = 1):
+    """``cache`` set up for ``model`` (a Transformer) and reset for ``batch`` rows."""
+    cache.setup(spec_of(model))
+    cache.reset(batch)
+    return cache
+
+
+def cla(storage=None, policy=None, **kw):
+    return ComposedCache(storage, policy, CLA(**kw))
+
+
+def minicache(storage=None, policy=None, **kw):
+    return ComposedCache(storage, policy, MiniCache(**kw))
+
+
+def random_tokens(batch: int = 2, n: int = 40, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 97, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return random_tokens(1, n, seed=seed)[0].tolist()
+
+
+def run_chunks(model, cache, toks, chunk):
+    """Logits of ``toks`` fed ``chunk`` tokens at a time with ``cache`` (set up and reset here) in the loop."""
+    return forward_chunks(model, toks, ready(cache, model, toks.shape[0]), chunk)
+
+
+def decode_steps(model, cache, prompts, steps=3):
+    """Right-padded prompts prefilled in chunks of 6, then greedy decode: the logits of every step."""
+    cache = ready(cache, model, len(prompts))
+    logits, pos = prefill(model, prompts, cache, chunk=6)
+    out = [logits]
+    for _ in range(steps):
+        logits = model(logits.argmax(-1)[:, None], pos[:, None], cache)[:, -1]
+        out.append(logits)
+        pos = pos + 1
+    return out
