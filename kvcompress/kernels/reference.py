@@ -9,6 +9,7 @@ K/V first rounded to the query's dtype (as a dequantize-then-attend path does).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,9 @@ def pack(codes: Tensor, bits: int) -> Tensor:
 def dequant_prefix(side: Packed, lo: int, hi: int) -> Tensor:
     """Prefix tokens [lo, hi) in fp32: ``zero + code * scale`` or ``(code - 2**(bits-1)) * scale``, per group
     (per-channel groups need lo and hi on group boundaries)."""
+    if side.fmt != "int":
+        raise ValueError(f"Packed fmt={side.fmt!r}: float codes are decoded by their codec (cache.storage.frontier), "
+                         "not here; attend over the decoded tokens (dense sides) instead")
     g, codes = side.group_size, unpack(side.codes[:, :, lo:hi], side.bits)
     if side.axis == "token":
         grouped, at = codes.unflatten(-1, (-1, g)), (slice(lo, hi), Ellipsis, None)
@@ -81,7 +85,7 @@ def trim(side: Packed, n_q: int, length: int) -> Packed:
     rows = n_q if side.axis == "token" else n_q // side.group_size
     zero = None if side.zero is None else side.zero[:, :, :rows]
     res = side.res[:, :, : length - n_q] if length > n_q else None
-    return Packed(side.codes[:, :, :n_q], side.scale[:, :, :rows], zero, res, side.bits, side.group_size, side.axis)
+    return replace(side, codes=side.codes[:, :, :n_q], scale=side.scale[:, :, :rows], zero=zero, res=res)
 
 
 def attend_rows(rows: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed, scale: float,

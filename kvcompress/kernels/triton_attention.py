@@ -18,13 +18,15 @@ import triton.language as tl
 from torch import Tensor
 
 from kvcompress.kernels.layout import Packed
+from kvcompress.kernels.triton_fp import FMT_IDS, fp_values
 
 
 @triton.jit
 def _side_tile(C, S, Z, R, c_sb, c_sh, c_st, s_sb, s_sh, s_st, r_sb, r_sh, r_st,
                b, h, t, d, n_q, tmask, dmask, OUT_TY: tl.constexpr,
-               BITS: tl.constexpr, GROUP: tl.constexpr, AXIS: tl.constexpr, SYM: tl.constexpr):
-    """Tokens t (BT,) x channels d (BD,) of one side in fp32, rounded to OUT_TY as a dequantize would."""
+               BITS: tl.constexpr, GROUP: tl.constexpr, AXIS: tl.constexpr, SYM: tl.constexpr, FMT: tl.constexpr):
+    """Tokens t (BT,) x channels d (BD,) of one side in fp32, rounded to OUT_TY as a dequantize would. FMT 0: int
+    codes; else float codes (``triton_fp``), Z then points at nvfp4's tensor scale."""
     in_r = (t >= n_q) & tmask
     roff = b * r_sb + h * r_sh + (t - n_q)[:, None] * r_st + d[None, :]
     x = tl.load(R + roff, mask=in_r[:, None] & dmask[None, :], other=0.0).to(tl.float32)
@@ -32,16 +34,18 @@ def _side_tile(C, S, Z, R, c_sb, c_sh, c_st, s_sb, s_sh, s_st, r_sb, r_sh, r_st,
         qm = ((t < n_q) & tmask)[:, None] & dmask[None, :]
         coff = b * c_sb + h * c_sh + t[:, None] * c_st + (d // (8 // BITS))[None, :]
         byte = tl.load(C + coff, mask=qm, other=0).to(tl.int32)
-        code = ((byte >> ((d % (8 // BITS)) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        code = (byte >> ((d % (8 // BITS)) * BITS)[None, :]) & ((1 << BITS) - 1)
         if AXIS == 0:  # per-token groups: scale (B, H, T, D / g)
             soff = b * s_sb + h * s_sh + t[:, None] * s_st + (d // GROUP)[None, :]
         else:  # per-channel groups: scale (B, H, T / g, D)
             soff = b * s_sb + h * s_sh + (t // GROUP)[:, None] * s_st + d[None, :]
-        s = tl.load(S + soff, mask=qm, other=0.0).to(tl.float32)
-        if SYM:
-            val = (code - (1 << (BITS - 1))) * s
+        s = tl.load(S + soff, mask=qm, other=0)
+        if FMT > 0:
+            val = fp_values(code, s, Z, FMT)
+        elif SYM:
+            val = (code.to(tl.float32) - (1 << (BITS - 1))) * s.to(tl.float32)
         else:
-            val = tl.load(Z + soff, mask=qm, other=0.0).to(tl.float32) + code * s
+            val = tl.load(Z + soff, mask=qm, other=0.0).to(tl.float32) + code.to(tl.float32) * s.to(tl.float32)
         x = tl.where(qm, val, x)
     return x.to(OUT_TY).to(tl.float32)
 
@@ -54,7 +58,9 @@ def _decode_attn(Q, QPOS, KPOS, ACC, MX, LS, LENS,
                  vc_sb, vc_sh, vc_st, vs_sb, vs_sh, vs_st, vr_sb, vr_sh, vr_st,
                  H, M, TQ, T, n_qk, n_qv, per_split, n_split, sm_scale, DK, DV,
                  K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_AXIS: tl.constexpr, K_SYM: tl.constexpr,
+                 K_FMT: tl.constexpr,
                  V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_AXIS: tl.constexpr, V_SYM: tl.constexpr,
+                 V_FMT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                  PREC: tl.constexpr, DEV_LEN: tl.constexpr):
     if DEV_LEN:  # lengths read on the device: one compiled (or captured) launch serves every step
@@ -78,7 +84,7 @@ def _decode_attn(Q, QPOS, KPOS, ACC, MX, LS, LENS,
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < end
         k = _side_tile(KC, KS, KZ, KR, kc_sb, kc_sh, kc_st, ks_sb, ks_sh, ks_st, kr_sb, kr_sh, kr_st,
-                       b, h, t, dk, n_qk, tmask, dkmask, out_ty, K_BITS, K_GROUP, K_AXIS, K_SYM)
+                       b, h, t, dk, n_qk, tmask, dkmask, out_ty, K_BITS, K_GROUP, K_AXIS, K_SYM, K_FMT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * sm_scale
         kpos = tl.load(KPOS + b * kp_sb + h * kp_sh + t, mask=tmask, other=0)
         visible = (kpos[None, :] <= qpos[:, None]) & tmask[None, :]
@@ -88,7 +94,7 @@ def _decode_attn(Q, QPOS, KPOS, ACC, MX, LS, LENS,
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _side_tile(VC, VS, VZ, VR, vc_sb, vc_sh, vc_st, vs_sb, vs_sh, vs_st, vr_sb, vr_sh, vr_st,
-                       b, h, t, dv, n_qv, tmask, dvmask, out_ty, V_BITS, V_GROUP, V_AXIS, V_SYM)
+                       b, h, t, dv, n_qv, tmask, dvmask, out_ty, V_BITS, V_GROUP, V_AXIS, V_SYM, V_FMT)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
         m_i = m_new
     row = (pid * n_split + split) * M + m
@@ -124,16 +130,19 @@ def _block(n: int) -> int:
 
 
 def _side_args(side: Packed, like: Tensor) -> tuple[list, tuple]:
-    """Pointers + (b, h, t) strides of codes, scale (zero shares them) and residual; unused ones are dummies."""
+    """Pointers + (b, h, t) strides of codes, scale (zero shares them) and residual; unused ones are dummies. A
+    float-code scale keeps its strides (a per-head / per-tensor scale comes expanded, zero strides); the zero
+    pointer is then nvfp4's tensor scale."""
     def last_contig(x: Tensor | None) -> Tensor:
         return like if x is None else (x if x.stride(-1) == 1 else x.contiguous())
     codes, res = last_contig(side.codes), last_contig(side.res)
-    scale = last_contig(side.scale).contiguous()
-    zero = scale if side.zero is None else side.zero.contiguous()
+    scale = last_contig(side.scale)
+    scale = scale.contiguous() if side.fmt == "int" else scale
+    zero = side.outer if side.fmt == "nvfp4" else (scale if side.zero is None else side.zero.contiguous())
     ptrs = [codes, scale, zero, res]
     strides = (*codes.stride()[:3], *scale.stride()[:3], *res.stride()[:3])
     consts = (side.bits if side.codes is not None else 0, side.group_size, 0 if side.axis == "token" else 1,
-              side.codes is not None and side.symmetric)
+              side.codes is not None and side.symmetric, FMT_IDS[side.fmt] if side.codes is not None else 0)
     return ptrs + list(strides), consts
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kvcompress.kernels import Packed, quant_attention
 from kvcompress.kernels.reference import pack, unpack
 
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -68,3 +69,11 @@ def calibrated_absmax(x: Tensor, key_bound: str) -> Tensor:
         x = x.norm(dim=-1)
     return x.abs().flatten(1).amax(1)
 
+
+def attend_codes(q: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed, lengths: Tensor | None) -> Tensor:
+    """The fp8 / fp4 stores' ``attend_packed`` where ``kernels.resolve`` picks Triton: decode attention read straight
+    from the float codes (``kernels.triton_fp``); ``lengths`` (captured form: 0-d, the slots written) is read on the
+    device, so only held slots are read and the launch can be captured. Elsewhere the stores return None: their
+    ``decode``, then attention, which is the kernel's reference."""
+    n = None if lengths is None else lengths.view(1).to(torch.int32)
+    return quant_attention(q, q_pos, k_pos, k, v, backend="triton", lengths=None if n is None else n.repeat(3))

@@ -22,6 +22,7 @@ from kvcompress.cache.storage.frontier.formats import (
     E2M1_MAX,
     FP8_MAX,
     TINY,
+    attend_codes,
     calibrated_absmax,
     e2m1_codes,
     e2m1_values,
@@ -31,6 +32,7 @@ from kvcompress.cache.storage.frontier.formats import (
     unpack_fp4,
 )
 from kvcompress.cache.storage.frontier.fp8 import key_bound
+from kvcompress.kernels import Packed, resolve
 
 BLOCK = {"nvfp4": 16, "mxfp4": 32}
 
@@ -91,6 +93,20 @@ class Fp4Store(CodecStore):
             x = e2m1_values(unpack_fp4(parts[name])).unflatten(-1, (-1, self.block)) * scale[..., None]
             out.append(x.flatten(-2).to(dtype))
         return out[0], out[1]
+
+    def packed(self, parts: dict[str, Tensor], name: str) -> Packed:
+        """Side ``name`` as the kernel reads it: the e2m1 nibbles and the block scales' bytes (nvfp4: e4m3, with the
+        fp32 tensor scale; mxfp4: e8m0)."""
+        codes, s = parts[name], parts[name + "_scale"].view(torch.uint8)
+        outer = self._tensor_scale(name, codes).reshape(()).float() if self.format == "nvfp4" else None
+        return Packed(codes, s, bits=4, group_size=self.block, fmt=self.format, outer=outer)
+
+    def attend_packed(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
+                      lengths: Tensor | None = None) -> Tensor | None:
+        """Triton over the codes where ``kernels.resolve`` picks it (``formats.attend_codes``), else None."""
+        if resolve(q.device) != "triton":
+            return None
+        return attend_codes(q, q_pos, k_pos, self.packed(parts, "k"), self.packed(parts, "v"), lengths)
 
     def calibration_tensors(self) -> list[Tensor]:
         return [t for layer in self.tensor_scales or [] for t in layer.values()]

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from kvcompress.cache.checks import one_of
 from kvcompress.cache.storage.codec import CodecStore
-from kvcompress.cache.storage.frontier.formats import FP8, FP8_MAX, TINY, calibrated_absmax, to_fp8
+from kvcompress.cache.storage.frontier.formats import FP8, FP8_MAX, TINY, attend_codes, calibrated_absmax, to_fp8
+from kvcompress.kernels import Packed, resolve
 
 SCALES = ("token", "head", "tensor")
 
@@ -75,6 +76,21 @@ class Fp8Store(CodecStore):
             s = parts[name + "_scale"].float() if self.scale == "token" else self._fixed_scale(name, parts[name])
             out.append((parts[name].float() * s).to(dtype))
         return out[0], out[1]
+
+    def packed(self, parts: dict[str, Tensor], name: str) -> Packed:
+        """Side ``name`` as the kernel reads it: the float8 bytes and one scale per token and head (a per-head or
+        per-tensor scale expanded over tokens, not copied)."""
+        codes = parts[name].view(torch.uint8)
+        B, H, T, D = codes.shape
+        s = parts[name + "_scale"] if self.scale == "token" else self._fixed_scale(name, codes).reshape(1, -1, 1, 1)
+        return Packed(codes, s.expand(B, H, T, 1), bits=8, group_size=D, fmt=self.format)
+
+    def attend_packed(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
+                      lengths: Tensor | None = None) -> Tensor | None:
+        """Triton over the codes where ``kernels.resolve`` picks it (``formats.attend_codes``), else None."""
+        if resolve(q.device) != "triton":
+            return None
+        return attend_codes(q, q_pos, k_pos, self.packed(parts, "k"), self.packed(parts, "v"), lengths)
 
     def calibration_tensors(self) -> list[Tensor]:
         return [t for layer in self.scales or [] for t in layer.values()]
