@@ -3,7 +3,7 @@
 # each phase has its own time limit, so a slow one is cut short, its finished records kept, the cut in phases.txt):
 #   1. setup    KVC_TORCH=torch bash scripts/setup.sh (a CUDA torch; SKIP_SETUP=1 skips it)
 #   2. tests    the compiled Triton kernels and the CUDA-graph decode step against their references;
-#      kernels  one layer's decode attention: full-precision SDPA vs packed int8/int4/KIVI-2/latent by the
+#      kernels  one layer's decode attention: full-precision SDPA vs packed int8/int4/KIVI-2/latent/FP8/FP4 by the
 #               Triton kernel and by the reference (dequantize, then SDPA), ms and GB/s (kernels.{json,md})
 #   3. speed    kvc eval=speed: decode tok/s of full / int8 / int4 / KIVI-2 / latent 0.5 / H2O 25%
 #               (latent absorbed, keys pre-RoPE (reconstructed, rotated) and post-RoPE (read as latents only))
@@ -97,8 +97,8 @@ else
     *) PEAK=${PEAK_GBPS:-} ;;
   esac
   echo "bench_gpu: $GPU (peak ${PEAK:-unknown} GB/s)"
-  phase tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_static.py \
-    tests/test_latent_captured.py tests/test_static_evict.py -k "cuda or triton or graph or static"
+  phase tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_fp.py \
+    tests/test_static.py tests/test_latent_captured.py tests/test_static_evict.py -k "cuda or triton or graph or static"
   phase kernels 40 $PY -m kvcompress.kernels.bench --out "$OUT"
 fi
 

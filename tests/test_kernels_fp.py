@@ -227,6 +227,23 @@ def test_triton_in_both_decode_paths_through_the_kernel(make, monkeypatch):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not (CUDA and INTERP is False), reason="needs CUDA and triton")
+@pytest.mark.parametrize("name", list(STORES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_attention_over_float_codes_equals_the_codec_reference(name, dtype, monkeypatch):
+    """Compiled: 1,000 tokens (several token splits), per-head positions with hidden slots."""
+    k, v = (x.cuda() for x in data(T=1000))
+    store = store_of(name, k, v)
+    parts = store.encode(k, v)
+    q = torch.randn(2, 4, 1, 64, generator=torch.Generator().manual_seed(4)).to("cuda", dtype)
+    q_pos, k_pos = torch.full((2, 1), 990, device="cuda"), positions(2, 2, 1000, True).cuda()
+    want = reference(store, q, q_pos, k_pos, parts)
+    monkeypatch.setenv("KVC_KERNELS", "triton")
+    got = store.attend_packed(q, q_pos, k_pos, parts)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
 @pytest.mark.skipif(INTERP is not False or CUDA, reason="triton missing, already interpreted here, or CUDA")
 def test_kernels_fp_in_an_interpreter_subprocess():
     triton_tests_in_a_subprocess(__file__)

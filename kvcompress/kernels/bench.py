@@ -1,6 +1,7 @@
 """Decode-attention microbenchmark at SmolLM2-135M's shapes (3 KV heads x 3 query heads each, head_dim 64):
 full-precision SDPA (what the eager full cache runs) against attention over packed codes, by the Triton kernel
-and by the PyTorch reference (dequantize, then SDPA: what the eager quantized storages cost today).
+and by the PyTorch reference (dequantize, then SDPA: what the eager quantized storages cost today). The float
+codes (``fp8`` e4m3 per token, ``nvfp4``, ``mxfp4``) are encoded by their codec; their reference is its decode.
 
     python -m kvcompress.kernels.bench --out results/gpu_bench/kernels      # CUDA, bf16
     python -m kvcompress.kernels.bench --device cpu --dtype float32 --contexts 256 --batches 1 --backends torch
@@ -19,12 +20,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kvcompress.cache.storage.frontier.fp4 import Fp4Store
+from kvcompress.cache.storage.frontier.fp8 import Fp8Store
 from kvcompress.kernels import reference
 from kvcompress.kernels.layout import Packed, dense
 from kvcompress.kernels.ops import latent_attention, quant_attention
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-STORAGES = ("full", "int8", "int4", "kivi2", "latent0.5")
+FLOAT = {"fp8": lambda: Fp8Store("e4m3", "token"), "nvfp4": lambda: Fp4Store("nvfp4"),
+         "mxfp4": lambda: Fp4Store("mxfp4")}
+STORAGES = ("full", "int8", "int4", "kivi2", "latent0.5", *FLOAT)
 
 
 def quantize_channel(x: torch.Tensor, bits: int, g: int) -> Packed:
@@ -42,7 +47,8 @@ def quantize_token(x: torch.Tensor, bits: int, g: int, res: torch.Tensor | None 
 
 
 def case(storage: str, B: int, T: int, dtype: torch.dtype, device: str, H: int = 3, groups: int = 3, D: int = 64):
-    """Inputs of one layer's decode attention: (q, q_pos, k_pos, K side or latents, V side ...)."""
+    """Inputs of one layer's decode attention: (q, q_pos, k_pos, K side or latents, V side ...); float codes add
+    their codec's decode (the reference's input) as a last item."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(B, H * groups, 1, D, generator=gen).to(device, dtype)
     k, v = (torch.randn(B, H, T, D, generator=gen).to(device, dtype) for _ in range(2))
@@ -52,6 +58,11 @@ def case(storage: str, B: int, T: int, dtype: torch.dtype, device: str, H: int =
     if storage in ("int8", "int4"):
         bits = int(storage[3:])
         return q, q_pos, k_pos, quantize_token(k, bits, 64), quantize_token(v, bits, 64)
+    if storage in FLOAT:  # uncalibrated nvfp4: tensor scale 1 (the bytes read are the same)
+        store = FLOAT[storage]()
+        parts = store.encode(k, v)
+        decode = lambda: [dense(x) for x in store.decode(parts, dtype)]  # noqa: E731
+        return q, q_pos, k_pos, store.packed(parts, "k"), store.packed(parts, "v"), decode
     if storage == "kivi2":  # residual 128 in fp16, keys per channel (32 tokens), values per token (32 channels)
         n_q = max(T - 128, 0) // 32 * 32
         if not n_q:
@@ -69,7 +80,7 @@ def held_bytes(args) -> int:
     tensors = []
     for a in args[3:]:
         if isinstance(a, Packed):
-            tensors += [t for t in (a.codes, a.scale, a.zero, a.res) if t is not None]
+            tensors += [t for t in (a.codes, a.scale, a.zero, a.res, a.outer) if t is not None]
         elif isinstance(a, torch.Tensor) and a.dim() == 4:
             tensors.append(a)
     return sum(t.nbytes for t in tensors) + args[2].nbytes
@@ -80,6 +91,8 @@ def runner(storage: str, backend: str, args):
         q, q_pos, k_pos, k, v = args
         mask = (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
         return lambda: F.scaled_dot_product_attention(q, k.res, v.res, attn_mask=mask, enable_gqa=True)
+    if storage in FLOAT:
+        return lambda: quant_attention(*args[:3], *(args[5]() if backend == "torch" else args[3:5]), backend=backend)
     if storage.startswith("latent"):
         return lambda: latent_attention(*args, backend=backend)
     return lambda: quant_attention(*args, backend=backend)
