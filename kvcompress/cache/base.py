@@ -104,6 +104,10 @@ class KVCache(ABC):
         and calls ``replay(False)``; the pass leaves no tokens behind and costs a second prefill."""
         return False
 
+    def replay_prefix(self) -> list[int]:
+        """Token ids the engine feeds before the replayed prompt (KVzip's repeat instruction); empty by default."""
+        return []
+
     def replay(self, on: bool) -> None:
         """Begin (True) or end (False) the replay pass (see ``replay_wanted``)."""
 
@@ -180,13 +184,16 @@ def expand_heads(x: Tensor, groups: int) -> Tensor:
     return x if groups == 1 or x.shape[1] == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def visibility_mask(q_pos: Tensor, k_pos: Tensor) -> Tensor:
-    """Boolean (B, 1 or Hkv, Tq, Tk) mask: key visible iff key_position <= query_position."""
+def visibility_mask(q_pos: Tensor, k_pos: Tensor, groups: int = 1) -> Tensor:
+    """Boolean (B, 1 or Hkv * groups, Tq, Tk) mask: key visible iff key_position <= query_position; per-head key
+    positions (B, Hkv, Tk) repeated for the ``groups`` query heads of each KV head."""
     if k_pos.dim() == 2:
         k_pos = k_pos[:, None]
     visible = k_pos[:, :, None, :] <= q_pos[:, None, :, None]
     window = current_window()  # a sliding-window layer's own band: key_position > query_position - window
-    return visible if window is None else visible & (k_pos[:, :, None, :] > q_pos[:, None, :, None] - window)
+    if window is not None:
+        visible &= k_pos[:, :, None, :] > q_pos[:, None, :, None] - window
+    return expand_heads(visible, groups)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
@@ -198,10 +205,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> 
     groups = q.shape[1] // k.shape[1]
     if is_own_prefix(q_pos, k_pos):  # fresh prefill: the plain causal kernel, no mask (~1.5x faster on CPU)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
-    mask = visibility_mask(q_pos, k_pos)
-    if mask.shape[1] > 1:
-        mask = expand_heads(mask, groups)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visibility_mask(q_pos, k_pos, groups),
+                                          enable_gqa=groups > 1)
 
 
 def is_own_prefix(q_pos: Tensor, k_pos: Tensor) -> bool:
@@ -222,15 +227,7 @@ def attention_weights(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> Ten
     changes the arithmetic of the attention it observes."""
     groups = q.shape[1] // k.shape[1]
     scores = (q @ expand_heads(k, groups).transpose(-1, -2)) * q.shape[-1] ** -0.5
-    mask = visibility_mask(q_pos, k_pos)
-    if mask.shape[1] > 1:
-        mask = expand_heads(mask, groups)
-    return scores.masked_fill(~mask, float("-inf")).float().softmax(-1).to(q.dtype)
-
-
-def attention_with_weights(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
-    """``attention`` and the softmax weights of every query (B, Hq, Tq, Tk)."""
-    return attention(q, k, v, q_pos, k_pos), attention_weights(q, k, q_pos, k_pos)
+    return scores.masked_fill(~visibility_mask(q_pos, k_pos, groups), float("-inf")).float().softmax(-1).to(q.dtype)
 
 
 def attention_tail_weights(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, n: int

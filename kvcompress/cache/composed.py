@@ -58,17 +58,13 @@ class ComposedCache(KVCache):
             self.storage.calibrate(ctx, groups)
         else:
             self.storage.calibrate(ctx)
-        self.layout.calibrate(ctx, self._dense_cache)
-        self.policy.calibrate(ctx, self._probe_cache)
+        self.layout.calibrate(ctx, lambda layout: self._dense(Policy(), layout, self.storage.keys))
+        self.policy.calibrate(ctx, lambda policy: self._dense(policy, Layout()))
 
-    def _probe_cache(self, policy: Policy) -> ComposedCache:
-        """Full precision, per layer, under ``policy`` (a policy's calibration probes: DuoAttention's)."""
-        cache = ComposedCache(DenseStore(), policy, Layout())
-        cache.setup(self.spec)
-        return cache
-
-    def _dense_cache(self, layout: Layout) -> ComposedCache:
-        cache = ComposedCache(DenseStore(keys=self.storage.keys), Policy(), layout)
+    def _dense(self, policy: Policy, layout: Layout, keys: str = "post_rope") -> ComposedCache:
+        """Full precision under ``policy`` and ``layout``, set up: what a layout's or a policy's calibration measures
+        with (the passkey probes of DuoAttention, the shared pairs of CLA's auto groups)."""
+        cache = ComposedCache(DenseStore(keys=keys), policy, layout)
         cache.setup(self.spec)
         return cache
 
@@ -158,6 +154,9 @@ class ComposedCache(KVCache):
     # -- a replay pass over the prompt (KVzip's reconstruction), driven by the engine ----------------------
     def replay_wanted(self) -> bool:
         return self.policy.replay_wanted()
+
+    def replay_prefix(self) -> list[int]:
+        return self.policy.replay_prefix()
 
     def replay(self, on: bool) -> None:
         """``on``: the next steps replay the prompt (observed by the policy, never counted). Off: drop every token

@@ -45,8 +45,6 @@ class CLA(Layout):
         super().check(spec)
         n = spec.num_layers
         if self.groups_setting is None:
-            if self.group_size > n:
-                raise ValueError(f"layout.group_size must be in [1, num_layers={n}], got {self.group_size}")
             if self.start_layer > n - 1:
                 raise ValueError(f"layout.start_layer must be in [0, num_layers - 1 = {n - 1}], got {self.start_layer}")
             self.set_groups(uniform_groups(n, self.group_size, self.start_layer))

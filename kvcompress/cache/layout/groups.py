@@ -13,7 +13,10 @@ from kvcompress.cache.checks import is_int
 
 
 def uniform_groups(num_layers: int, size: int, start: int = 0) -> list[list[int]]:
-    """Consecutive groups of ``size`` layers from layer ``start`` on (the last one may be shorter)."""
+    """Consecutive groups of ``size`` (``layout.group_size``) layers from layer ``start`` on (the last one may be
+    shorter)."""
+    if size > num_layers:
+        raise ValueError(f"layout.group_size must be in [1, num_layers={num_layers}], got {size}")
     return [list(range(i, min(i + size, num_layers))) for i in range(start, num_layers, size)]
 
 

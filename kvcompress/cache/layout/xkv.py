@@ -27,8 +27,6 @@ class XKV(Layout):
 
     def check(self, spec: ModelSpec) -> None:
         super().check(spec)
-        if self.group_size > spec.num_layers:
-            raise ValueError(f"layout.group_size must be in [1, num_layers={spec.num_layers}], got {self.group_size}")
         self.groups = uniform_groups(spec.num_layers, self.group_size)
 
     def check_storage(self, storage: TokenStore) -> None:

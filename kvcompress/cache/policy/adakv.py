@@ -23,46 +23,37 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache.base import PAD_POSITION
-from kvcompress.cache.checks import fail, number_in
+from kvcompress.cache.checks import number_in
 from kvcompress.cache.policy.base import EvictionPolicy
-from kvcompress.cache.policy.wrapper import ScorerWrapper, keep_per_head
+from kvcompress.cache.policy.wrapper import ScorerWrapper, UnevenHeads
 from kvcompress.cache.storage.base import TokenStore
 
 
-class AdaKV(ScorerWrapper):
+class AdaKV(ScorerWrapper, UnevenHeads):
     """Head-adaptive budgets over any scorer's per-head scores (``scorer``; the YAML default is SnapKV)."""
-
-    uneven_heads = True
 
     def __init__(self, scorer: EvictionPolicy | None = None, alpha: float = 0.2, **kwargs):
         self.alpha = number_in("policy.alpha", alpha, 0.0, 1.0)
-        if kwargs.pop("per_head", True) is not True:
-            fail("policy.per_head", "true for adakv (it allocates budgets per KV head)", False)
-        super().__init__(scorer, per_head=True, **kwargs)
+        super().__init__(scorer, **kwargs)
 
     def reset(self, batch_size: int, owners: list[int]) -> None:
         super().reset(batch_size, owners)
         self.padding: dict[int, tuple[int, int]] = {}
-        self.paged: dict[int, bool] = {}  # per store at its last eviction: padding slots not held (pages)
 
     def evict(self, owner: int, store: TokenStore, protect: int = 0) -> None:
         held, budget = store.length, self.target(owner)
         if held <= budget:
             return
-        heads = self.spec.num_kv_heads
-        pos = store.positions()
-        pos = (pos[:, None] if pos.dim() == 2 else pos).expand(-1, heads, -1)
+        heads, pos = self.spec.num_kv_heads, self.head_positions(store)
         score = self.score(self.candidates(owner, store, pos)).expand(-1, heads, -1)
         prio = self.head_priority(score, pos, budget, protect)
         keep = torch.zeros_like(prio, dtype=torch.bool)
         best = top_slots(prio, pos, min(heads * budget, prio[0].numel()))
         keep.view(keep.shape[0], -1).scatter_(1, best, True)
         keep &= pos < PAD_POSITION
-        self.state[owner] = keep_per_head(store, keep, self.state[owner])
+        self.keep_heads(owner, store, keep)
         slots = store.length * keep.shape[0] * keep.shape[1]
         self.padding[owner] = (slots - int(keep.sum()), slots)  # invisible slots, all slots
-        self.paged[owner] = store.paged
-        self.evictions += 1
 
     def head_priority(self, score: Tensor, pos: Tensor, budget: int, protect: int) -> Tensor:
         """The base priority (protected +inf, padding -inf) with each head's top floor(alpha * budget) lifted too."""
@@ -76,13 +67,7 @@ class AdaKV(ScorerWrapper):
 
     def report(self) -> dict[str, float]:
         pad, slots = (sum(x) for x in zip(*self.padding.values(), strict=True)) if self.padding else (0, 0)
-        return {**super().report(), **({"padding_fraction": pad / slots} if slots else {}), **paged_report(self.paged)}
-
-
-def paged_report(paged: dict[int, bool]) -> dict[str, float]:
-    """``paged_fraction``: the share of stores that hold uneven heads in pages (no padding held), at their last
-    eviction."""
-    return {"paged_fraction": sum(paged.values()) / len(paged)} if paged else {}
+        return {**super().report(), **({"padding_fraction": pad / slots} if slots else {})}
 
 
 def top_slots(prio: Tensor, pos: Tensor, k: int) -> Tensor:

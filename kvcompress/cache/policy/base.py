@@ -39,7 +39,7 @@ from kvcompress.cache.base import PAD_POSITION, KVCache, ModelSpec
 from kvcompress.cache.buffers import fit, follow, take
 from kvcompress.cache.checks import fail, int_at_least, is_int, is_number, one_of
 from kvcompress.cache.policy.captured import StaticEvictionCache
-from kvcompress.cache.policy.score import Candidates, group_weights
+from kvcompress.cache.policy.score import Candidates
 from kvcompress.cache.storage.base import TokenStore
 
 WHEN = ("prefill", "decode", "both")
@@ -75,6 +75,10 @@ class Policy:
         """True: the engine feeds the prompt once more (KVzip's reconstruction pass) before decoding; the composed
         cache shows the pass to ``observe`` only, then drops its tokens again (``remap``)."""
         return False
+
+    def replay_prefix(self) -> list[int]:
+        """Token ids fed before the replayed prompt (``KVCache.replay_prefix``); none by default."""
+        return []
 
     def start_replay(self) -> None:
         """The replay pass begins (no step counting, no before/after_attend until it ends)."""
@@ -341,10 +345,6 @@ class EvictionPolicy(Policy):
 
     def merge_evicted(self, owner: int, store: TokenStore, idx: Tensor) -> None:
         """Before ``store.keep(idx)``: fold what is about to go into what stays (CaM). Default: drop it."""
-
-    def group_weights(self, weights: Tensor) -> Tensor:
-        """(B, Hq, n, T) -> (B, Hkv, n, T) per KV head, or (B, 1, n, T) when heads share a selection."""
-        return group_weights(weights, self.heads())
 
     # -- accounting ---------------------------------------------------------------------------
     def tensors(self) -> list[Tensor]:

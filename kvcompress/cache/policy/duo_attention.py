@@ -23,30 +23,24 @@ from torch import Tensor
 
 from kvcompress.cache import artifacts
 from kvcompress.cache.base import PAD_POSITION
-from kvcompress.cache.checks import fail, int_at_least
-from kvcompress.cache.policy.adakv import paged_report
-from kvcompress.cache.policy.base import CacheUnder, EvictionPolicy, Policy
+from kvcompress.cache.checks import int_at_least
+from kvcompress.cache.policy.base import CacheUnder, Policy
 from kvcompress.cache.policy.score import Candidates
-from kvcompress.cache.policy.wrapper import keep_per_head
+from kvcompress.cache.policy.wrapper import UnevenHeads
 from kvcompress.cache.storage.base import TokenStore
 
 
-class DuoAttention(EvictionPolicy):
+class DuoAttention(UnevenHeads):
     """Retrieval heads keep all, streaming heads sinks + recent; ``probe_recent`` is a streamed head's window while
     calibrating; ``calibration_file`` names a saved split (null: under the calibration folder, by key)."""
 
-    uneven_heads = True
-
     def __init__(self, budget: int | float = 512, sinks: int = 4, recent: int | float = 0.25, probe_recent: int = 64,
                  calibration_file: str | None = None, **kwargs):
-        if kwargs.pop("per_head", True) is not True:
-            fail("policy.per_head", "true for duo_attention (streaming and retrieval heads keep different tokens)",
-                 False)
         self.probe_recent = int_at_least("policy.probe_recent", probe_recent, 1)
         self.calibration_file = calibration_file
         self.head_scores: Tensor | None = None
         self.probe: tuple[int, int] | None = None  # calibration: stream exactly this (layer, head)
-        super().__init__(budget=budget, sinks=sinks, recent=recent, per_head=True, **kwargs)
+        super().__init__(budget=budget, sinks=sinks, recent=recent, **kwargs)
 
     # -- calibration ------------------------------------------------------------------------------
     def calibrate(self, ctx, cache_for: CacheUnder | None = None) -> None:
@@ -98,25 +92,18 @@ class DuoAttention(EvictionPolicy):
         budget = self.target(owner)
         window = min(self.sinks + self.recent_tokens(budget), budget)
         stream = self.streaming(owner, budget, window).to(store.positions().device)
-        pos = store.positions()
-        pos = (pos[:, None] if pos.dim() == 2 else pos).expand(-1, self.spec.num_kv_heads, -1)
+        pos = self.head_positions(store)
         real = pos < PAD_POSITION
         if not bool(stream.any()) or int(real[:, stream].sum(-1).max()) <= window:
             return
         prio = self.priority(pos.float(), pos, window, protect)  # score = position: sinks + the most recent
         recent = torch.zeros_like(real).scatter_(-1, prio.topk(min(window, pos.shape[-1]), -1).indices, True)
         keep = torch.where(stream[None, :, None], recent & real, real)
-        self.state[owner] = keep_per_head(store, keep, self.state[owner])
-        self.paged[owner] = store.paged
-        self.evictions += 1
-
-    def reset(self, batch_size: int, owners: list[int]) -> None:
-        super().reset(batch_size, owners)
-        self.paged: dict[int, bool] = {}  # per store at its last eviction: held in pages (``paged_fraction``)
+        self.keep_heads(owner, store, keep)
 
     def score(self, c: Candidates) -> Tensor:
         return c.pos.float()
 
     def report(self) -> dict[str, float]:
-        return {**super().report(), **paged_report(self.paged), **({"duo_calibration": self.calibration_path}
-                                                                   if getattr(self, "calibration_path", None) else {})}
+        path = getattr(self, "calibration_path", None)
+        return {**super().report(), **({"duo_calibration": path} if path else {})}

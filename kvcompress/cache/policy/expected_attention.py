@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from kvcompress.cache.base import PAD_POSITION
+from kvcompress.cache.base import PAD_POSITION, expand_heads
 from kvcompress.cache.checks import int_at_least, number_in
 from kvcompress.cache.policy.base import EvictionPolicy
 from kvcompress.cache.policy.score import Candidates
@@ -69,7 +69,7 @@ class ExpectedAttention(EvictionPolicy):
         nxt = torch.where(real, pos, -1).flatten(1).amax(1) + 1  # each row's next position
         z = expected_logits(k.float(), *stats, self.rope_mean(nxt, k.shape[-1]), self.covariance)  # (B, Hq, T)
         drop = ~real | (pos < self.sinks)  # (B, 1|Hkv, T): padding and sinks take no part in the softmax
-        z = z.masked_fill(drop.repeat_interleave(z.shape[1] // drop.shape[1], 1), float("-inf"))
+        z = z.masked_fill(expand_heads(drop, z.shape[1] // drop.shape[1]), float("-inf"))
         s = z.softmax(-1).nan_to_num(0.0).view(k.shape[0], k.shape[1], -1, k.shape[2]).mean(2)
         s = (s + self.epsilon) * v.float().norm(dim=-1) if self.vnorm else s
         # sinks score the maximum (as kvpress pads them), so they stay under a wrapper with no sinks of its own
@@ -93,13 +93,10 @@ def expected_logits(k: Tensor, n: Tensor, s1: Tensor, s2: Tensor, rot: Tensor, c
     b, hkv, t, d = k.shape
     n = n.clamp_min(1.0)[:, None, None]
     mu = s1 / n  # (B, Hq, D)
-    g = mu.shape[1] // hkv
-    kk = k.repeat_interleave(g, 1)  # (B, Hq, T, D)
-    mu = torch.einsum("bij,bhj->bhi", rot, mu)
-    z = (kk @ mu[..., None])[..., 0] / math.sqrt(d)
+    kk = expand_heads(k, mu.shape[1] // hkv)  # (B, Hq, T, D)
+    z = (kk @ torch.einsum("bij,bhj->bhi", rot, mu)[..., None])[..., 0] / math.sqrt(d)
     if covariance:
-        m0 = s1 / n
-        cov = s2 / n[..., None] - m0[..., :, None] * m0[..., None, :]
+        cov = s2 / n[..., None] - mu[..., :, None] * mu[..., None, :]
         cov = rot[:, None] @ cov @ rot[:, None].transpose(-1, -2)
         z = z + ((kk @ cov) * kk).sum(-1) / (2 * d)
     return z

@@ -1,5 +1,5 @@
 """Shared parts of the policies that wrap a scorer (AdaKV, ChunkKV) and of those that keep a different number of
-tokens per KV head (AdaKV, DuoAttention).
+tokens per KV head (AdaKV, DuoAttention: ``UnevenHeads``).
 
 The scorer is any eviction policy, built by Hydra from a nested node (``scorer: {_target_: ...}``, or the group
 ``conf/policy/scorer/``: ``policy/scorer=h2o``). The wrapper owns budgets, protection, timing and the per-token
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.buffers import fit, take
+from kvcompress.cache.checks import fail
 from kvcompress.cache.policy.base import EvictionPolicy
 from kvcompress.cache.policy.score import Candidates
 from kvcompress.cache.storage.base import TokenStore
@@ -37,6 +38,37 @@ def keep_per_head(store: TokenStore, keep: Tensor, state: Tensor | None = None) 
         return None
     state = take(fit(state, keep.shape[-1]), idx)
     return state * valid.view(*valid.shape[:2], *[1] * (state.dim() - 3), valid.shape[-1]).to(state.dtype)
+
+
+class UnevenHeads(EvictionPolicy):
+    """Base of the policies whose KV heads keep different token counts (AdaKV, DuoAttention): always ``per_head``;
+    ``keep_heads`` applies a per-head keep mask (``keep_per_head``) and ``paged_fraction`` reports the share of
+    stores that held their heads in pages (no padding held) at their last eviction."""
+
+    uneven_heads = True
+
+    def __init__(self, *args, per_head: bool = True, **kwargs):
+        if per_head is not True:
+            fail("policy.per_head", f"true for {type(self).__name__} (its KV heads keep different tokens)", per_head)
+        super().__init__(*args, per_head=True, **kwargs)
+
+    def reset(self, batch_size: int, owners: list[int]) -> None:
+        super().reset(batch_size, owners)
+        self.paged: dict[int, bool] = {}
+
+    def head_positions(self, store: TokenStore) -> Tensor:
+        """The store's positions per KV head (B, Hkv, T)."""
+        pos = store.positions()
+        return (pos[:, None] if pos.dim() == 2 else pos).expand(-1, self.spec.num_kv_heads, -1)
+
+    def keep_heads(self, owner: int, store: TokenStore, keep: Tensor) -> None:
+        self.state[owner] = keep_per_head(store, keep, self.state[owner])
+        self.paged[owner] = store.paged
+        self.evictions += 1
+
+    def report(self) -> dict[str, float]:
+        paged = {"paged_fraction": sum(self.paged.values()) / len(self.paged)} if self.paged else {}
+        return {**super().report(), **paged}
 
 
 class ScorerWrapper(EvictionPolicy):
@@ -72,6 +104,9 @@ class ScorerWrapper(EvictionPolicy):
     def start_step(self, steps: int, pos: Tensor) -> None:
         super().start_step(steps, pos)
         self.scorer.start_step(steps, pos)
+
+    def replay_prefix(self) -> list[int]:
+        return self.scorer.replay_prefix()
 
     def start_replay(self) -> None:
         super().start_replay()
