@@ -37,7 +37,8 @@ NAMES = {axis: sorted(p.stem for p in (CONF / axis).glob("*.yaml")) for axis in 
 
 # settings that make each choice do real work on a 4-layer, head_dim-32, 40 + 8 token test
 REAL = {
-    "storage": {"kivi": dict(residual=8, group_size=8), "bnb_int8": dict(blocksize=32),
+    "storage": {"kivi": dict(residual=8, group_size=8), "rotated_kivi": dict(residual=8, group_size=8),
+                "bnb_int8": dict(blocksize=32),
                 "bnb_nf4": dict(blocksize=32), "bnb_fp4": dict(blocksize=32),
                 # RandomCalibration cannot run the model: no query moments, so key-only / unweighted calibration
                 "think": dict(score="key"), "kvquant": dict(sensitivity="none"),

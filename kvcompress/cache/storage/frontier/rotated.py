@@ -7,7 +7,8 @@ groups see a flatter distribution and their scales waste fewer levels.
 Gaussian matrix). ``rotate``: ``k``, ``v`` or ``kv``. ``codec``: the inner per-token codec, ``int`` (asymmetric
 groups of ``group_size`` channels, fp16 scale and zero, ``key_bits`` / ``value_bits`` in 8/4/2), ``nvfp4`` /
 ``mxfp4`` (``fp4``) or ``fp8`` (e4m3, a per-token scale). Any codec composes: R acts on the token's own vector.
-With ``keys=pre_rope`` R is applied before RoPE (read: decode, R^T, then RoPE at the stored positions).
+With ``keys=pre_rope`` R is applied before RoPE (read: decode, R^T, then RoPE at the stored positions). KIVI's
+per-channel keys behind a residual are not a per-token codec: ``rotated_kivi`` composes the same ``Rotation`` with them.
 
 Attention (post-RoPE keys, a decode step): (q R)(k R)^T = q k^T, so the query is rotated once instead of
 un-rotating every held key, and with rotated values the output is rotated back once: o = softmax(.)(V R) R^T.
@@ -68,6 +69,35 @@ def orthogonal(kind: str, dim: int, seed: int) -> Tensor:
     return (q * torch.sign(torch.diagonal(r))).float()  # sign fix: Haar-distributed
 
 
+class Rotation:
+    """The rotation of a rotated storage: ``transform``, ``rotate`` (sides) and ``seed`` settings, R built at
+    ``check`` (``build_rotation``) and ``turn`` (x R, or x R^T back). Shared by ``RotatedStore`` (per-token codecs) and
+    ``rotated_kivi.RotatedQuantizedStore`` (KIVI's per-channel keys behind a residual)."""
+
+    def rotation(self, transform: str, rotate: str, seed: int) -> None:
+        self.transform = one_of("storage.transform", transform, TRANSFORMS)
+        self.rotate = one_of("storage.rotate", rotate, SIDES)
+        self.seed = int_at_least("storage.seed", seed, 0)
+        self.matrix: Tensor | None = None
+
+    def build_rotation(self, head_dim: int) -> None:
+        if self.transform == "hadamard" and head_dim & (head_dim - 1):
+            raise ValueError(f"storage.transform=hadamard needs head_dim a power of two, got {head_dim}; use random")
+        self.matrix = orthogonal(self.transform, head_dim, self.seed)
+
+    def _r(self, like: Tensor) -> Tensor:
+        if self.matrix.device != like.device:
+            self.matrix = self.matrix.to(like.device)
+        return self.matrix
+
+    def turn(self, x: Tensor, side: str, back: bool = False) -> Tensor:
+        """x R (or x R^T with ``back``) where ``side`` is rotated, in fp32."""
+        if side not in self.rotate:
+            return x.float()
+        r = self._r(x)
+        return x.float() @ (r.T if back else r)
+
+
 class RotatedContext:
     """The calibration context as the inner codec sees it: rotated samples (R has no RoPE pair structure, so a
     key entry is bounded by its vector's norm)."""
@@ -84,29 +114,23 @@ class RotatedContext:
                 for k, v, pos in self.ctx.kv_samples()]
 
 
-class RotatedStore(CodecStore):
+class RotatedStore(Rotation, CodecStore):
     def __init__(self, codec: str = "int", transform: str = "hadamard", rotate: str = "kv", key_bits: int = 4,
                  value_bits: int = 4, group_size: int = 32, seed: int = 0, keys: str = "post_rope"):
         self.codec = one_of("storage.codec", codec, CODECS)
-        self.transform = one_of("storage.transform", transform, TRANSFORMS)
-        self.rotate = one_of("storage.rotate", rotate, SIDES)
-        self.seed = int_at_least("storage.seed", seed, 0)
+        self.rotation(transform, rotate, seed)
         if codec == "int":
             self.inner = IntTokenCodec(key_bits, value_bits, int_at_least("storage.group_size", group_size, 1), keys)
         elif codec == "fp8":
             self.inner = Fp8Store("e4m3", "token", keys)
         else:
             self.inner = Fp4Store(codec, keys)
-        self.matrix: Tensor | None = None
         super().__init__(keys)
 
     def check(self, spec: ModelSpec) -> None:
         super().check(spec)
-        D = spec.head_dim
-        if self.transform == "hadamard" and D & (D - 1):
-            raise ValueError(f"storage.transform=hadamard needs head_dim a power of two, got {D}; use random")
+        self.build_rotation(spec.head_dim)
         self.inner.check(spec)
-        self.matrix = orthogonal(self.transform, D, self.seed)
 
     def calibrate(self, ctx, groups: list[list[int]] | None = None) -> None:
         self.inner.calibrate(RotatedContext(ctx, self))
@@ -115,18 +139,6 @@ class RotatedStore(CodecStore):
         store = super().fresh(layer)
         store.inner = self.inner.fresh(layer)
         return store
-
-    def _r(self, like: Tensor) -> Tensor:
-        if self.matrix.device != like.device:
-            self.matrix = self.matrix.to(like.device)
-        return self.matrix
-
-    def turn(self, x: Tensor, side: str, back: bool = False) -> Tensor:
-        """x R (or x R^T with ``back``) where ``side`` is rotated, in fp32."""
-        if side not in self.rotate:
-            return x.float()
-        r = self._r(x)
-        return x.float() @ (r.T if back else r)
 
     def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         return self.inner.encode(self.turn(k, "k"), self.turn(v, "v"))
