@@ -55,6 +55,11 @@ ROWS = {
     "GEAR 2-bit": (2, "gear", {}),
     "int2 g32": (2, "int2", {"group_size": 32}),
     "Hadamard + int2 g32": (2, "rotated", {"key_bits": 2, "value_bits": 2}),
+    # rotation x KIVI: the same KIVI settings over Hadamard-rotated K and V; then both with pre-RoPE keys
+    "Hadamard + KIVI-4 g32 r32": (4, "rotated_kivi", {"bits": 4, "residual": 32}),
+    "Hadamard + KIVI-2 g32 r32": (2, "rotated_kivi", {"bits": 2, "residual": 32}),
+    "KIVI-2 g32 r32 pre-RoPE": (2, "kivi", {"bits": 2, "residual": 32, "keys": "pre_rope"}),
+    "Hadamard + KIVI-2 g32 r32 pre-RoPE": (2, "rotated_kivi", {"bits": 2, "residual": 32, "keys": "pre_rope"}),
     "PQ 2-bit (sub 4/4)": (2, "pq", {"key_sub": 4, "value_sub": 4}),
     # KVTC with every token coded (no sinks, no hot window), like the scalar rows above; blocks of 64 tokens
     "KVTC 4-bit": (4, "kvtc", {"bits": 4.0, "residual": 0, "sink": 0}),

@@ -15,15 +15,16 @@ kvc() { n=$((n + 1)); [ "$n" -le "$SKIP" ] && return 0; .venv/bin/kvc "$@" model
 kvc                                                             # full cache
 kvc storage=kvtc storage.bits=3.0 storage.residual=0 storage.sink=0
 kvc storage=kvtc storage.bits=2.0 storage.residual=0 storage.sink=0
-kvc storage=kvtc storage.bits=4.0 storage.residual=0 storage.sink=0
-kvc storage=fp8
+kvc storage=fp8                                                 # (runs 1-4 recorded first; the rest by interest)
 kvc storage=rotated                                             # Hadamard + int4 g32
 kvc storage=int4 storage.group_size=32
+kvc storage=kivi storage.bits=2 storage.residual=32
+kvc storage=rotated_kivi storage.bits=2 storage.residual=32     # Hadamard + KIVI-2
 kvc storage=rotated storage.key_bits=2 storage.value_bits=2     # Hadamard + int2
 kvc storage=fp4 storage.format=nvfp4
 kvc storage=kvquant storage.bits=3
-kvc storage=kivi storage.bits=2 storage.residual=32
 kvc storage=kivi storage.bits=4 storage.residual=32
+kvc storage=kvtc storage.bits=4.0 storage.residual=0 storage.sink=0
 kvc storage=kvquant storage.bits=4
 kvc storage=fp4 storage.format=mxfp4
 kvc storage=rotated storage.value_bits=2                        # Hadamard + int4 K / int2 V
