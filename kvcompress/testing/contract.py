@@ -20,6 +20,7 @@ from kvcompress.cache.policy.captured import slot_addressable
 from kvcompress.cache.storage.dense import DenseStore
 from kvcompress.engine.config import ModelConfig
 from kvcompress.engine.model import Transformer
+from kvcompress.engine.session import Session, positions_like
 from kvcompress.presets import load  # a YAML with its defaults list resolved (the suite's loader, re-exported)
 
 CONF = Path(__file__).resolve().parents[2] / "conf"  # kvcompress's own YAMLs (the built-in companions)
@@ -124,18 +125,16 @@ def build(model: Transformer, axes: Axes, calibration_dir: str | Path | None = N
 
 @torch.inference_mode()
 def drive(model: Transformer, cache, toks: torch.Tensor, prompt: int = PROMPT, chunk: int = CHUNK) -> torch.Tensor:
-    """Prefill ``prompt`` tokens in chunks, end the prompt, decode the rest one token a step; every logit."""
-    cache.reset(toks.shape[0])
-    out = [model(toks[:, lo : min(lo + chunk, prompt)], at(toks, lo, min(lo + chunk, prompt)), cache)
-           for lo in range(0, prompt, chunk)]
+    """Every logit of ``toks`` through the engine session every evaluation uses: the first ``prompt`` tokens in chunks
+    (scored, then replayed if the cache asks: KVzip), the prompt boundary, then the rest decoded one token a step."""
+    session = Session(model, cache, chunk=chunk).start(toks.shape[0])
+    head = toks[:, :prompt]
+    out = [session.score(head)]
+    session.replay(head, positions_like(head), chunk)
     cache.end_prompt()
-    out += [model(toks[:, t : t + 1], at(toks, t, t + 1), cache) for t in range(prompt, toks.shape[1])]
+    at = torch.zeros(toks.shape[0], dtype=torch.long)
+    out += [session.step(toks[:, t], at + t)[:, None] for t in range(prompt, toks.shape[1])]
     return torch.cat(out, 1)
-
-
-def at(toks: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Positions lo .. hi - 1 of every row."""
-    return torch.arange(lo, hi)[None].expand(toks.shape[0], -1)
 
 
 # -- the invariants ------------------------------------------------------------------------------------------------
