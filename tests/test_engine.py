@@ -170,3 +170,22 @@ def test_half_precision_runs_close_to_fp32(dtype):
     out = forward_chunks(half, tokens, full_cache(half, 2), chunk=5)
     assert out.dtype == dtype
     assert (out.float() - ref).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_several_row_products_in_fp32_equal_the_native_half_gemm(dtype, monkeypatch):
+    """Where the CPU's bf16/fp16 GEMM is slow, products of several rows run in fp32 (``model.linear``): the
+    logits equal the native half-precision GEMM's up to its rounding (both accumulate in fp32), biases included."""
+    import kvcompress.engine.model as engine_model
+
+    model = tiny_pair(attention_bias=True, mlp_bias=True)[0].to(dtype)
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    monkeypatch.setitem(engine_model.SLOW_CPU_GEMM, dtype, False)
+    native = model(tokens, positions_like(tokens), full_cache(model, 2))
+    monkeypatch.setitem(engine_model.SLOW_CPU_GEMM, dtype, True)
+    widened = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(engine_model.F, "linear", lambda x, w, b=None: widened.append(x.dtype) or linear(x, w, b))
+    up = model(tokens, positions_like(tokens), full_cache(model, 2))
+    assert up.dtype == dtype and set(widened) == {torch.float32}  # every product of the forward took the fp32 route
+    torch.testing.assert_close(up.float(), native.float(), atol=0.05, rtol=0.02)

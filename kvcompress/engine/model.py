@@ -38,10 +38,27 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+# A CPU without oneDNN's reduced-precision GEMM (it needs AVX-512 BF16/FP16, AMX or AVX-NE-CONVERT) multiplies
+# bf16/fp16 matrices in ATen's scalar fallback: a 256-row bf16 product ran ~8x slower than the fp32 MKL one on this
+# project's AVX2 CPU. One row (a decode GEMV) has its own fast path there, so only products of several rows are
+# computed in fp32 instead. Exact inputs either way (bf16/fp16 widen exactly) and both accumulate in fp32: only the
+# summation order differs, then the result is rounded back to the input's dtype.
+SLOW_CPU_GEMM = {torch.bfloat16: not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                 torch.float16: not torch.ops.mkldnn._is_mkldnn_fp16_supported()}
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, with products of several rows in fp32 where the CPU's reduced-precision GEMM is slow."""
+    if x.device.type == "cpu" and SLOW_CPU_GEMM.get(x.dtype) and x.numel() > x.shape[-1]:
+        up = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return up.to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
 def linear_rows(x: Tensor, layer: nn.Linear, lo: int, hi: int) -> Tensor:
     """``layer(x)[..., lo:hi]`` computed from rows lo:hi of the weight only (contiguous views, no copy)."""
     bias = layer.bias[lo:hi] if layer.bias is not None else None
-    return F.linear(x, layer.weight[lo:hi], bias)
+    return linear(x, layer.weight[lo:hi], bias)
 
 
 class Attention(nn.Module):
@@ -77,7 +94,7 @@ class Attention(nn.Module):
                 k = self.k_norm(k)
             cache.append(layer, k, v, pos, rope)
         out = cache.attend(layer, q, pos)
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.q_dim))
+        return linear(out.transpose(1, 2).reshape(B, T, self.q_dim), self.wo.weight, self.wo.bias)
 
 
 class MLP(nn.Module):
@@ -90,7 +107,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = linear_rows(x, self.w13, 0, self.hidden), linear_rows(x, self.w13, self.hidden, 2 * self.hidden)
-        return self.w2(self.act(gate) * up)
+        return linear(self.act(gate) * up, self.w2.weight, self.w2.bias)
 
 
 class Block(nn.Module):
@@ -148,6 +165,6 @@ class Transformer(nn.Module):
             x = block(x, pos, cache, i, self.layer_ropes[i])
         if select is not None:
             x = x[torch.arange(x.shape[0], device=x.device), select][:, None]
-        logits = self.lm_head(self.norm(x))
+        logits = linear(self.norm(x), self.lm_head.weight)
         cap = self.config.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
