@@ -189,3 +189,19 @@ def test_several_row_products_in_fp32_equal_the_native_half_gemm(dtype, monkeypa
     up = model(tokens, positions_like(tokens), full_cache(model, 2))
     assert up.dtype == dtype and set(widened) == {torch.float32}  # every product of the forward took the fp32 route
     torch.testing.assert_close(up.float(), native.float(), atol=0.05, rtol=0.02)
+
+
+def test_cpu_half_attention_runs_in_fp32():
+    """On the CPU, masked bf16 attention (a decode step's) is computed in fp32, then rounded (the CPU's half SDPA
+    is several times slower): bit for bit the fp32 attention of the same inputs, within bf16 of the native kernel."""
+    from kvcompress.cache.base import attention, visibility_mask
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, t, 16, generator=g).bfloat16() for h, t in ((4, 1), (2, 9), (2, 9)))
+    q_pos, k_pos = torch.tensor([[8]]), torch.arange(9)[None]
+    got = attention(q, k, v, q_pos, k_pos)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, attention(q.float(), k.float(), v.float(), q_pos, k_pos).bfloat16())
+    native = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visibility_mask(q_pos, k_pos, 2),
+                                                              enable_gqa=True)
+    torch.testing.assert_close(got.float(), native.float(), atol=2e-2, rtol=2e-2)
