@@ -5,7 +5,11 @@ synchronisation, so ``torch.compile(fullgraph=True)`` traces it as one graph. On
 bound by its ~211 matrix-vector products per token (7 per layer + the LM head), which PyTorch's eager GEMV runs
 at a fraction of the memory bandwidth. Inductor with ``freezing`` (weights become constants, prepacked for the
 GEMM) and ``max_autotune`` (picks, per shape, between its own C++ GEMM template and the packed MKL/oneDNN
-kernel) removes that overhead and fuses the elementwise ops (RMSNorm, rotary, SwiGLU) around them.
+kernel) removes that overhead and fuses the elementwise ops (RMSNorm, rotary, SwiGLU) around them. Freezing must
+be on while Dynamo traces, not only while Inductor compiles (``torch.compile(options=...)`` sets it for the
+latter only): Dynamo decides then whether a parameter becomes a graph constant or a graph input, and an input
+weight can be neither prepacked nor given to the C++ template (every product stays the eager ``aten.mm``). So
+each call runs under ``torch._inductor.config.patch(COMPILE_OPTIONS)`` (a recompile traces at call time too).
 
 Compiling costs tens of seconds per (model, cache, batch, capacity) shape; it is paid once per shape and machine:
 Inductor's FX graph cache and autotuning results live under ``~/.cache/kvcompress/inductor``
@@ -21,7 +25,9 @@ import time
 import types
 
 import torch
+import torch._inductor.config
 from torch import Tensor
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from kvcompress.cache.base import KVCache
 from kvcompress.engine.static import decode_step
@@ -32,8 +38,13 @@ CACHE_DIR = "~/.cache/kvcompress/inductor"
 
 
 def use_disk_cache() -> str:
-    """Inductor's caches (FX graphs, autotuning) under ``CACHE_DIR`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set."""
-    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser(CACHE_DIR))
+    """Inductor's caches (kernels, autotuning) under ``CACHE_DIR`` unless ``TORCHINDUCTOR_CACHE_DIR`` names another
+    folder. Importing ``torch._inductor`` writes torch's own default (a temporary folder) into that variable, so
+    that value counts as unset."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.expanduser(CACHE_DIR)
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def _fresh_step():
@@ -57,8 +68,8 @@ class CompiledDecode:
             self._eager("dynamic-NTK rope reads max(pos) on the host each step (a graph break)")
             return
         use_disk_cache()
-        self._step = torch.compile(_fresh_step(), fullgraph=True, dynamic=False,
-                                   options=dict(COMPILE_OPTIONS if options is None else options))
+        self.options = dict(COMPILE_OPTIONS if options is None else options)
+        self._step = torch.compile(_fresh_step(), fullgraph=True, dynamic=False, options=self.options)
         tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=model.device)
         t0 = time.perf_counter()
         try:
@@ -76,7 +87,7 @@ class CompiledDecode:
     def _first_step(self, tokens: Tensor) -> None:
         """Compile by running one step at position 0, then restore the cache (the step's write is undone)."""
         saved = [t.clone() for t in self.cache.tensors()]
-        self._step(self.model, tokens, torch.zeros_like(tokens), self.cache)
+        self._run(tokens, torch.zeros_like(tokens))
         if not saved:  # the step allocated the buffers: clear them in place (addresses kept)
             self.cache.reset(tokens.shape[0])
         for t, s in zip(self.cache.tensors() if saved else (), saved, strict=True):
@@ -86,4 +97,8 @@ class CompiledDecode:
     def __call__(self, tokens: Tensor, pos: Tensor) -> Tensor:
         if not self.compiled:
             return decode_step(self.model, tokens, pos, self.cache)
-        return self._step(self.model, tokens, pos, self.cache)
+        return self._run(tokens, pos)
+
+    def _run(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        with torch._inductor.config.patch(self.options):  # freezing seen by Dynamo's trace: weights constants
+            return self._step(self.model, tokens, pos, self.cache)

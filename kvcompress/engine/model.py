@@ -5,9 +5,11 @@ Qwen3-style q/k norm. Gemma 3 adds: RMSNorm scaling by (1 + w), norms after atte
 GELU-tanh gating, embeddings times sqrt(hidden), scores scaled by query_pre_attn_scalar ** -0.5, sliding-window
 layers with their own RoPE base (the window is held by the cache: ``cache/window.py``), final logit softcapping.
 
-q/k/v and gate/up are stored fused, the way gpt-fast does, but multiplied by row slices
-of the fused weight: each output is then contiguous (the elementwise ops after them run ~5% faster in a CPU
-prefill, decode is unchanged), and a layer that does not need k/v skips those rows.
+q/k/v and gate/up are stored fused, the way gpt-fast does, and multiplied as one product each (4 matrix products a
+layer, not 7: fewer, larger GEMVs at decode); a layer that does not need k/v multiplies the q rows only (rows
+0..q_dim: a slice at offset 0). Never a slice at an offset: Inductor's C++ GEMM template (the compiled CPU step,
+``engine/compiled.py``) packs a frozen weight's storage from its start, so such a slice multiplied the wrong rows
+(torch 2.13; logits off by 0.43 on the tiny model, tests/test_compiled.py).
 """
 from __future__ import annotations
 
@@ -55,10 +57,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def linear_rows(x: Tensor, layer: nn.Linear, lo: int, hi: int) -> Tensor:
-    """``layer(x)[..., lo:hi]`` computed from rows lo:hi of the weight only (contiguous views, no copy)."""
-    bias = layer.bias[lo:hi] if layer.bias is not None else None
-    return linear(x, layer.weight[lo:hi], bias)
+def linear_rows(x: Tensor, layer: nn.Linear, hi: int) -> Tensor:
+    """``layer(x)[..., :hi]`` computed from the weight's first ``hi`` rows only (a view, no copy)."""
+    bias = layer.bias[:hi] if layer.bias is not None else None
+    return linear(x, layer.weight[:hi], bias)
 
 
 class Attention(nn.Module):
@@ -74,22 +76,22 @@ class Attention(nn.Module):
         ratio = c.query_scale * self.d**0.5 if c.query_scale else 1.0
         self.q_factor = None if ratio == 1.0 else ratio
 
-    def project(self, x: Tensor, first_head: int, heads: int) -> Tensor:
-        """(B, heads, T, d) from the rows of ``wqkv`` for heads first_head.. (q heads, then k, then v)."""
+    def project(self, x: Tensor, heads: int) -> Tensor:
+        """(B, heads, T, d) from the first ``heads`` heads' rows of ``wqkv`` (q heads, then k, then v)."""
         B, T, _ = x.shape
-        lo = first_head * self.d
-        return linear_rows(x, self.wqkv, lo, lo + heads * self.d).view(B, T, heads, self.d).transpose(1, 2)
+        return linear_rows(x, self.wqkv, heads * self.d).view(B, T, heads, self.d).transpose(1, 2)
 
     def forward(self, x: Tensor, pos: Tensor, cache: KVCache, layer: int, rope: RotaryEmbedding) -> Tensor:
         B, T, _ = x.shape
-        q = self.project(x, 0, self.hq)
+        kv = cache.computes_kv(layer)  # False: a consumer of another layer's cache skips the k/v projections
+        qkv = self.project(x, self.hq + 2 * self.hkv if kv else self.hq)
+        q, k, v = qkv.split((self.hq, self.hkv, self.hkv), dim=1) if kv else (qkv, None, None)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = rope.rotate(q, pos)
         if self.q_factor is not None:
             q = q * self.q_factor
-        if cache.computes_kv(layer):  # False: a consumer of another layer's cache skips the k/v projections
-            k, v = self.project(x, self.hq, self.hkv), self.project(x, self.hq + self.hkv, self.hkv)
+        if kv:
             if self.k_norm is not None:
                 k = self.k_norm(k)
             cache.append(layer, k, v, pos, rope)
@@ -106,7 +108,7 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = linear_rows(x, self.w13, 0, self.hidden), linear_rows(x, self.w13, self.hidden, 2 * self.hidden)
+        gate, up = linear_rows(x, self.w13, 2 * self.hidden).chunk(2, dim=-1)
         return linear(self.act(gate) * up, self.w2.weight, self.w2.bias)
 
 
