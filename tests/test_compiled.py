@@ -71,6 +71,20 @@ def test_a_step_that_cannot_compile_runs_eager_and_says_why(capsys):
     assert torch.equal(got, want)
 
 
+def test_inductor_caches_go_to_the_kvcompress_folder_unless_named(monkeypatch):
+    """Importing torch._inductor writes torch's /tmp default into TORCHINDUCTOR_CACHE_DIR: that value counts as
+    unset (the compiled kernels and autotuning choices then persist under ~/.cache/kvcompress/inductor)."""
+    import torch._inductor.config  # noqa: F401 - the import that sets torch's default
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from kvcompress.engine.compiled import CACHE_DIR, use_disk_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert use_disk_cache() == os.path.expanduser(CACHE_DIR)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere/inductor")
+    assert use_disk_cache() == "/elsewhere/inductor"
+
+
 def test_dynamic_ntk_rope_runs_eager_and_says_why(capsys):
     model = tiny_model()
     c = model.config
