@@ -57,7 +57,8 @@ def node(group: str, name: str, settings: dict):
 
 
 def logits(smollm2, tmp: Path, storage: str, policy: str = "none", layout: str = "per_layer", decode: int = DECODE,
-           **storage_settings):
+           static: bool = False, **storage_settings):
+    """Chunked prefill, then single-token steps; ``static``: in the cache's static-capacity (captured) form."""
     model, toks = smollm2
     toks = toks[:, : PROMPT + decode]
     cache = ComposedCache(node("storage", storage, {**REAL.get(storage, {}), **storage_settings}),
@@ -65,6 +66,11 @@ def logits(smollm2, tmp: Path, storage: str, policy: str = "none", layout: str =
                           node("layout", layout, IDENTITY_LAYOUTS.get(layout, {})))
     cache.setup(model.config.spec())
     cache.calibrate(RandomCalibration(model.config.spec(), tmp))
+    if static:
+        cache = cache.static_form(toks.shape[1] + 8)
+        if cache is None:
+            pytest.skip(f"storage={storage} has no captured form")
+        cache.setup(model.config.spec())
     cache.reset(toks.shape[0])
     out = [forward_chunks(model, toks[:, :PROMPT], cache, CHUNK)]
     with torch.inference_mode():
@@ -98,3 +104,19 @@ def test_identity_settings_are_bit_exact(smollm2, tmp_path, storage):
 def test_think_pruning_nothing_is_dense(smollm2, tmp_path):
     dense = logits(smollm2, tmp_path, "dense")
     assert torch.equal(logits(smollm2, tmp_path, "think", prune_fraction=0.0, dtype="model"), dense)
+
+
+# rotated_kivi's fixed slots attend a prefill chunk in the rotated space (turned query), its eager store un-rotates
+# the keys: equal within fp rounding only (storage/frontier/rotated_kivi.py: RotatedSlots.attend)
+CAPTURED_DIFFERS = {"rotated_kivi": "a prefill chunk attends in the rotated space in fixed slots, not eagerly"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=CAPTURED_DIFFERS[s]))
+                                     if s in CAPTURED_DIFFERS else s for s in STORAGES])
+def test_captured_form_is_the_eager_cache(smollm2, tmp_path, storage):
+    """Every storage's fixed-slot form, uncaptured on the CPU (the count read on the host), equals the eager store
+    bit for bit, prefill chunks and decode steps (a recorded CUDA graph sums over the whole capacity instead)."""
+    if not storage_available(storage):
+        pytest.skip(f"storage={storage} needs an optional package")
+    assert torch.equal(logits(smollm2, tmp_path, storage, static=True), logits(smollm2, tmp_path, storage))

@@ -6,11 +6,14 @@ dtype and device) to ``capacity`` tokens: each layer's packed parts, the positio
 in place, so addresses stay fixed. A forward advances the index by its T tokens in place (at the first layer) and
 every layer writes them with ``index_copy_``, so a single-token step has fixed shapes, no host synchronisation and
 no Python branch on data: the whole step (embedding to logits) can be recorded once and replayed
-(``kvcompress.engine.static``). Attention runs over the capacity with the mask ``key_pos <= query_pos`` (empty
-slots are masked): the codec's ``attend_packed`` with the slot count as ``lengths``, else decode + attention.
+(``kvcompress.engine.static``). A traced or recorded step attends over the whole capacity with the mask
+``key_pos <= query_pos`` (empty slots are masked): the codec's ``attend_packed`` with the slot count as
+``lengths``, else decode + attention. That adds exact zeros but sums in another order (another tiling): equal to
+eager within fp rounding. Where the count may be read on the host (not ``capturing()``: prefill chunks, CPU
+steps, uncaptured runs) ``attend_parts`` attends the written slots alone with the eager ``CodecStore.attend``'s
+arithmetic: the logits equal eager ones bit for bit.
 
-Attention is ``attend_parts``: the arithmetic of the eager ``CodecStore.attend``, so captured logits follow eager
-ones. For an eviction policy's static form (``cache.policy.captured``) the cache is slot-addressable: ``encode(layer,
+For an eviction policy's static form (``cache.policy.captured``) the cache is slot-addressable: ``encode(layer,
 k, v, pos, rope)`` packs new tokens with the layer's own codec and ``slots.write(layer, slots, parts)`` stores them
 at any slots; ``allocate_payload(dtype, device)`` allocates every layer's slots ahead of the first token.
 """
@@ -109,13 +112,22 @@ class FixedSlotCache(KVCache):
         return 0 if self.pos is None else int((self.pos < PAD_POSITION).sum())
 
 
+def capturing() -> bool:
+    """Whether this step is being traced (``torch.compile``) or recorded (a CUDA graph): no host read may happen."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def attend_parts(codec, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
                  lengths: Tensor | None = None, n_weights: int = 0) -> tuple[Tensor, Tensor | None]:
     """Attention of rotated queries q (B, Hq, Tq, D) over a codec's packed parts at ``k_pos``, the one arithmetic of
     every buffer: the codec's kernel (``attend_packed``; ``lengths``: how many leading slots are written, None: all)
-    unless it decodes for this step (``decodes_for_attention``: prefill chunks), else decode + ``base.attention``.
+    unless it decodes for this step (``decodes_for_attention``: prefill chunks), else decode + ``base.attention``;
+    given ``lengths`` outside ``capturing()``, over the first ``lengths`` slots alone (the eager arithmetic).
     The last ``n_weights`` queries' softmax weights (``base.attention_weights``) are computed beside the output,
     never instead of it: a policy that observes attention never changes its arithmetic."""
+    if lengths is not None and not capturing():  # the written slots alone, as the eager store holds them
+        n = int(lengths)
+        parts, k_pos, lengths = {name: x[:, :, :n] for name, x in parts.items()}, k_pos[..., :n], None
     out = None if codec.decodes_for_attention(q) else codec.attend_packed(q, q_pos, k_pos, parts, lengths)
     if out is not None and n_weights <= 0:
         return out, None

@@ -9,9 +9,9 @@ SVD; GEAR uses a few power iterations, which approach the same factors), stored 
 per token, B (r x head_dim) per block. The most recent ``residual`` tokens and an unfinished block stay fp16
 (GEAR's streaming buffer). Every byte is a held tensor: codes, scales, zeros, factors, outlier values/indices.
 
-Each of K and V is a ``GearSide`` codec behind the residual stage (``storage.residual``: eager and captured). Eviction
-(GEAR itself does not evict): a kept block that is exactly an old block keeps its parts; any other block is
-compressed again from the held (decoded) values.
+Each of K and V is a ``GearSide`` codec behind the residual stage (``storage.residual``: eager, and captured for
+``rank`` 0 only: ``CAPTURE_REFUSAL``). Eviction (GEAR itself does not evict): a kept block that is exactly an old
+block keeps its parts; any other block is compressed again from the held (decoded) values.
 """
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ from kvcompress.cache.checks import int_at_least, number_in, one_of
 from kvcompress.cache.storage.base import KEY_MODES
 from kvcompress.cache.storage.quant.quantizer import QTensor, QuantConfig, dequantize, quantize
 from kvcompress.cache.storage.residual import GroupCodec, ResidualStore
+
+CAPTURE_REFUSAL = ("storage=gear with storage.rank > 0 has no captured form: coding a block takes a truncated SVD "
+                   "(torch.linalg.svd), which synchronises a CUDA device with the host, so a step that may flush a "
+                   "block cannot be recorded as a CUDA graph; it decodes eagerly (storage.rank=0 has a captured form)")
 
 
 class GearSide(GroupCodec):
@@ -91,10 +95,9 @@ class GEARStore(ResidualStore):
         return side(self.group_size, "channel"), side(self.value_group, "token")
 
     def static_form(self, capacity: int):
-        """The residual stage's captured form for ``rank`` 0. With a rank, coding a block runs ``torch.linalg.svd``,
-        which synchronises a CUDA device with the host: a decode step that flushes a block cannot be captured (the
-        fixed-slot form itself runs uncaptured, tests/test_static.py), so eager decode."""
+        """The residual stage's fixed slots for ``rank`` 0; None with a rank (``CAPTURE_REFUSAL`` says why)."""
         return None if self.rank else super().static_form(capacity)
 
     def report(self) -> dict[str, float | str]:
-        return {"gear_outliers_per_block": float(getattr(self, "n_out", 0))}
+        return {"gear_outliers_per_block": float(getattr(self, "n_out", 0))} | (
+            {"gear_captured_form": CAPTURE_REFUSAL} if self.rank else {})

@@ -18,8 +18,10 @@ batch row has the same layout, and both forms below hold the same codes:
   ``gran`` under the same flag; the counts are computed once per step at layer 0. Longer steps (prefill chunks,
   never captured) read the count on the host.
 
-A codec with ``packed`` (the integer codes) is read by the kernels (``kernels.quant_attention``) in decode steps;
-in fixed slots a prefill chunk attends over the held tokens with the eager store's arithmetic.
+A codec with ``packed`` (the integer codes) is read by the kernels (``kernels.quant_attention``) in decode steps.
+In fixed slots, outside ``fixed.capturing()`` (prefill chunks, CPU steps), the held tokens are attended with the
+eager store's arithmetic (equal bit for bit); a traced or recorded step reads the codes with Triton (the counts on
+the device) or decodes every slot, empty ones masked (equal within fp rounding).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from torch import Tensor
 from kvcompress.cache.base import Rotary, attention, attention_weights
 from kvcompress.cache.buffers import GrowingBuffer, GrowingParts, gather_tokens
 from kvcompress.cache.storage.base import TokenStore
-from kvcompress.cache.storage.fixed import FixedSlotCache
+from kvcompress.cache.storage.fixed import FixedSlotCache, capturing
 from kvcompress.kernels import Packed, dense, quant_attention, resolve
 
 
@@ -306,6 +308,23 @@ class SlotStage:
         """The layer's buffers as a kernel side (prefix capacity + residual; the counts come as ``lengths``)."""
         return self.codec.packed({n: p[layer] for n, p in self.parts.items()}, self.res[layer])
 
+    def held(self, layer: int, n: int) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The layer's parts of the coded prefix of ``n`` tokens and its residual (None: empty), as ``Stage`` holds
+        them."""
+        n_q = self.split(n)
+        groups = n_q // self.codec.gran
+        parts = {name: p[layer][:, :, : groups * self.rows[name]] for name, p in self.parts.items()} if n_q else {}
+        return parts, (self.res[layer][:, :, : n - n_q] if n > n_q else None)
+
+    def decoded(self, layer: int, n: int, dtype: torch.dtype) -> Tensor:
+        """The ``n`` held tokens (B, H, n, D) in ``dtype``, as ``Stage.decoded`` gives them."""
+        parts, res = self.held(layer, n)
+        res = res.to(dtype) if res is not None else None
+        if not parts:
+            return res
+        prefix = self.codec.decode(parts, dtype)
+        return prefix if res is None else torch.cat([prefix, res], 2)
+
     def tokens(self, layer: int, capacity: int, dtype: torch.dtype) -> Tensor:
         """All ``capacity`` slots in ``dtype``, branch-free: token t is prefix token t below this step's ``n_q``,
         else residual slot ``t - n_q`` (slots at or beyond the token count are junk the positions mask)."""
@@ -346,18 +365,27 @@ class ResidualSlots(FixedSlotCache):
             side.append(layer, x.to(side.dtype))
 
     def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
-        """A prefill chunk (never captured: the count may be read) attends over the held tokens as the eager store
-        does. A decode step reads the codes with Triton (the counts on the device); otherwise every slot is decoded
-        and empty slots are masked (branch-free, no host read: the step stays capturable)."""
+        """Outside ``capturing()`` (prefill chunks, CPU steps) the count is read and the held tokens are attended with
+        the eager store's arithmetic: equal logits, bit for bit. A traced or recorded step reads the codes with
+        Triton (the counts on the device); otherwise every slot is decoded and empty slots are masked (branch-free)."""
+        if not capturing():
+            return self.attend_held(layer, q, q_pos, int(self.index))
         k, v = self.sides
         if layer == 0:  # [n_q of K, n_q of V, T], once per step for every layer
             self.lengths = torch.stack([k.split(self.index), v.split(self.index), self.index]).to(torch.int32)
-        if q.shape[2] > 1:
-            n = int(self.index)
-            kk, vv = (side.tokens(layer, n, q.dtype) for side in self.sides)
-            return attention(q, kk, vv, q_pos, self.pos[:, :n])
         sides = k.packed(layer), v.packed(layer)
         if None not in sides and resolve(q.device, self.store.backend) == "triton":
             return quant_attention(q, q_pos, self.pos, *sides, lengths=self.lengths, backend=self.store.backend)
         kk, vv = (dense(side.tokens(layer, self.capacity, q.dtype)) for side in self.sides)
         return quant_attention(q, q_pos, self.pos, kk, vv, backend="torch")
+
+    def attend_held(self, layer: int, q: Tensor, q_pos: Tensor, n: int) -> Tensor:
+        """``ResidualStore.attend`` over the ``n`` held tokens: the packed kernel for a decode step, else decode."""
+        pos, store = self.pos[:, :n], self.store
+        if q.shape[2] == 1 and store.packed_decode:
+            sides = [side.held(layer, n) for side in self.sides]
+            sides = [side.codec.packed(parts, res) for side, (parts, res) in zip(self.sides, sides, strict=True)]
+            if None not in sides:
+                return quant_attention(q, q_pos, pos, *sides, backend=store.backend)
+        kk, vv = (side.decoded(layer, n, q.dtype) for side in self.sides)
+        return attention(q, kk, vv, q_pos, pos)
