@@ -67,15 +67,10 @@ class ThinKStore(CodecStore):
 
     def calibrate(self, ctx, groups: list[list[int]] | None = None) -> None:
         path = Path(ctx.cache_dir).expanduser() / f"think-{ctx.key}-{self.score}.pt"
-        if path.exists():
-            scores = artifacts.load(path, "ThinK channel scores")["scores"]
-            self.stats = {"calibration_reused": 1.0}
-        else:
-            scores = self._scores(ctx)
-            artifacts.save({"ctx_key": ctx.key, "score": self.score, "scores": scores}, path)
-            self.stats = {"calibration_reused": 0.0}
-        self.stats["calibration_file"] = str(path)
-        top = scores.topk(self.n_keep, dim=-1).indices  # (L, Hkv, n_keep)
+        blob, reused = artifacts.cached(path, lambda: {"ctx_key": ctx.key, "score": self.score,
+                                                       "scores": self._scores(ctx)}, "ThinK channel scores")
+        self.stats = {"calibration_reused": float(reused), "calibration_file": str(path)}
+        top = blob["scores"].topk(self.n_keep, dim=-1).indices  # (L, Hkv, n_keep)
         self.kept = [t.sort(-1).values.contiguous() for t in top]
 
     def _scores(self, ctx) -> Tensor:
