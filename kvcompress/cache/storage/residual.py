@@ -143,13 +143,12 @@ class Stage:
     def packed(self) -> Packed | None:
         return self.codec.packed(self.parts.view(), self.res if self.n_res else None)
 
-    def tensors(self) -> list[Tensor]:
-        return self.parts.tensors() + ([self.mirror.view()] if self.mirror and self.mirror.data is not None else []) \
-            + ([self.res] if self.res is not None else [])
-
-    def reserved(self) -> list[Tensor]:
-        return self.parts.reserved() + ([self.mirror.data] if self.mirror and self.mirror.data is not None else []) \
-            + ([self.res] if self.res is not None else [])
+    def tensors(self, reserved: bool = False) -> list[Tensor]:
+        """The held tensors (views of the used part), or with ``reserved`` the whole allocations."""
+        out = self.parts.reserved() if reserved else self.parts.tensors()
+        if self.mirror is not None and self.mirror.data is not None:
+            out.append(self.mirror.data if reserved else self.mirror.view())
+        return out + ([self.res] if self.res is not None else [])
 
     def keep(self, idx: Tensor) -> None:
         """Keep tokens ``idx`` (B, H, T'), then split T' by the same rule: a new group that is exactly an old coded
@@ -224,7 +223,7 @@ class ResidualStore(TokenStore):
         return self.k.tensors() + self.v.tensors()
 
     def payload_reserved(self) -> list[Tensor]:
-        return self.k.reserved() + self.v.reserved()
+        return self.k.tensors(True) + self.v.tensors(True)
 
     def attend(self, q: Tensor, q_pos: Tensor, n_weights: int = 0) -> tuple[Tensor, Tensor | None]:
         """A decode step reads the packed codes and the residual directly (``kernels.quant_attention``: Triton on

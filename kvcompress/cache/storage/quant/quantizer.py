@@ -57,10 +57,6 @@ class QuantConfig:
         """Tokens that must be present before they can be quantized together."""
         return self.group_size if self.axis == "channel" else 1
 
-    def bits_per_value(self) -> float:
-        """Theory: code bits plus the fp16 scale (and zero) amortised over a group."""
-        return self.bits + (16 if self.symmetric else 32) / self.group_size
-
 
 class QTensor(NamedTuple):
     """Packed codes (B, H, T, D * bits / 8) uint8 and fp16 ``scale`` / ``zero`` per group.
@@ -86,11 +82,3 @@ def dequantize(q: QTensor, cfg: QuantConfig, dtype: torch.dtype = torch.float32)
     """Reconstruct (B, H, T, D) in ``dtype`` (``kernels.reference.dequant_prefix``)."""
     side = Packed(q.codes, q.scale, q.zero, None, cfg.bits, cfg.group_size, cfg.axis)
     return dequant_prefix(side, 0, q.codes.shape[2]).to(dtype)
-
-
-def error_bound(q: QTensor, cfg: QuantConfig) -> Tensor:
-    """Per-element worst-case |x - dequant(x)| = scale / 2, broadcast to (B, H, T, D)."""
-    s = q.scale.float() / 2
-    if cfg.axis == "token":
-        return s.repeat_interleave(cfg.group_size, dim=-1)
-    return s.repeat_interleave(cfg.group_size, dim=2)

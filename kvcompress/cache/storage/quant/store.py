@@ -12,8 +12,6 @@ is a ``codec.QuantSide`` behind the residual stage (``storage.residual``), eager
 """
 from __future__ import annotations
 
-from torch import Tensor
-
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.checks import DTYPES, int_at_least, one_of
 from kvcompress.cache.storage.fixed import FixedSlotCache
@@ -88,8 +86,3 @@ class QuantizedStore(ResidualStore):
 
     def report(self) -> dict[str, float | str]:
         return {"key_group_size": self.configs["key"].group_size, "value_group_size": self.configs["value"].group_size}
-
-    def full_precision_positions(self) -> tuple[Tensor, Tensor]:
-        """Positions of the tokens whose K (and V) are held in full precision, (B, r) or (B, H, r)."""
-        p = self.positions()
-        return p[..., self.k.n_q :], p[..., self.v.n_q :]
