@@ -28,10 +28,11 @@ PRESSES = {
     "AdaKVPress(ExpectedAttentionPress)": "adakv policy/scorer=expected_attention",
     "ChunkKVPress(SnapKVPress)": "chunkkv policy.whole_chunks=true",
     "CriticalKVPress(SnapKVPress)": "criticalkv policy/scorer=snapkv",
+    "KVzipPress(header unscored=0)": "kvzip",
 }
 
 
-def dump_ids(out: Path, context: int, continuation: int, samples: int) -> None:
+def dump_ids(out: Path, context: int, continuation: int, samples: int, tokenizer_dir: Path) -> None:
     from kvcompress.engine.loaders import load_tokenizer, resolve_source
     from kvcompress.eval.data import load_text
     from kvcompress.eval.ppl import text_windows
@@ -40,30 +41,56 @@ def dump_ids(out: Path, context: int, continuation: int, samples: int) -> None:
     text = load_text("hamlet", Path(__file__).resolve().parents[2] / "shared" / "data")
     pieces = text_windows(tokenizer, text, context + continuation, samples, "auto")
     out.write_text(json.dumps({"context": context, "pieces": pieces.tolist()}))
+    tokenizer.save_pretrained(tokenizer_dir)  # for KVzipPress's repeat prompt (transformers' own GGUF tokenizer
+    # saves as a CodeLlamaTokenizer that reloads broken: "\n" and spaces become <unk>)
 
 
 def make_press(name: str, ratio: float):
     import kvpress
 
+    if name == WHOLE:
+        return whole_context_kvzip(ratio)
     if "(" in name:
         outer, inner = name.rstrip(")").split("(")
         return getattr(kvpress, outer)(press=getattr(kvpress, inner)(compression_ratio=ratio))
     return getattr(kvpress, name)(compression_ratio=ratio)
 
 
-def run_kvpress(ids: Path, gguf: Path, out: Path, ratios: list[float]) -> None:
+# KVzipPress as it is, but scoring every context token: kvpress takes a context to start with the chat template's
+# system and user header (24 tokens for SmolLM2) and leaves that header unscored (all but its 4 sinks are evicted
+# first); the prompts here are raw text, so this variant shows what that header rule alone changes
+WHOLE = "KVzipPress(header unscored=0)"
+NAMES = ["none", *PRESSES]
+
+
+def whole_context_kvzip(ratio: float):
+    from kvpress import KVzipPress
+
+    class WholeContext(KVzipPress):
+        def prepare(self, model, tokenizer, prev_postfix_size=8):
+            self.prefix_length = 0  # read by prepare and, after it, as the first replayed chunk's start
+            return super().prepare(model, tokenizer, prev_postfix_size)
+
+    return WholeContext(compression_ratio=ratio)
+
+
+def run_kvpress(ids: Path, gguf: Path, out: Path, ratios: list[float], tokenizer_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
     data = json.loads(ids.read_text())
     context, pieces = data["context"], torch.tensor(data["pieces"])
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     model.eval()
+    model.config.name_or_path = str(tokenizer_dir)  # KVzipPress loads its tokenizer (repeat prompt) from here
     with out.open("a") as f:
-        for name in ["none", *PRESSES]:
+        for name in NAMES:
             for ratio in ([0.0] if name == "none" else ratios):
                 nll = 0.0
+                torch.manual_seed(0)  # RandomPress draws from the global generator (its seed=None)
                 for piece in pieces:
+                    for layer in model.model.layers:  # a masking press's indices outlive it (KVzip -> KVCompose)
+                        layer.self_attn.masked_key_indices = None
                     cache = DynamicCache()
                     with torch.inference_mode():
                         if name == "none":
@@ -73,7 +100,9 @@ def run_kvpress(ids: Path, gguf: Path, out: Path, ratios: list[float]) -> None:
                                 logits = model(piece[None, :context], past_key_values=cache).logits
                         nll += float(torch.nn.functional.cross_entropy(logits[0, -1:], piece[context:context + 1]))
                         for t in range(context, len(piece) - 1):  # one decode step per continuation token
-                            step = model(piece[None, t:t + 1], past_key_values=cache).logits
+                            # at its own position, as kvpress's pipeline does (a pruned cache is shorter than t)
+                            step = model(piece[None, t:t + 1], past_key_values=cache,
+                                         position_ids=torch.tensor([[t]])).logits
                             nll += float(torch.nn.functional.cross_entropy(step[0, -1:], piece[t + 1:t + 2]))
                 n = pieces.shape[0] * (pieces.shape[1] - context)
                 f.write(json.dumps({"side": "kvpress", "press": name, "kept": 1 - ratio, "ppl": math.exp(nll / n),
@@ -102,19 +131,21 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--continuation", type=int, default=128)
     p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--tokenizer", type=Path, required=True, help="folder to save the tokenizer in")
     p = sub.add_parser("kvpress")
     p.add_argument("ids", type=Path)
     p.add_argument("gguf", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
+    p.add_argument("--tokenizer", type=Path, required=True, help="the folder the ids step saved the tokenizer in")
     p = sub.add_parser("table")
     p.add_argument("theirs", type=Path)
     p.add_argument("ours", type=Path)
     args = parser.parse_args()
     if args.command == "ids":
-        dump_ids(args.out, args.context, args.continuation, args.samples)
+        dump_ids(args.out, args.context, args.continuation, args.samples, args.tokenizer)
     elif args.command == "kvpress":
-        run_kvpress(args.ids, args.gguf, args.out, args.ratios)
+        run_kvpress(args.ids, args.gguf, args.out, args.ratios, args.tokenizer)
     else:
         print(table(args.theirs, args.ours))
 

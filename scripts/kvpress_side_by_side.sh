@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Issue 24: kvcompress beside NVIDIA kvpress 0.5.5 on identical token ids (never in setup or CI: it installs kvpress
 # and transformers 5.2 into their own virtual environment under the cache folder). Writes results/kvpress/.
-# Sized for a loaded 2-core CPU: CONTEXT=1024 CONTINUATION=128 SAMPLES=2 (the issue's run: 2048 / 256 / 4 pieces).
+# Sized for a loaded 2-core CPU: CONTEXT=1024 CONTINUATION=32 SAMPLES=1 (the issue's run: 2048 / 256 / 4 pieces).
 #   bash scripts/kvpress_side_by_side.sh            CONTEXT=2048 CONTINUATION=256 SAMPLES=4 bash scripts/...
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CONTEXT=${CONTEXT:-1024}; CONTINUATION=${CONTINUATION:-128}; SAMPLES=${SAMPLES:-2}
+CONTEXT=${CONTEXT:-1024}; CONTINUATION=${CONTINUATION:-32}; SAMPLES=${SAMPLES:-1}
 VENV=${KVPRESS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/kvcompress/kvpress-0.5.5}
 OUT=results/kvpress
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "kvpress==0.5.5" "transformers==5.2.*" gguf
+  "$VENV/bin/pip" install -q "torch==2.13.0" "kvpress==0.5.5" "transformers==5.2.*" gguf
 fi
 GGUF=$(.venv/bin/python -m kvcompress.engine.loaders smollm2-135m | tail -1)
-mkdir -p "$OUT"
+mkdir -p "$OUT"; rm -f "$OUT/kvpress.jsonl" "$OUT/records.jsonl"
 .venv/bin/python scripts/kvpress_side_by_side.py ids "$OUT/ids.json" --context "$CONTEXT" \
-  --continuation "$CONTINUATION" --samples "$SAMPLES"
-"$VENV/bin/python" scripts/kvpress_side_by_side.py kvpress "$OUT/ids.json" "$GGUF" "$OUT/kvpress.jsonl" --ratios 0.5 0.75
+  --continuation "$CONTINUATION" --samples "$SAMPLES" --tokenizer "$VENV/tokenizer"
+"$VENV/bin/python" scripts/kvpress_side_by_side.py kvpress "$OUT/ids.json" "$GGUF" "$OUT/kvpress.jsonl" --ratios 0.5 0.75 \
+  --tokenizer "$VENV/tokenizer"
 kvc() { .venv/bin/kvc "$@" eval.context="$CONTEXT" eval.continuation="$CONTINUATION" eval.samples="$SAMPLES" \
   results_dir="$OUT" publish=true progress=false; }
 kvc experiment=eviction_policies policy=none

@@ -4,6 +4,7 @@ method's defining property on the tiny model or a hand-built example."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,6 +94,38 @@ def test_kvzip_default_is_global_layerwise_per_layer(model):
     assert len(set(layerwise.flatten().tolist())) > 1
     per_layer = counts(compressed(model, load("kvzip", budget=12, scope="layer")))
     assert (per_layer == 12).all()
+
+
+class CharTokenizer:
+    """One id per character; a chat template that wraps a user turn as <u>...<e> and opens the assistant's as <a>."""
+    chat_template = "<u>{content}<e><a>"
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return "<u>" + messages[0]["content"] + "<e>" + ("<a>" if add_generation_prompt else "")
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % 97 for c in text]
+
+
+def test_kvzip_replays_the_repeat_instruction_then_the_prompt(model, monkeypatch):
+    policy = load("kvzip", budget=12)
+    policy.calibrate(SimpleNamespace(tokenizer=CharTokenizer()))
+    prefix = [ord(c) % 97 for c in "\n\nRepeat the previous context exactly.<e><a>"]
+    assert policy.replay_prefix() == prefix
+    fed, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda t, p, c, **kw: fed.append((t, p)) or forward(t, p, c, **kw))
+    cache = compressed(model, policy, rows=2)
+    replay = [(t, p) for t, p in fed if int(p.min()) >= PROMPT][:-1]  # the last call is the first decode step
+    tokens, pos = torch.cat([t for t, _ in replay], 1), torch.cat([p for _, p in replay], 1)
+    assert tokens[:, :len(prefix)].tolist() == [prefix] * 2
+    assert torch.equal(tokens[:, len(prefix):], torch.cat([t for t, p in fed if int(p.max()) < PROMPT], 1))
+    assert torch.equal(pos, torch.arange(PROMPT, 2 * PROMPT + len(prefix)).expand(2, -1))
+    assert cache.memory_report()["replay_tokens"] == 2 * (PROMPT + len(prefix))
+    bare = load("kvzip", budget=12, repeat=None)
+    bare.calibrate(SimpleNamespace(tokenizer=CharTokenizer()))
+    assert bare.replay_prefix() == []
+    with pytest.raises(Exception, match=r"policy\.repeat"):
+        load("kvzip", repeat=3)
 
 
 def test_global_rows_rank_independently(model):

@@ -144,12 +144,17 @@ class Session:
 
     @torch.inference_mode()
     def replay(self, tokens: Tensor, pos: Tensor, chunk: int | None = None) -> None:
-        """If the cache asks (``replay_wanted``: KVzip), feed the prompt ``tokens`` at ``pos`` (B, T) once more, right
-        after itself (each row's real positions shifted by its length), for the cache to observe; it keeps none."""
+        """If the cache asks (``replay_wanted``: KVzip), feed its ``replay_prefix`` ids and then the prompt ``tokens``
+        at ``pos`` (B, T) once more, right after the prompt (each row's real positions shifted by its length), for
+        the cache to observe; it keeps none."""
         if not self.cache.replay_wanted():
             return
         real = pos < PAD_POSITION
-        again = torch.where(real, pos + real.sum(1, keepdim=True), pos)
+        n = real.sum(1, keepdim=True)
+        prefix = torch.tensor(self.cache.replay_prefix(), dtype=tokens.dtype, device=tokens.device)
+        p = prefix.numel()
+        tokens = torch.cat([prefix.expand(tokens.shape[0], p), tokens], 1)
+        again = torch.cat([n + torch.arange(p, device=pos.device), torch.where(real, pos + n + p, pos)], 1)
         self.cache.replay(True)
         for lo, hi in chunk_bounds(tokens.shape[1], chunk):
             self.model(tokens[:, lo:hi], again[:, lo:hi], self.cache, select=torch.zeros_like(again[:, 0]))

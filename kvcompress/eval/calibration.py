@@ -65,7 +65,7 @@ class Calibration:
     def __init__(self, model: Transformer, tokenizer, data_dir: Path, dataset: str = "tinystories",
                  tokens: int = 4096, window: int = 512, cache_dir: str | Path = "~/.cache/kvcompress/calibration",
                  chunk: int = 64, progress: bool = True):
-        self.model, self.chunk, self.progress = model, chunk, progress
+        self.model, self.tokenizer, self.chunk, self.progress = model, tokenizer, chunk, progress
         self.rope = model.rope  # lets a cache calibrate on post-RoPE keys (lowrank keys=post_rope)
         n = max(1, math.ceil(tokens / window))
         try:

@@ -2,9 +2,12 @@
 context token by the attention it receives while the model *reconstructs* the context, so the compressed cache
 serves any later question, not only the one in the prompt.
 
-After prefill the engine feeds the prompt once more, right after itself (``KVCache.replay_wanted``: the cost is a
-second prefill, recorded as ``replay_tokens``). With w[h, q, i] the softmax weight of replay query q of query
-head h on held context token i (the replay attends to the context and to its own earlier tokens),
+After prefill the engine feeds the replay right after the prompt (``KVCache.replay_wanted``: the cost is a second
+prefill, recorded as ``replay_tokens``): the paper's instruction ``repeat`` ("\\n\\nRepeat the previous context
+exactly."), the chat template's assistant header (what the template writes after a user turn; "\\n" for a
+tokenizer without a template), then the prompt again (``replay_prefix``: the ids, tokenised at calibration, as
+kvpress's KVzipPress does). With w[h, q, i] the softmax weight of replay query q of query head h on held context
+token i (the replay attends to the context and to its own earlier tokens),
 
     score[g, i] = max over the query heads h of KV head g and over every replay query q of w[h, q, i],
 
@@ -15,10 +18,13 @@ top-k over every (layer, KV head, token) of the model, K = layers x Hkv x budget
 are softmax weights in every layer, so they rank across layers unnormalised. ``layerwise``: the top-k within each
 layer (heads compete, every layer keeps Hkv x budget). ``layer``: one selection per layer shared by its heads
 (``per_head``: per head, equal counts) with the base keep rule; ``when=decode`` (no replay) is always per layer.
-Departures from the paper: the replay is the context alone (the engine has no tokenizer, so no "Repeat the
-previous context:" instruction), in one pass rather than 2k-token chunks. Without a replay (an evaluation that
-drives the model itself) the max is taken over the last 32 prompt queries (``when=decode``: over every query), so
-the explicit-softmax weights of a whole prompt are computed only in the replay.
+Departures from kvpress 0.5.5: the prompt is replayed in one pass (kvpress replays 2,048-token chunks, each scored
+against the sinks and its own chunk only: the same for prompts up to 2,048 tokens); kvpress takes the context to
+start with the chat template's system and user header and leaves that header's tokens after the 4 sinks unscored
+(evicted first), ours scores every prompt token. ``repeat: null``, or a run without a tokenizer (the contract
+suite's random calibration), replays the bare prompt. Without a replay (an evaluation that drives the model
+itself) the max is taken over the last 32 prompt queries (``when=decode``: over every query), so the
+explicit-softmax weights of a whole prompt are computed only in the replay.
 """
 from __future__ import annotations
 
@@ -29,6 +35,19 @@ from kvcompress.cache.policy.global_budget import GlobalRanking
 from kvcompress.cache.policy.score import Candidates
 
 FALLBACK = 32
+REPEAT = "\n\nRepeat the previous context exactly."  # the paper's (and kvpress's) instruction for one chunk
+MARK = "\x00kvzip\x00"  # a user turn's content, to cut the chat template's assistant header out of its rendering
+
+
+def repeat_ids(tokenizer, repeat: str) -> list[int]:
+    """The instruction's ids, then the assistant header's ("\\n" without a chat template), each tokenised alone."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        header = "\n"
+    else:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": MARK}], add_generation_prompt=True,
+                                                 tokenize=False)
+        header = rendered.split(MARK, 1)[1]
+    return [*tokenizer.encode(repeat, add_special_tokens=False), *tokenizer.encode(header, add_special_tokens=False)]
 
 
 class KVzip(GlobalRanking, EvictionPolicy):
@@ -37,12 +56,23 @@ class KVzip(GlobalRanking, EvictionPolicy):
     replays = True
 
     def __init__(self, budget: int | float = 512, sinks: int = 4, scope: str = "global", granularity: str = "head",
-                 floor: float = 0.0, normalize: str = "none", **kwargs):
+                 floor: float = 0.0, normalize: str = "none", repeat: str | None = REPEAT, **kwargs):
+        if repeat is not None and not isinstance(repeat, str):
+            raise ValueError(f"policy.repeat must be a string (the replay's instruction) or null (the bare prompt), "
+                             f"got {repeat!r}")
+        self.repeat, self.prefix = repeat or None, []
         if kwargs.get("when", "decode") == "decode":
             scope = "layer"  # no replay, no prompt boundary: the scores of ordinary queries, per layer
         if self.init_ranking(scope, granularity, floor, normalize):
             kwargs["per_head"] = True
         super().__init__(budget=budget, sinks=sinks, **kwargs)
+
+    def calibrate(self, ctx, cache_for=None) -> None:
+        tokenizer = getattr(ctx, "tokenizer", None)  # a calibration without one (random, in tests): bare replay
+        self.prefix = repeat_ids(tokenizer, self.repeat) if self.repeat and tokenizer is not None else []
+
+    def replay_prefix(self) -> list[int]:
+        return list(self.prefix)
 
     def reset(self, batch_size: int, owners: list[int]) -> None:
         super().reset(batch_size, owners)
