@@ -14,7 +14,8 @@
 #               full / int4 / KIVI-2 on both paths, the batch each fits and its decode tok/s
 #   5. engine   scripts/bench_engine.py on CUDA: engine (eager and captured static step) vs transformers,
 #               with the fraction of the memory roofline (PEAK_GBPS, guessed from the GPU's name)
-#   6. table    $OUT/table.md from the records, headed by the device's name, torch and commit
+#   6. table    $OUT/table.md from the records: kvc-report --table with results/cpu_bench/table.yaml, headed by
+#               the device, settings and commit this script writes to $OUT/bench.jsonl
 # Records: $OUT/records.jsonl (kvc), engine/ (bench_engine), logs/ (each phase), phases.txt.
 # Needs the text data of ../shared/data (or KVC_DATA_DIR) and network for setup (torch, the model).
 # BENCH_CPU=1: the same matrix on this machine's CPU (SmolLM2, fp32, context 1k, batch 1 and 8, 50 MB budget,
@@ -142,69 +143,11 @@ if [ -z "${CPU_CHECK:-}${TRANSFER:-}" ]; then
   phase engine 45 $PY scripts/bench_engine.py "${ENGINE[@]}" --static --out "$OUT/engine"
 fi
 
-GPU="$GPU" PEAK="$PEAK" OUT="$OUT" MODEL="${MODEL[*]}" $PY - <<'PYEOF'
-import json, os, subprocess
-from pathlib import Path
-
-out = Path(os.environ["OUT"])
-recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines() if x.strip()] \
-    if (out / "records.jsonl").is_file() else []
-ok = [r for r in recs if r.get("status") == "ok"]
-path = lambda r: (r.get("metrics") or {}).get("decode_path") or r.get("eval_params", {}).get("decode_path") or "eager"
-name = lambda r: (r["cache"] + (f" {r['storage_params'].get('bits')}-bit" if r.get("storage") == "kivi" else "")
-                  + (f" {r['storage_params'].get('keys')}" if r.get("storage") == "latent" else "")
-                  + ("" if path(r) == "eager" else f" [{path(r)}]"))
-UNITS = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
-size = lambda b: next(f"{b / u:.3g} {n}" for u, n in UNITS if b >= u or u == 1)
-sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-versions = ", ".join(sorted({str(r.get("code_version")) for r in recs}))
-lines = [f"# Benchmark: {os.environ['GPU']}", "",
-         f"`bash scripts/bench_gpu.sh` (table written at commit {sha}; records' code version: {versions}); "
-         f"{os.environ['MODEL']}; records in `records.jsonl`, engine bench in `engine/`, phase log in `phases.txt`.",
-         "", "## Decode tokens/s (eval=speed)", "",
-         "vs full: against the full cache at the same context, batch and path; vs eager: the same cache's eager path; "
-         "ppl vs eager: the relative difference of the teacher-forced perplexity over the decoded tokens from the "
-         "eager path's (0 up to fp noise; a quantized code can round the other way on that noise).",
-         "", "| cache | context | batch | decode tok/s | vs full | vs eager | ppl vs eager | min..max | noisy | kv MB "
-         "| path |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-speed = [r for r in ok if r["eval"] == "speed"]
-cell = lambda r: (r["eval_params"]["context"], r["eval_params"].get("batch_size"))
-ident = lambda r: (r["cache"], json.dumps(r.get("storage_params"), sort_keys=True), cell(r))
-rate = {(r["cache"], r.get("storage_params", {}).get("bits"), cell(r), path(r)): r["metrics"]["decode_tokens_per_s"]
-        for r in ok if r["eval"] in ("speed", "throughput")}
-eager_ppl = {ident(r): r["metrics"]["ppl"] for r in speed if path(r) == "eager"}
-dppl = lambda r: f"{r['metrics']['ppl'] / eager_ppl[ident(r)] - 1:+.1e}" if path(r) != "eager" and ident(r) in \
-    eager_ppl else ""
-ratio = lambda x, key: f"{x / rate[key]:.2f}x" if key in rate else ""
-for r in sorted(speed, key=lambda r: (r["eval_params"]["context"], r["eval_params"]["batch_size"], name(r))):
-    m, c, b = r["metrics"], r["eval_params"]["context"], r["eval_params"]["batch_size"]
-    x, bits = m["decode_tokens_per_s"], r.get("storage_params", {}).get("bits")
-    rel, own = ratio(x, ("full", None, cell(r), path(r))), ratio(x, (r["cache"], bits, cell(r), "eager"))
-    lines.append(f"| {name(r)} | {c} | {b} | {x:.1f} | {rel} | {own if path(r) != 'eager' else ''} | {dppl(r)} | "
-                 f"{m.get('decode_tokens_per_s_min', 0):.1f}..{m.get('decode_tokens_per_s_max', 0):.1f} | "
-                 f"{m.get('noisy', '')} | {m['kv_bytes'] / 1e6:.1f} | {path(r)} |")
-tput = [r for r in ok if r["eval"] == "throughput"]
-if tput:
-    lines += ["", f"## Throughput at a KV budget (eval=throughput)", "",
-              "| cache | budget | context | batch | bytes/row | decode tok/s | vs full (same path) |",
-              "|---|---|---|---|---|---|---|"]
-    for r in sorted(tput, key=lambda r: (path(r), name(r))):
-        m = r["metrics"]
-        rel = ratio(m["decode_tokens_per_s"], ("full", None, cell(r), path(r)))
-        lines.append(f"| {name(r)} | {size(m['kv_budget_bytes'])} | {r['eval_params']['context']} | "
-                     f"{m['batch_size']} | {size(m['bytes_per_row'])} | {m['decode_tokens_per_s']:.1f} | {rel} |")
-failed = [r for r in recs if r.get("status") != "ok"]
-if failed:
-    where = lambda p: f"context {p.get('context')}" + (f" batch {p['batch_size']}" if "batch_size" in p else "")
-    lines += ["", "## Failed runs", ""] + [f"- {name(r)} {r['eval']} {where(r.get('eval_params') or {})}: "
-                                          f"{r.get('error')}" for r in failed]
-if (out / "kernels.md").is_file():
-    lines += ["", "## Decode attention per layer (python -m kvcompress.kernels.bench)", "",
-              (out / "kernels.md").read_text()]
-engine = sorted((out / "engine").glob("*.md"))
-if engine:
-    lines += ["", "## Engine vs transformers (scripts/bench_engine.py)", "", engine[0].read_text()]
-(out / "table.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
-PYEOF
+# the table: results/cpu_bench/table.yaml over the records, with the header's facts in bench.jsonl (one line)
+ENGINE_MD=$(cd "$OUT" && ls engine/*.md 2>/dev/null | sort | head -n 1 || true)
+DEVICE="$GPU" SETTINGS="${MODEL[*]}" COMMIT=$(git rev-parse --short HEAD 2>/dev/null || true) ENGINE_MD="$ENGINE_MD" $PY -c '
+import json, os
+print(json.dumps({"device": os.environ["DEVICE"], "model": os.environ["SETTINGS"], "commit": os.environ["COMMIT"],
+                  "engine": os.environ["ENGINE_MD"] or None}))' > "$OUT/bench.jsonl"
+.venv/bin/kvc-report --table "$OUT" --spec results/cpu_bench/table.yaml && cat "$OUT/table.md"
 echo "bench_gpu: done in $(( $(date +%s) - T0 ))s -> $OUT/table.md"
