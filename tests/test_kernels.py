@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -202,7 +203,7 @@ def test_triton_token_splits_merge_to_the_reference():
     (ks, _), (vs, _) = sides(k, v, 128, 136, kcfg, vcfg)
     rows = q.reshape(2, 2, -1, 16)
     want = reference.attend_rows(rows, q_pos, k_pos, ks, vs, 0.25)
-    got = triton_attention.attend_rows(rows, q_pos, k_pos, ks, vs, 0.25, block_t=16, n_split=3)
+    got = triton_attention.attend_rows(rows, q_pos, k_pos, ks, vs, 0.25, block_t=16, split_tokens=64)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -215,8 +216,57 @@ def capacity(side: Packed, extra_q: int, extra_r: int) -> Packed:
         junk = torch.randint(0, 255, shape, dtype=torch.uint8) if t.dtype == torch.uint8 else torch.randn(shape) * 9
         return torch.cat([t, junk.to(t.dtype)], 2)
     per = 1 if side.axis == "token" else side.group_size
-    return Packed(grow(side.codes, extra_q), grow(side.scale, extra_q // per), grow(side.zero, extra_q // per),
-                  grow(side.res, extra_r), side.bits, side.group_size, side.axis)
+    return replace(side, codes=grow(side.codes, extra_q), scale=grow(side.scale, extra_q // per),
+                   zero=grow(side.zero, extra_q // per), res=grow(side.res, extra_r))
+
+
+def fp8_side(x: Tensor) -> Packed:
+    """e4m3 bytes with one fp32 scale per token (the fp8 storage's per-token layout)."""
+    s = x.abs().amax(-1, keepdim=True) / 448
+    return Packed((x / s).to(torch.float8_e4m3fn).view(torch.uint8), s, bits=8, group_size=x.shape[-1], fmt="e4m3")
+
+
+@interpreter
+@pytest.mark.parametrize("fmt", ["int", "e4m3"])
+def test_triton_capacity_buffers_equal_the_held_tokens_bit_for_bit(fmt):
+    """Captured equals eager through the kernel: capacity buffers (junk beyond, visible positions, lengths on the
+    device) vs exactly the n held tokens, torch.equal, for n around the 32-token split boundaries (16-token blocks,
+    112 slots: splits past n are empty). Row 0 sees only 42 tokens (splits it sees nothing of)."""
+    from kvcompress.kernels import triton_attention
+
+    kcfg, vcfg, _, _ = LAYOUTS[0]  # KIVI-2: per-channel keys (whole groups of 8), per-token values, residuals
+    q, q_pos, k, v, k_pos = case(Tq=2, T=96)
+    q_pos[0] = torch.tensor([40, 41])
+    rows = q.reshape(2, 2, -1, 16)
+    for n in (31, 32, 33, 64, 70, 96):
+        n_qk, n_qv = ((n - 4) // 8 * 8, n - 5) if fmt == "int" else (n, n)
+        if fmt == "int":
+            (ks, _), (vs, _) = sides(k[:, :, :n], v[:, :, :n], n_qk, n_qv, kcfg, vcfg)
+            want = reference.attend_rows(rows, q_pos, k_pos[:, :n], ks, vs, 0.25)
+        else:
+            ks, vs = fp8_side(k[:, :, :n]), fp8_side(v[:, :, :n])
+            kd, vd = (Packed(res=s.codes.view(torch.float8_e4m3fn).float() * s.scale) for s in (ks, vs))
+            want = reference.attend_rows(rows, q_pos, k_pos[:, :n], kd, vd, 0.25)
+        kc, vc = (capacity(s, 96 - s.n_q, 16 - n + s.n_q) for s in (ks, vs))  # 96 + 16 slots
+        pos = torch.cat([k_pos[:, :n], torch.zeros(2, 112 - n, dtype=k_pos.dtype)], 1)  # junk slots visible
+        lengths = torch.tensor([n_qk, n_qv, n], dtype=torch.int32)
+        eager = triton_attention.attend_rows(rows, q_pos, k_pos[:, :n], ks, vs, 0.25, block_t=16, split_tokens=32)
+        captured = triton_attention.attend_rows(rows, q_pos, pos, kc, vc, 0.25, block_t=16, split_tokens=32,
+                                                lengths=lengths)
+        assert torch.equal(captured, eager), n
+        torch.testing.assert_close(eager, want, atol=1e-5, rtol=1e-5)
+
+
+@interpreter
+def test_triton_split_settings_are_checked():
+    from kvcompress.kernels import triton_attention
+
+    q, q_pos, k, v, k_pos = case()
+    ks, vs = Packed(res=k), Packed(res=v)
+    with pytest.raises(ValueError, match="split_tokens must be a positive multiple of block_t=16"):
+        triton_attention.attend_rows(q.reshape(2, 2, -1, 16), q_pos, k_pos, ks, vs, 0.25, block_t=16, split_tokens=40)
+    with pytest.raises(ValueError, match="block_t must be a power of two"):
+        triton_attention.attend_rows(q.reshape(2, 2, -1, 16), q_pos, k_pos, ks, vs, 0.25, block_t=24)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])

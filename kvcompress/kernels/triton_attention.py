@@ -6,11 +6,14 @@ scale/zero in registers, and keeps an online softmax (m, l, acc) for the query r
 (GQA: all query heads of a KV head, and all query tokens, are rows of one tile). Nothing but the
 bytes held is read; full-precision K/V never exist outside a BLOCK_T tile. Splits (flash-decoding)
 are merged by a second small kernel: ``out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s``.
+
+Split s always covers tokens [s * SPLIT_TOKENS, (s + 1) * SPLIT_TOKENS): the boundaries do not depend on T (the
+capacity in the captured form, the held count in eager), so both run the same programs over the same held tokens.
+A split past the held tokens is empty (m_s = -1e30, l_s = 0, acc_s = 0) and weighs e^(-1e30 - m) = 0 exactly in
+the merge, so it adds exact zeros: captured equals eager bit for bit. Fixed-size partitions as in vLLM's
+PagedAttention V2.
 """
 from __future__ import annotations
-
-import functools
-import math
 
 import torch
 import triton
@@ -105,7 +108,8 @@ def _decode_attn(Q, QPOS, KPOS, ACC, MX, LS, LENS,
 
 @triton.jit
 def _combine(ACC, MX, LS, OUT, n_split, M, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Merge the splits of one (row, head): out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s."""
+    """Merge the splits of one (row, head): out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s. An empty split
+    (m_s = -1e30, l_s = 0, acc_s = 0) gets weight e^(-1e30 - m) = 0 for a row that sees any token: exact zeros."""
     pid = tl.program_id(0)
     m, dv = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_DV)
     mmask = m < M
@@ -123,6 +127,9 @@ def _combine(ACC, MX, LS, OUT, n_split, M, DV, BLOCK_M: tl.constexpr, BLOCK_DV: 
     out = num / tl.where(mmask, den, 1.0)[:, None]  # padding rows: no 0 / 0
     tl.store(OUT + (pid * M + m[:, None]) * DV + dv[None, :], out.to(OUT.dtype.element_ty),
              mask=mmask[:, None] & (dv < DV)[None, :])
+
+
+SPLIT_TOKENS = 256  # tokens per flash-decoding split: 4 blocks of 64, independent of T (see the module doc)
 
 
 def _block(n: int) -> int:
@@ -146,32 +153,22 @@ def _side_args(side: Packed, like: Tensor) -> tuple[list, tuple]:
     return ptrs + list(strides), consts
 
 
-@functools.lru_cache(maxsize=8)
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _splits(device: torch.device, programs: int, blocks: int) -> int:
-    """Enough token splits for ~2 programs per SM (one on the CPU interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return max(1, min(blocks, math.ceil(2 * _sms(device) / programs)))
-
-
 def attend_rows(rows: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed, scale: float,
-                block_t: int = 64, n_split: int | None = None, lengths: Tensor | None = None) -> Tensor:
-    """Same contract as ``reference.attend_rows``: rows (B, G, M, Dk) -> (B, G, M, Dv). ``n_split`` overrides
-    the number of token splits (by default about two programs per SM). ``lengths``: see ``ops.quant_attention``;
+                block_t: int = 64, split_tokens: int = SPLIT_TOKENS, lengths: Tensor | None = None) -> Tensor:
+    """Same contract as ``reference.attend_rows``: rows (B, G, M, Dk) -> (B, G, M, Dv). ``split_tokens``: tokens
+    per split, a multiple of ``block_t`` (a power of two, at least 16). ``lengths``: see ``ops.quant_attention``;
     the launch then depends only on the buffers' capacities, so it can be captured in a CUDA graph."""
+    if block_t < 16 or block_t & (block_t - 1):
+        raise ValueError(f"block_t must be a power of two >= 16, got {block_t!r}")
+    if split_tokens <= 0 or split_tokens % block_t:
+        raise ValueError(f"split_tokens must be a positive multiple of block_t={block_t}, got {split_tokens!r}")
     B, G, M, DK = rows.shape
     T, DV, dev = max(k.length, v.length), v.dim, rows.device
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     q_pos = q_pos.contiguous()
     kp = k_pos.contiguous()
     kp_strides = (kp.stride(0), kp.stride(1)) if kp.dim() == 3 else (kp.stride(0), 0)
-    n_split = n_split or _splits(dev, B * G, triton.cdiv(T, block_t))
-    per_split = triton.cdiv(triton.cdiv(T, n_split), block_t) * block_t
-    n_split = triton.cdiv(T, per_split)
+    n_split = max(1, triton.cdiv(T, split_tokens))  # T: the capacity when ``lengths`` is given
     acc = torch.empty((B, G, n_split, M, DV), device=dev, dtype=torch.float32)
     mx = torch.empty((B, G, n_split, M), device=dev, dtype=torch.float32)
     ls = torch.empty_like(mx)
@@ -182,7 +179,7 @@ def attend_rows(rows: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed
         *k_args[:4], *v_args[:4],
         rows.stride(0), rows.stride(1), rows.stride(2), q_pos.stride(0), *kp_strides,
         *k_args[4:], *v_args[4:],
-        G, M, q_pos.shape[1], T, k.n_q, v.n_q, per_split, n_split, scale, DK, DV,
+        G, M, q_pos.shape[1], T, k.n_q, v.n_q, split_tokens, n_split, scale, DK, DV,
         *k_const, *v_const,
         BLOCK_M=_block(M), BLOCK_T=block_t, BLOCK_DK=_block(DK), BLOCK_DV=_block(DV),
         PREC="ieee" if rows.dtype == torch.float32 else "tf32", DEV_LEN=lengths is not None)
