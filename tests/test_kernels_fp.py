@@ -208,27 +208,34 @@ def model():
 @torch.inference_mode()
 def test_triton_in_both_decode_paths_through_the_kernel(make, model, monkeypatch):
     """A tiny model (head_dim 32, GQA): the eager store and its captured form with the kernel give the logits of
-    decode-then-attend (``KVC_KERNELS=torch``), 2 decode steps; the kernel runs once per layer and step."""
+    decode-then-attend (``KVC_KERNELS=torch``), 2 decode steps; the kernel runs once per layer and step. 16-token
+    splits: eager (21, 22 tokens) and captured (40 slots) run 2 and 3 splits, and give the same logits bit for bit."""
     from kvcompress.kernels import triton_attention
 
     launches = []
     kernel = triton_attention.attend_rows
-    monkeypatch.setattr(triton_attention, "attend_rows", lambda *a, **kw: launches.append(1) or kernel(*a, **kw))
-    toks = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(3))
+    def counted(*a, **kw):
+        launches.append(1)
+        return kernel(*a, block_t=16, split_tokens=16, **kw)
+
+    monkeypatch.setattr(triton_attention, "attend_rows", counted)
+    toks = torch.randint(0, 97, (2, 22), generator=torch.Generator().manual_seed(3))
     logits = {}
     for backend, captured in (("torch", False), ("triton", False), ("triton", True)):
         monkeypatch.setenv("KVC_KERNELS", backend)
         launches.clear()
         cache = ComposedCache(make())
         cache.setup(spec_of(model))
-        cache = cache.static_form(16) if captured else cache
+        cache = cache.static_form(40) if captured else cache
         cache.setup(spec_of(model))
-        static_prefill(model, cache, toks[:, :8])
-        logits[backend, captured] = [model(toks[:, t:t + 1], torch.full((2, 1), t), cache) for t in range(8, 10)]
+        static_prefill(model, cache, toks[:, :20])
+        logits[backend, captured] = [model(toks[:, t:t + 1], torch.full((2, 1), t), cache) for t in range(20, 22)]
         assert len(launches) == (2 if backend == "triton" else 0)
     for key in (("triton", False), ("triton", True)):
         for got, want in zip(logits[key], logits["torch", False], strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for got, want in zip(logits["triton", True], logits["triton", False], strict=True):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.skipif(not (CUDA and INTERP is False), reason="needs CUDA and triton")
