@@ -27,4 +27,12 @@ kvc -m experiment=eviction_policies policy.budget=0.5,0.25 \
 kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=adakv policy/scorer=expected_attention
 kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=chunkkv policy.whole_chunks=true
 kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=criticalkv policy/scorer=snapkv policy.recent=32
-.venv/bin/python scripts/kvpress_side_by_side.py table "$OUT/kvpress.jsonl" "$OUT/records.jsonl" > "$OUT/README.md"
+# kvpress's scorer presses keep each KV head's own tokens, and its SnapKV observes 64 queries pooled over 5
+kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=knorm,keydiff,expected_attention,random \
+  policy.per_head=true
+kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=snapkv,pyramid policy.per_head=true \
+  policy.window=64 policy.kernel=5
+# kvpress's KVCompose scores by the max attention of the prompt fed again (bare), unnormalised: our KVzip scorer
+kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=kvcompose policy/scorer=kvzip \
+  +policy.scorer.repeat=null policy.normalize=none
+.venv/bin/kvc-report --table "$OUT"
