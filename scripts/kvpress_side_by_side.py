@@ -110,6 +110,45 @@ def run_kvpress(ids: Path, gguf: Path, out: Path, ratios: list[float], tokenizer
                 f.flush()
 
 
+def kvzip_scores(ids: Path, out: Path, tokens: int, gguf: Path | None = None, tokenizer_dir: Path | None = None,
+                 against: Path | None = None) -> None:
+    """KVzip's (layer, KV head, token) scores of the first piece's first ``tokens`` ids: kvpress's (the whole-context
+    variant; ``gguf``, in kvpress's venv) saved to ``out``, or ours (in kvcompress's venv) compared with ``against``."""
+    import torch
+
+    ids_ = torch.tensor(json.loads(ids.read_text())["pieces"][0][:tokens])[None]
+    if gguf is not None:
+        from transformers import AutoModelForCausalLM, DynamicCache
+
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model.eval().config.name_or_path = str(tokenizer_dir)
+        press, saved = whole_context_kvzip(0.5), {}
+        compress = press.compress_post
+        press.compress_post = lambda m: (saved.setdefault("s", press.score_val[:, 0].clone()), compress(m))
+        with torch.inference_mode(), press(model):
+            model(ids_, past_key_values=DynamicCache())
+        torch.save(saved["s"].float(), out)
+        return
+    from types import SimpleNamespace
+
+    from kvcompress.cache import ComposedCache
+    from kvcompress.cache.storage.dense import DenseStore
+    from kvcompress.engine.loaders import load, resolve_source
+    from kvcompress.engine.session import Session
+    from kvcompress.testing.contract import make
+
+    model, tokenizer = load(resolve_source("smollm2-135m"), "smollm2-135m")
+    policy = make("kvzip", "policy", budget=0.5)
+    cache = ComposedCache(DenseStore(), policy)
+    cache.setup(model.config.spec())
+    policy.calibrate(SimpleNamespace(tokenizer=tokenizer))
+    Session(model, cache).start(1).prefill(ids_, tokens)  # the replay ran; the first step would evict
+    ours = torch.stack([policy.state[o][0, :, :tokens] for o in sorted(policy.state)])
+    theirs = torch.load(against)
+    diff = (ours - theirs).abs().max().item()  # kvpress's saved before its sinks are lifted: every token compares
+    print(json.dumps({"tokens": tokens, "layers_heads_tokens": list(ours.shape), "max_abs_difference": diff}))
+
+
 def table(theirs: Path, ours: Path) -> str:
     kv = [json.loads(line) for line in theirs.read_text().splitlines() if line.strip()]
     us = [json.loads(line) for line in ours.read_text().splitlines() if line.strip()]
@@ -138,12 +177,21 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
     p.add_argument("--tokenizer", type=Path, required=True, help="the folder the ids step saved the tokenizer in")
+    p = sub.add_parser("kvzip-scores")
+    p.add_argument("ids", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--gguf", type=Path, help="kvpress's side: the model file (else ours, compared with --against)")
+    p.add_argument("--tokenizer", type=Path)
+    p.add_argument("--against", type=Path)
     p = sub.add_parser("table")
     p.add_argument("theirs", type=Path)
     p.add_argument("ours", type=Path)
     args = parser.parse_args()
     if args.command == "ids":
         dump_ids(args.out, args.context, args.continuation, args.samples, args.tokenizer)
+    elif args.command == "kvzip-scores":
+        kvzip_scores(args.ids, args.out, args.tokens, args.gguf, args.tokenizer, args.against)
     elif args.command == "kvpress":
         run_kvpress(args.ids, args.gguf, args.out, args.ratios, args.tokenizer)
     else:

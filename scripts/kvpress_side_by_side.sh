@@ -19,6 +19,11 @@ mkdir -p "$OUT"; rm -f "$OUT/kvpress.jsonl" "$OUT/records.jsonl"
   --continuation "$CONTINUATION" --samples "$SAMPLES" --tokenizer "$VENV/tokenizer"
 "$VENV/bin/python" scripts/kvpress_side_by_side.py kvpress "$OUT/ids.json" "$GGUF" "$OUT/kvpress.jsonl" --ratios 0.5 0.75 \
   --tokenizer "$VENV/tokenizer"
+# KVzip's scores on both sides (kvpress's scoring the whole context), the first 512 prompt tokens
+"$VENV/bin/python" scripts/kvpress_side_by_side.py kvzip-scores "$OUT/ids.json" "$VENV/kvzip_scores.pt" --gguf "$GGUF" \
+  --tokenizer "$VENV/tokenizer"
+.venv/bin/python scripts/kvpress_side_by_side.py kvzip-scores "$OUT/ids.json" - --against "$VENV/kvzip_scores.pt" \
+  | tail -1 > "$OUT/kvzip_scores.json"
 kvc() { .venv/bin/kvc "$@" eval.context="$CONTEXT" eval.continuation="$CONTINUATION" eval.samples="$SAMPLES" \
   results_dir="$OUT" publish=true progress=false; }
 kvc experiment=eviction_policies policy=none
