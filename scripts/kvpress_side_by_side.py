@@ -2,11 +2,14 @@
 compressed once at prefill, the next tokens scored one by one; ppl = exp(mean NLL of the continuation, the first
 token predicted by the prefill itself), as ``eval=prefill_decode`` computes it.
 
-    python scripts/kvpress_side_by_side.py ids OUT.json --context 1024 --continuation 128 --samples 2
+    python scripts/kvpress_side_by_side.py ids OUT.json --context 1024 --continuation 32 --samples 1 --tokenizer DIR
         (kvcompress's venv) the pieces of Hamlet exactly as ``kvc eval=prefill_decode`` cuts them, as token ids
-    python scripts/kvpress_side_by_side.py kvpress IDS.json GGUF RECORDS.jsonl --ratios 0.5 0.75
+    python scripts/kvpress_side_by_side.py kvpress IDS.json GGUF RECORDS.jsonl --ratios 0.5 0.75 --tokenizer DIR
         (kvpress's venv: scripts/kvpress_side_by_side.sh makes it) the same ids through transformers' GGUF loader
         under each press; one JSON line per (press, kept fraction)
+    python scripts/kvpress_side_by_side.py kvzip-scores IDS.json OUT.pt --gguf GGUF --tokenizer DIR   (kvpress's venv)
+    python scripts/kvpress_side_by_side.py kvzip-scores IDS.json - --against OUT.pt                  (ours: compare)
+        KVzip's (layer, KV head, token) scores on both sides: the max |difference| as one JSON line
     python scripts/kvpress_side_by_side.py table RECORDS.jsonl OURS.jsonl
         a markdown table of both sides (ours: the records of ``kvc experiment=eviction_policies``)
 
