@@ -22,7 +22,7 @@ case $MODEL in
              'KVQuant-4|Hadamard \+ int4 K|GEAR|Hadamard \+ int2|KIVI-2'
              'KVTC') ;;
   qwen2.5-1.5b)  # a subset at ~8, 4, 3 and 2 bits, one process
-    GROUPS_=('^full|fp8 e4m3 per-token|^int4 g32|^KIVI-4|^KIVI-2 g32 r32$|NVFP4|KVQuant-3|^Hadamard \+ int[42] g32|Hadamard \+ KIVI-2 g32 r32$|PQ 2-bit|^KVTC [32]-bit$') ;;
+    GROUPS_=('^full|fp8 e4m3 per-token|^int4 g32|KIVI|NVFP4|KVQuant-3|^Hadamard \+ int[42] g32|PQ 2-bit|^KVTC [32]-bit$') ;;
   *) echo "unknown MODEL $MODEL (smollm2-135m | qwen2.5-0.5b | qwen2.5-1.5b)" >&2; exit 2 ;;
 esac
 [ $# -ge 2 ] && GROUPS_=("$2")
