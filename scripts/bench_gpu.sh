@@ -100,7 +100,7 @@ else
   echo "bench_gpu: $GPU (peak ${PEAK:-unknown} GB/s)"
   phase tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_fp.py \
     tests/test_static.py tests/test_latent_captured.py tests/test_static_evict.py -k "cuda or triton or graph or static"
-  phase kernels 40 $PY -m kvcompress.kernels.bench --out "$OUT"
+  phase kernels 40 $PY scripts/bench_kernels.py --out "$OUT"
 fi
 
 KVC=(.venv/bin/kvc -m "${MODEL[@]}" results_dir="$OUT" progress=false)

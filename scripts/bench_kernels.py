@@ -3,8 +3,8 @@ full-precision SDPA (what the eager full cache runs) against attention over pack
 and by the PyTorch reference (dequantize, then SDPA: what the eager quantized storages cost today). The float
 codes (``fp8`` e4m3 per token, ``nvfp4``, ``mxfp4``) are encoded by their codec; their reference is its decode.
 
-    python -m kvcompress.kernels.bench --out results/gpu_bench/kernels      # CUDA, bf16
-    python -m kvcompress.kernels.bench --device cpu --dtype float32 --contexts 256 --batches 1 --backends torch
+    python scripts/bench_kernels.py --out results/gpu_bench/kernels      # CUDA, bf16
+    python scripts/bench_kernels.py --device cpu --dtype float32 --contexts 256 --batches 1 --backends torch
 
 One layer, one query token per row; the median of ``--repeats`` timed calls (CUDA events on CUDA).
 ``GB/s`` is the bytes the cache holds for the layer divided by the time: the attention's memory roofline.
