@@ -13,14 +13,15 @@ Reading (prefill chunks, policies, ``pre_rope`` keys): decode and turn back by R
 step attends in the rotated space instead: (q R)(k R)^T = q k^T over the packed codes and residual
 (``kernels.quant_attention``), and o = softmax(.)(V R) R^T. Per step and layer that costs two D x D products per query
 head (O(Hq D^2), independent of the context), where un-rotating the held keys would cost O(T Hkv D^2). The captured
-form is KIVI's (``residual.ResidualSlots``) with the same two turns: keys turned after RoPE, values on arrival, the
-query before attention and the output after.
+form is KIVI's (``residual.ResidualSlots``) with the same turns: keys turned after RoPE, values on arrival; a decode
+step turns the query and the output, a prefill chunk turns the held tokens back as the eager store does.
 """
 from __future__ import annotations
 
 from torch import Tensor
 
-from kvcompress.cache.base import ModelSpec, Rotary, attention_weights
+from kvcompress.cache.base import ModelSpec, Rotary, attention, attention_weights
+from kvcompress.cache.storage.fixed import capturing
 from kvcompress.cache.storage.frontier.rotated import Rotation
 from kvcompress.cache.storage.quant.store import QuantizedStore
 from kvcompress.cache.storage.residual import ResidualSlots
@@ -88,5 +89,12 @@ class RotatedSlots(ResidualSlots):
         super().append(layer, k, self.store.turn(v, "v").to(v.dtype), pos, TurnedRope(rope, self.store))
 
     def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
+        """Where the eager store decodes (a prefill chunk, the count readable on the host) the held tokens are turned
+        back and attended as it does, bit for bit; otherwise (decode steps, traced or recorded) in the rotated space."""
+        if q.shape[2] > 1 and not capturing():
+            n, store = int(self.index), self.store
+            k, v = (side.decoded(layer, n, q.dtype) for side in self.sides)
+            k, v = store.turn(k, "k", back=True).to(q.dtype), store.turn(v, "v", back=True).to(q.dtype)
+            return attention(q, k, v, q_pos, self.pos[:, :n])
         out = super().attend(layer, self.store.turn(q, "k").to(q.dtype), q_pos)
         return self.store.turn(out, "v", back=True).to(q.dtype)
