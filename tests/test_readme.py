@@ -153,7 +153,7 @@ def test_readme_command_runs(ex: Example, tmp_path):
 DOCS = [README, *REPO.glob("results/**/README.md"), *REPO.glob("results/**/*.sh"), *REPO.glob("scripts/*.sh"),
         *REPO.glob("conf/**/*.yaml"), *REPO.glob("results/**/table.yaml")]
 NAMED_FILE = re.compile(r"(?<![\w/.$-])((?:scripts|results)/[\w./-]+\.(?:py|sh|yaml))")
-TABLE_COMMAND = re.compile(r"kvc-report --table ((?:results|scripts)/[\w./-]*\w)")
+TABLE_COMMAND = re.compile(r"kvc-report --table ((?:results|scripts)/[\w./-]*\w)(?: --spec ((?:results|scripts)/[\w./-]+))?")
 
 
 def test_named_scripts_and_table_folders_exist():
@@ -163,8 +163,9 @@ def test_named_scripts_and_table_folders_exist():
             if not (REPO / m.group(1)).exists() and not (doc.parent / m.group(1)).exists()]
     assert not gone, "these files are named but do not exist:\n" + "\n".join(gone)
     specless = [f"{doc.relative_to(REPO)}: {m.group(1)}" for doc in DOCS
-                for m in TABLE_COMMAND.finditer(doc.read_text()) if not (REPO / m.group(1) / "table.yaml").is_file()]
-    assert not specless, "`kvc-report --table` folders without a table.yaml:\n" + "\n".join(specless)
+                for m in TABLE_COMMAND.finditer(doc.read_text())
+                if not (REPO / (m.group(2) or f"{m.group(1)}/table.yaml")).is_file()]
+    assert not specless, "`kvc-report --table` folders without a table.yaml (or a named --spec):\n" + "\n".join(specless)
 
 
 def test_named_file_patterns():
