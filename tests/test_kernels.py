@@ -156,8 +156,13 @@ def test_quantize_reference_is_bit_exact(bits, symmetric):
 
 
 def test_microbenchmark_runs_every_storage(tmp_path):
-    from kvcompress.kernels import bench
+    import importlib.util
+    from pathlib import Path
 
+    script = Path(__file__).parents[1] / "scripts/bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     rows = bench.main(["--device", "cpu", "--dtype", "float32", "--contexts", "160", "--batches", "1",
                        "--backends", "torch", "--repeats", "1", "--out", str(tmp_path)])
     assert {r["storage"] for r in rows} == set(bench.STORAGES) and all(r["ms"] > 0 for r in rows)

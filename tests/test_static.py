@@ -113,12 +113,13 @@ def test_auto_picks_the_captured_graph_on_cuda_and_the_compiled_step_on_a_cpu():
     assert {auto_path(False, d) for d in ("cuda", "cpu")} == {"eager"}  # no static form: the cache's own step
 
 
-def test_speed_on_the_static_path_keeps_the_perplexity(stories):
+def test_speed_on_the_static_path_keeps_the_perplexity(stories, capsys):
     eager = speed(stories, FullCache())
     static = speed(stories, FullCache(), decode_path="graph")
     assert eager["decode_path"] == "eager" and static["decode_path"] == "static"  # no CUDA graph on CPU
     assert abs(static["ppl"] - eager["ppl"]) < 1e-4 * eager["ppl"]
     assert speed(stories, ComposedCache(layout=CLA(group_size=2)), decode_path="auto")["decode_path"] == "eager"
+    assert "runs eager" in capsys.readouterr().err
     with pytest.raises(ValueError, match="eval.decode_path"):  # sharing changes what a layer reads: no static form
         speed(stories, ComposedCache(layout=CLA(group_size=2)), decode_path="graph")
     with pytest.raises(ValueError, match="eval.decode_path"):

@@ -32,8 +32,11 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from kvcompress.cache.base import KVCache
 from kvcompress.engine.static import decode_step
 
-# freezing: weights are constants (prepacked); the CPP template is Inductor's own GEMM, ATEN the packed MKL one
-COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# freezing: weights are constants (prepacked); the CPP template is Inductor's own GEMM, ATEN the packed MKL one;
+# emulate_precision_casts: a cast to fp16 / bf16 rounds inside a fused kernel as it does eagerly (without it Inductor
+# folds x.half().float() into x, and the quantizers' outward-rounded fp16 scales and zero points come out otherwise)
+COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                   "emulate_precision_casts": True}
 CACHE_DIR = "~/.cache/kvcompress/inductor"
 
 

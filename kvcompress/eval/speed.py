@@ -99,6 +99,10 @@ def session_for(ctx: EvalContext, capacity: int, want: str = "eager") -> Session
                 "H2O/TOVA/StreamingLLM/key-norm/KeyDiff; sharing layouts and prefill-time policies do not)", want)
     if want == "auto":
         want = auto_path(form is not None, ctx.model.device.type)
+        if form is None:  # never silently: the record's decode_path says eager, stderr says why
+            print(f"kvc: eval.decode_path=auto runs eager: {type(ctx.cache).__name__} has no static-capacity form "
+                  "(sharing layouts, prefill-time and stateful policies, KVTC, GEAR with a rank, bitsandbytes)",
+                  file=sys.stderr)
     return Session(ctx.model, ctx.cache, decode=SESSION_DECODE[want], capacity=capacity)
 
 

@@ -125,10 +125,16 @@ def attend_rows(rows: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed
 
 
 def round_fp16(x: Tensor, up: bool) -> Tensor:
-    """fp32 -> fp16 rounded towards +inf (``up``) or -inf, as the quantizer does."""
+    """fp32 -> fp16 rounded towards +inf (``up``) or -inf, as the quantizer does: the nearest fp16, stepped one ulp
+    by its bit pattern where it lies on the wrong side of x (sign-magnitude: a step away from zero is bits + 1;
+    from +-0 it is +-2^-24), as ``triton_quantize._fp16_out`` does. Not ``torch.nextafter``: Inductor's fp16
+    ``nextafter`` returns its input (torch 2.13, CPU)."""
     h = x.clamp(-65504.0, 65504.0).half()
     off = (h.float() < x) if up else (h.float() > x)
-    return torch.where(off, torch.nextafter(h, torch.full_like(h, float("inf") if up else float("-inf"))), h)
+    bits = h.view(torch.int16).to(torch.int32)
+    step = torch.where((h > 0) if up else (h < 0), bits + 1, bits - 1)
+    step = torch.where(h == 0, torch.full_like(bits, 1 if up else -32767), step)  # 0x0001 / 0x8001 as int16
+    return torch.where(off, step, bits).to(torch.int16).view(torch.float16)
 
 
 def quantize_groups(g: Tensor, dim: int, bits: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor | None]:
