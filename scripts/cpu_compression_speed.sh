@@ -27,8 +27,9 @@ mkdir -p "$OUT"
 "${KVC[@]}" "${SPEED[@]}" eval.decode_path=eager policy=snapkv policy.budget=0.25 "$@"
 DEVICE="CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(.venv/bin/python -c \
   'import torch; print(torch.get_num_threads())') threads" SETTINGS="${MODEL[*]}" \
+  COMMAND="CONTEXTS=$CONTEXTS BATCHES=$BATCHES PATHS=$PATHS DTYPE=$DTYPE bash scripts/cpu_compression_speed.sh" \
   COMMIT=$(git rev-parse --short HEAD 2>/dev/null || true) .venv/bin/python -c '
 import json, os
 print(json.dumps({"device": os.environ["DEVICE"], "model": os.environ["SETTINGS"], "commit": os.environ["COMMIT"],
-                  "engine": None}))' > "$OUT/bench.jsonl"
+                  "engine": None, "command": os.environ["COMMAND"]}))' > "$OUT/bench.jsonl"
 .venv/bin/kvc-report --table "$OUT" --spec results/cpu_bench/table.yaml && cat "$OUT/table.md"
