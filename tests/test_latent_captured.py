@@ -139,9 +139,12 @@ def test_decode_step_traces_as_one_graph_and_equals_eager(model, ctx, kw):
     prefill(model, eager, tokens)
     nxt = prefill(model, traced, tokens)[:, -1:].argmax(-1)
     compiled = torch.compile(decode_step, fullgraph=True, backend="eager")
-    assert torch.equal(steps(model, traced, nxt, 8, 4, compiled), steps(model, eager, nxt, 8, 4))
-    for x, y in zip(traced.tensors(), eager.tensors(), strict=True):
-        assert torch.equal(x, y)
+    # traced, the fixed slots attend over the whole capacity (storage/fixed.py: capturing()), as a recorded CUDA
+    # graph does; untraced they attend the written slots alone: equal within fp rounding, not bit for bit
+    torch.testing.assert_close(steps(model, traced, nxt, 8, 4, compiled), steps(model, eager, nxt, 8, 4), atol=1e-5,
+                               rtol=1e-5)
+    for x, y in zip(traced.tensors(), eager.tensors(), strict=True):  # fp16 latents: within an ulp or so
+        torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graph capture needs CUDA")
