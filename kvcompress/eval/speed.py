@@ -77,6 +77,11 @@ def spread(name: str, values: list[float]) -> dict[str, float]:
 SESSION_DECODE = {"eager": "eager", "graph": "captured", "compiled": "compiled"}  # eval.decode_path -> Session
 
 
+WHICH_HAVE_STATIC_FORMS = ("(dense, quantized and latent storages have one, and fixed-budget decode-time policies "
+                           "such as H2O/TOVA/StreamingLLM/key-norm/KeyDiff; sharing layouts, prefill-time and "
+                           "stateful policies, KVTC, GEAR with a rank and bitsandbytes do not)")
+
+
 def auto_path(has_static_form: bool, device_type: str) -> str:
     """``eval.decode_path=auto``: where the cache has a static form, the CUDA graph on CUDA and the compiled step on
     a CPU (1.33x eager decode in fp32 and 2.1x in bf16 at batch 1, 1k context, and ahead of llama.cpp:
@@ -94,15 +99,13 @@ def session_for(ctx: EvalContext, capacity: int, want: str = "eager") -> Session
     is refused naming ``eval.decode_path``."""
     form = None if want == "eager" else static_form(ctx.cache, capacity)
     if want != "eager" and form is None:
-        require(want == "auto", "eval.decode_path", "eager or auto for a cache without a static-capacity form "
-                "(dense, quantized and latent storages have one, and fixed-budget decode-time policies such as "
-                "H2O/TOVA/StreamingLLM/key-norm/KeyDiff; sharing layouts and prefill-time policies do not)", want)
+        require(want == "auto", "eval.decode_path", f"eager or auto for a cache without a static-capacity form "
+                f"{WHICH_HAVE_STATIC_FORMS}", want)
     if want == "auto":
         want = auto_path(form is not None, ctx.model.device.type)
         if form is None:  # never silently: the record's decode_path says eager, stderr says why
             print(f"kvc: eval.decode_path=auto runs eager: {type(ctx.cache).__name__} has no static-capacity form "
-                  "(sharing layouts, prefill-time and stateful policies, KVTC, GEAR with a rank, bitsandbytes)",
-                  file=sys.stderr)
+                  f"{WHICH_HAVE_STATIC_FORMS}", file=sys.stderr)
     return Session(ctx.model, ctx.cache, decode=SESSION_DECODE[want], capacity=capacity)
 
 
