@@ -23,6 +23,14 @@ from kvcompress.cache.window_mask import current_window
 # while a padding query still sees at least itself, so no softmax row is empty.
 PAD_POSITION = 2**30
 
+# A CPU without oneDNN's reduced-precision kernels (they need AVX-512 BF16/FP16, AMX or AVX-NE-CONVERT) multiplies
+# bf16/fp16 in ATen's scalar fallback: a 256-row bf16 product ran ~8x slower than the fp32 MKL one, and a masked
+# bf16 decode SDPA 4.7x slower than upcasting to fp32, on this project's AVX2 CPU. There products of several rows
+# (``engine.model.linear``) and masked attention (``attention``) are computed in fp32 and rounded back; with those
+# kernels (AVX-512 BF16 / AMX) the native bf16 SDPA is the faster one (3x at a 1k decode step).
+SLOW_CPU_HALF = {torch.bfloat16: not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                 torch.float16: not torch.ops.mkldnn._is_mkldnn_fp16_supported()}
+
 
 class Rotary(Protocol):
     """The model's rotary embedding, handed to caches so they may rotate keys when they like."""
@@ -205,8 +213,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> 
     groups = q.shape[1] // k.shape[1]
     if is_own_prefix(q_pos, k_pos):  # fresh prefill: the plain causal kernel, no mask (~1.5x faster on CPU)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):  # CPU's masked half SDPA: ~5x fp32's
-        return attention(q.float(), k.float(), v.float(), q_pos, k_pos).to(q.dtype)  # time at decode (AVX2)
+    if q.device.type == "cpu" and SLOW_CPU_HALF.get(q.dtype):  # no oneDNN half kernels: fp32, then rounded
+        return attention(q.float(), k.float(), v.float(), q_pos, k_pos).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visibility_mask(q_pos, k_pos, groups),
                                           enable_gqa=groups > 1)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvcompress.cache.base import KVCache
+from kvcompress.cache.base import SLOW_CPU_HALF, KVCache
 from kvcompress.engine.config import ModelConfig
 from kvcompress.engine.rope import RotaryEmbedding
 
@@ -40,18 +40,11 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-# A CPU without oneDNN's reduced-precision GEMM (it needs AVX-512 BF16/FP16, AMX or AVX-NE-CONVERT) multiplies
-# bf16/fp16 matrices in ATen's scalar fallback: a 256-row bf16 product ran ~8x slower than the fp32 MKL one on this
-# project's AVX2 CPU. One row (a decode GEMV) has its own fast path there, so only products of several rows are
-# computed in fp32 instead. Exact inputs either way (bf16/fp16 widen exactly) and both accumulate in fp32: only the
-# summation order differs, then the result is rounded back to the input's dtype.
-SLOW_CPU_GEMM = {torch.bfloat16: not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-                 torch.float16: not torch.ops.mkldnn._is_mkldnn_fp16_supported()}
-
-
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``, with products of several rows in fp32 where the CPU's reduced-precision GEMM is slow."""
-    if x.device.type == "cpu" and SLOW_CPU_GEMM.get(x.dtype) and x.numel() > x.shape[-1]:
+    """``F.linear``, with products of several rows in fp32 where the CPU's reduced-precision GEMM is slow (one row,
+    a decode GEMV, has its own fast path there). Exact inputs either way (bf16/fp16 widen exactly) and both
+    accumulate in fp32: only the summation order differs, then the result is rounded back to the input's dtype."""
+    if x.device.type == "cpu" and SLOW_CPU_HALF.get(x.dtype) and x.numel() > x.shape[-1]:
         up = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
         return up.to(x.dtype)
     return F.linear(x, weight, bias)

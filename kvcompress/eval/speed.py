@@ -84,7 +84,7 @@ WHICH_HAVE_STATIC_FORMS = ("(dense, quantized and latent storages have one, and 
 
 def auto_path(has_static_form: bool, device_type: str) -> str:
     """``eval.decode_path=auto``: where the cache has a static form, the CUDA graph on CUDA and the compiled step on
-    a CPU (1.33x eager decode in fp32 and 2.1x in bf16 at batch 1, 1k context, and ahead of llama.cpp:
+    a CPU (1.37x eager decode in fp32 and 2.17x in bf16 at batch 1, 1k context, and ahead of llama.cpp:
     results/cpu_bench/llamacpp/t2.md); eager otherwise."""
     if not has_static_form:
         return "eager"
