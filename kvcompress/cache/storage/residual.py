@@ -249,23 +249,26 @@ class ResidualStore(TokenStore):
 
 
 class SlotStage:
-    """One of K or V for every layer in fixed slots: each part (L, B, H, groups * rows, ...) for ``ceil(capacity /
-    gran)`` groups, the residual (L, B, H, residual + gran, D)."""
+    """One of K or V for every layer in fixed slots: per layer, each part (B, H, groups * rows, ...) for
+    ``ceil(capacity / gran)`` groups and the residual (B, H, residual + gran, D). A tensor per layer, not one stacked
+    (L, ...) tensor: Inductor turned each layer's in-place write into a slice of a stacked buffer into copies of the
+    whole buffer (the compiled KIVI-2 step ran at 3.8 tok/s against 15.2 eagerly on SmolLM2)."""
 
     def __init__(self, codec: GroupCodec, residual: int, dtype: torch.dtype, lead: tuple[int, int, int],
                  capacity: int, D: int, device):
         self.codec, self.residual, self.dtype, G = codec, residual, dtype, codec.gran
         example = codec.encode(torch.zeros((*lead[1:], G, D), dtype=dtype, device=device))
         self.rows = {name: x.shape[2] for name, x in example.items()}
-        self.parts = {name: x.new_zeros((lead[0], *x.shape[:2], math.ceil(capacity / G) * x.shape[2], *x.shape[3:]))
+        groups = math.ceil(capacity / G)
+        self.parts = {name: [x.new_zeros((*x.shape[:2], groups * x.shape[2], *x.shape[3:])) for _ in range(lead[0])]
                       for name, x in example.items()}
-        self.res = torch.zeros((*lead, residual + G, D), dtype=dtype, device=device)
+        self.res = [torch.zeros((*lead[1:], residual + G, D), dtype=dtype, device=device) for _ in range(lead[0])]
 
     def split(self, n):
         return prefix_length(n, self.residual, self.codec.gran)
 
     def tensors(self) -> list[Tensor]:
-        return [*self.parts.values(), self.res]
+        return [t for layers in (*self.parts.values(), self.res) for t in layers]
 
     def count(self, n: Tensor, T: int) -> None:
         """This step's counts, once for every layer: ``n`` (0-d, device) tokens after a step of T. A single-token step
@@ -329,7 +332,7 @@ class SlotStage:
         else residual slot ``t - n_q`` (slots at or beyond the token count are junk the positions mask)."""
         prefix = self.codec.decode({n: p[layer] for n, p in self.parts.items()}, dtype)[:, :, :capacity]
         t = torch.arange(capacity, device=prefix.device)
-        res = self.res[layer].index_select(2, (t - self.n_q).clamp(0, self.res.shape[3] - 1)).to(dtype)
+        res = self.res[layer].index_select(2, (t - self.n_q).clamp(0, self.res[layer].shape[2] - 1)).to(dtype)
         return torch.where((t < self.n_q)[:, None], prefix, res)
 
 
