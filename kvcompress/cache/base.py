@@ -27,7 +27,8 @@ PAD_POSITION = 2**30
 # bf16/fp16 in ATen's scalar fallback: a 256-row bf16 product ran ~8x slower than the fp32 MKL one, and a masked
 # bf16 decode SDPA 4.7x slower than upcasting to fp32, on this project's AVX2 CPU. There products of several rows
 # (``engine.model.linear``) and masked attention (``attention``) are computed in fp32 and rounded back; with those
-# kernels (AVX-512 BF16 / AMX) the native bf16 SDPA is the faster one (3x at a 1k decode step).
+# kernels (AVX-512 BF16 / AMX) the native bf16 SDPA is the faster one
+# (~3x at a 1k decode step: scripts/profile_cpu_step.py --attention-only --dtype bfloat16).
 SLOW_CPU_HALF = {torch.bfloat16: not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                  torch.float16: not torch.ops.mkldnn._is_mkldnn_fp16_supported()}
 

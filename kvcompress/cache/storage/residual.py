@@ -252,7 +252,7 @@ class SlotStage:
     """One of K or V for every layer in fixed slots: per layer, each part (B, H, groups * rows, ...) for
     ``ceil(capacity / gran)`` groups and the residual (B, H, residual + gran, D). A tensor per layer, not one stacked
     (L, ...) tensor: Inductor turned each layer's in-place write into a slice of a stacked buffer into copies of the
-    whole buffer (the compiled KIVI-2 step ran at 3.8 tok/s against 15.2 eagerly on SmolLM2)."""
+    whole buffer (the compiled KIVI-2 step ran at 0.26x of its eager step: results/cpu_bench/README.md)."""
 
     def __init__(self, codec: GroupCodec, residual: int, dtype: torch.dtype, lead: tuple[int, int, int],
                  capacity: int, D: int, device):
