@@ -10,8 +10,6 @@ token predicted by the prefill itself), as ``eval=prefill_decode`` computes it.
     python scripts/kvpress_side_by_side.py kvzip-scores IDS.json OUT.pt --gguf GGUF --tokenizer DIR   (kvpress's venv)
     python scripts/kvpress_side_by_side.py kvzip-scores IDS.json - --against OUT.pt                  (ours: compare)
         KVzip's (layer, KV head, token) scores on both sides: the max |difference| as one JSON line
-    python scripts/kvpress_side_by_side.py table RECORDS.jsonl OURS.jsonl
-        a markdown table of both sides (ours: the records of ``kvc experiment=eviction_policies``)
 
 Run the whole thing with ``bash scripts/kvpress_side_by_side.sh`` (never in setup or CI: it installs kvpress and
 transformers 5.2 into their own virtual environment under the cache folder).
@@ -23,13 +21,14 @@ import json
 import math
 from pathlib import Path
 
-# kvpress press -> the kvcompress policy (and settings) running the same algorithm
+# kvpress's presses run here, each with the kvcompress policy (and settings) of the same algorithm; the table is
+# kvc-report --table results/kvpress (its spec pairs the rows)
 PRESSES = {
     "StreamingLLMPress": "streaming", "SnapKVPress": "snapkv", "TOVAPress": "tova", "KnormPress": "knorm",
     "ExpectedAttentionPress": "expected_attention", "KeyDiffPress": "keydiff", "RandomPress": "random",
     "PyramidKVPress": "pyramid", "KVzipPress": "kvzip", "KVComposePress": "kvcompose",
     "AdaKVPress(ExpectedAttentionPress)": "adakv policy/scorer=expected_attention",
-    "ChunkKVPress(SnapKVPress)": "chunkkv policy.whole_chunks=true",
+    "ChunkKVPress(SnapKVPress)": "chunkkv policy.whole_chunks=true policy.chunk=20 (+ kvpress's SnapKV)",
     "CriticalKVPress(SnapKVPress)": "criticalkv policy/scorer=snapkv",
     "KVzipPress(header unscored=0)": "kvzip",
 }
@@ -152,19 +151,6 @@ def kvzip_scores(ids: Path, out: Path, tokens: int, gguf: Path | None = None, to
     print(json.dumps({"tokens": tokens, "layers_heads_tokens": list(ours.shape), "max_abs_difference": diff}))
 
 
-def table(theirs: Path, ours: Path) -> str:
-    kv = [json.loads(line) for line in theirs.read_text().splitlines() if line.strip()]
-    us = [json.loads(line) for line in ours.read_text().splitlines() if line.strip()]
-    rows = ["| kvpress press | kept | kvpress ppl | kvcompress policy | kvcompress ppl |", "|---|---|---|---|---|"]
-    for r in kv:
-        policy = PRESSES.get(r["press"], "none")
-        match = [u for u in us if str(u.get("policy", "")).startswith(policy.split()[0])
-                 and abs(float(u.get("budget", 1.0)) - r["kept"]) < 1e-9]
-        ppl = f"{match[-1]['ppl']:.3f}" if match else "-"
-        rows.append(f"| {r['press']} | {r['kept']:.2f} | {r['ppl']:.3f} | {policy} | {ppl} |")
-    return "\n".join(rows)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,18 +173,13 @@ def main() -> None:
     p.add_argument("--gguf", type=Path, help="kvpress's side: the model file (else ours, compared with --against)")
     p.add_argument("--tokenizer", type=Path)
     p.add_argument("--against", type=Path)
-    p = sub.add_parser("table")
-    p.add_argument("theirs", type=Path)
-    p.add_argument("ours", type=Path)
     args = parser.parse_args()
     if args.command == "ids":
         dump_ids(args.out, args.context, args.continuation, args.samples, args.tokenizer)
     elif args.command == "kvzip-scores":
         kvzip_scores(args.ids, args.out, args.tokens, args.gguf, args.tokenizer, args.against)
-    elif args.command == "kvpress":
-        run_kvpress(args.ids, args.gguf, args.out, args.ratios, args.tokenizer)
     else:
-        print(table(args.theirs, args.ours))
+        run_kvpress(args.ids, args.gguf, args.out, args.ratios, args.tokenizer)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,15 @@ kvc experiment=eviction_policies policy=none
 kvc -m experiment=eviction_policies policy.budget=0.5,0.25 \
   policy=streaming,snapkv,tova,knorm,expected_attention,keydiff,random,pyramid,kvzip,kvcompose
 kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=adakv policy/scorer=expected_attention
-kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=chunkkv policy.whole_chunks=true
+# kvpress's ChunkKV: chunks of 20 over its SnapKV, as many whole chunks as the kept fraction of them
+kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=chunkkv policy.whole_chunks=true policy.chunk=20 \
+  policy.recent=64 policy.scorer.window=64 policy.scorer.kernel=5 policy.scorer.pooling=avg
 kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=criticalkv policy/scorer=snapkv policy.recent=32
-# kvpress's scorer presses keep each KV head's own tokens, and its SnapKV observes 64 queries pooled over 5
+# kvpress's scorer presses keep each KV head's own tokens, and its SnapKV observes 64 queries, average-pooled over 5
 kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=knorm,keydiff,expected_attention,random \
   policy.per_head=true
 kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=snapkv,pyramid policy.per_head=true \
-  policy.window=64 policy.kernel=5
+  policy.window=64 policy.kernel=5 policy.pooling=avg
 # kvpress's KVCompose scores by the max attention of the prompt fed again (bare), unnormalised: our KVzip scorer
 kvc -m experiment=eviction_policies policy.budget=0.5,0.25 policy=kvcompose policy/scorer=kvzip \
   +policy.scorer.repeat=null policy.normalize=none

@@ -172,10 +172,15 @@ def test_random_reseeded_every_layer_drops_the_same_tokens_and_keeps_sinks(model
     assert not all(torch.equal(v.positions()[0], pos[0]) for v in other.stores())
 
 
-def test_chunkkv_whole_chunks_rounds_the_budget_down(model):
+def test_chunkkv_whole_chunks_keeps_the_papers_chunk_count(model):
+    """41 held (the prompt and this step's token, protected), chunk 4: n = 11 chunks, the last one the new token;
+    budget 18 keeps k = floor(11 x 18 / 41) = 4 of them, whole: 3 x 4 + 1 = 13 tokens (kvpress's ChunkKVPress)."""
     cache = compressed(model, load("chunkkv", budget=18, chunk=4, recent=0, whole_chunks=True, when="prefill",
                                    scorer=dict(window=4)))
-    assert (counts(cache)[0] == 16).all()  # layer 0 compressed with this step's token protected, in its 16
+    assert (counts(cache)[0] == 13).all()
+    for store in cache.stores():
+        kept = store.positions()[0].tolist()
+        assert PROMPT in kept and all(sum(p // 4 == c for p in kept) in (0, 4) for c in range(PROMPT // 4))
     exact = compressed(model, load("chunkkv", budget=18, chunk=4, recent=0, when="prefill", scorer=dict(window=4)))
     assert (counts(exact)[0] == 18).all()
 

@@ -202,7 +202,8 @@ class EvictionPolicy(Policy):
             return self.recent
         return (budget.double() * self.recent).long() if isinstance(budget, Tensor) else int(self.recent * budget)
 
-    def target(self, owner: int) -> int:
+    def target(self, owner: int, held: int | None = None) -> int:
+        """Tokens a store keeps; ``held`` (its token count, when known) for a count that depends on it (ChunkKV)."""
         return self.layer_budget(owner, self.row_budget())
 
     def heads(self) -> int:
@@ -267,7 +268,8 @@ class EvictionPolicy(Policy):
 
     def evict(self, owner: int, store: TokenStore, protect: int = 0) -> None:
         """Keep the store's best tokens within its budget; the last ``protect`` slots always stay."""
-        held, budget = store.length, self.target(owner)
+        held = store.length
+        budget = self.target(owner, held)
         if held <= budget:
             return
         pos = store.positions()

@@ -4,10 +4,11 @@ tokens instead of single tokens, so a kept phrase stays whole.
 The held slots (in position order) are cut into chunks of ``chunk`` tokens; a chunk's score is the sum of the
 scorer's token scores s_i over it (heads averaged unless ``per_head``):  S_c = sum_{i in c} s_i.
 Chunks are kept best-first. ``whole_chunks=false`` (default): the budget's remainder takes the best tokens of the
-next chunk, so a row keeps exactly the budget (every method here holds its budget, so they compare at equal
-memory). ``whole_chunks=true`` (the paper's and kvpress's: 1,008 of 1,024 tokens at chunk 10): the budget rounds
-down to whole chunks, floor(budget / chunk) x chunk (the budget itself below one chunk). Protected sinks / recent
-tokens come first, as in every policy, and count against it.
+next chunk, so a row keeps exactly the budget B (every method here holds its budget, so they compare at equal
+memory). ``whole_chunks=true`` (the paper's count, as kvpress's ChunkKVPress): the T held tokens are cut into
+n = ceil(T / chunk) chunks from the first (the last one partial, r tokens) and the best k = max(1, floor(n B / T))
+are kept; a chunk holding a protected (sink, recent, new) token is kept whole, so with the recent window over the
+last chunk a row keeps (k - 1) chunk + r tokens (1,008 of a 1,024 budget at T = 2,048, chunk 20).
 """
 from __future__ import annotations
 
@@ -32,16 +33,27 @@ class ChunkKV(ScorerWrapper):
         self.whole_chunks = bool(whole_chunks)
         super().__init__(scorer, **kwargs)
 
-    def target(self, owner: int) -> int:
+    def target(self, owner: int, held: int | None = None) -> int:
         budget = super().target(owner)
-        return (budget // self.chunk * self.chunk or budget) if self.whole_chunks else budget
+        if not self.whole_chunks or held is None or held <= budget:
+            return budget
+        n = math.ceil(held / self.chunk)
+        return (max(1, n * budget // held) - 1) * self.chunk + held - (n - 1) * self.chunk
 
     def score(self, c: Candidates) -> Tensor:  # chunks follow slot order (the eager store's): no captured form
         s, pos = self.scorer.score(c).float(), c.pos
         if not self.per_head and s.shape[1] > 1:
             s = s.mean(1, keepdim=True)
         s = s.expand(-1, max(s.shape[1], pos.shape[1]), -1)
-        return chunk_priority(s.nan_to_num(0.0, 0.0, 0.0).masked_fill(pos >= PAD_POSITION, 0.0), self.chunk)
+        return s.nan_to_num(0.0, 0.0, 0.0).masked_fill(pos >= PAD_POSITION, 0.0)
+
+    def priority(self, score: Tensor, pos: Tensor, budget: int | Tensor, protect: int = 0) -> Tensor:
+        token = super().priority(score, pos, budget, protect)  # protected: +inf, padding: -inf
+        lifted = token == float("inf")
+        if self.whole_chunks:  # a protected token's chunk stays whole
+            score = score.masked_fill(lifted, float("inf"))
+        return chunk_priority(score, self.chunk).masked_fill(lifted, float("inf")).masked_fill(
+            token == float("-inf"), float("-inf"))
 
 
 def chunk_priority(s: Tensor, chunk: int) -> Tensor:
