@@ -30,7 +30,7 @@
 # on SmolLM2-135M, Qwen2.5-0.5B and Qwen2.5-1.5B: eval=prefill_decode with 4 pieces of 4,096 + 256 tokens of Hamlet
 # and Paradise Lost scored token by token, eval=ruler on six needle tasks at 1k/2k/4k, 8 prompts each) and
 # Qwen2.5-1.5B's speed matrix (the caches of phase 3 at contexts 1k, 4k, 16k, batch 1 and 16, eager and graph),
-# into $OUT/transfer/records.jsonl; results/transfer/table.py reads that file as it reads its own.
+# into $OUT/transfer/records.jsonl; `kvc-report --table $OUT/transfer --spec results/transfer/table.yaml` tables it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${CPU_CHECK:-}" ]; then

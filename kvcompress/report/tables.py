@@ -30,7 +30,8 @@ around the tables; every value is an expression (``report/expr.py``) over the re
 Helpers beyond ``expr.HELPERS``: ``load(path)`` (records of another file, relative to the folder), ``exists`` and
 ``read`` (a file of the folder), ``model_config(name)`` (a model's dimensions), ``uniform_groups`` and
 ``describe`` (layer groups, as the layouts make them), ``fail(message)`` (a check that stops the build),
-``settings(r)`` (a record's settings, as summary.md names them).
+``settings(r)`` (a record's settings, as summary.md names them), ``sweep_points(experiment)`` (the points of
+``conf/experiment/<experiment>.yaml``'s sweep), and the cross-model rankings of ``report/rankings.py``.
 """
 from __future__ import annotations
 
@@ -38,10 +39,13 @@ import re
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
 from kvcompress.cache.layout.groups import describe, uniform_groups
 from kvcompress.engine.loaders import read_config, resolve_source
+from kvcompress.presets import CONF_DIR
 from kvcompress.records import read_records, record_settings, write_text_atomic
+from kvcompress.report import rankings
 from kvcompress.report.expr import Rec, SpecError, evaluate, wrap
 from kvcompress.report.plots import bar_plot, series_plot
 
@@ -68,13 +72,25 @@ def model_config(name: str):
     return read_config(resolve_source(name), name)
 
 
+def sweep_points(experiment: str) -> list[str]:
+    """The points of ``conf/experiment/<experiment>.yaml``'s ``+experiment/point`` sweep, in its order."""
+    conf = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml")
+    return str(conf.hydra.sweeper.params["+experiment/point"]).split(",")
+
+
+RANKING_HELPERS = (rankings.cache_label, rankings.text_scores, rankings.ruler_scores, rankings.ruler_accuracy,
+            rankings.one_axis_families, rankings.keys_in_all, rankings.mean_log_ppl_ratio, rankings.ranked,
+            rankings.family_orders, rankings.tau_row, rankings.pair_verdicts)
+
+
 def helpers(folder: Path) -> dict:
     def load(path: str) -> list[Rec]:
         return [wrap(r) for r in read_records(folder / path)]
 
     return {"load": load, "exists": lambda name: (folder / name).exists(),
             "read": lambda name: (folder / name).read_text(), "model_config": model_config,
-            "uniform_groups": uniform_groups, "describe": describe, "settings": record_settings}
+            "uniform_groups": uniform_groups, "describe": describe, "settings": record_settings,
+            "sweep_points": sweep_points, **{f.__name__: f for f in RANKING_HELPERS}}
 
 
 def fill(template: str, ns: dict, where: str) -> str:

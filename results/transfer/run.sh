@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The transfer study (issue 23): the same 14 caches (conf/experiment/transfer.yaml) on SmolLM2-135M, Qwen2.5-0.5B
 # and Qwen2.5-1.5B. Records go to results/transfer/records.jsonl (a re-run skips ok jobs), then
-#   .venv/bin/python results/transfer/table.py > results/transfer/README.md
+#   kvc-report --table results/transfer (README.md, from results/transfer/table.yaml)
 # Usage: results/transfer/run.sh [text-1.5b|-0.5b|-smollm2] [ruler] [ruler-0.5b] [check-1.5b] [checks] (default: all)
 #   text-*: eval=prefill_decode: 2 pieces of 384 + 128 tokens per text, the prompt compressed once at its end,
 #           the 128 following tokens teacher-forced 32 at a time; SmolLM2 and Qwen2.5-0.5B on Hamlet and
