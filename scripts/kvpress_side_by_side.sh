@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 24: kvcompress beside NVIDIA kvpress 0.5.5 on identical token ids (never in setup or CI: it installs kvpress
 # and transformers 5.2 into their own virtual environment under the cache folder). Writes results/kvpress/.
-# Sized for a loaded 2-core CPU: CONTEXT=1024 CONTINUATION=32 SAMPLES=1 (the issue's run: 2048 / 256 / 4 pieces).
+# Sized for a 2-core CPU (~25 minutes): CONTEXT=2048 CONTINUATION=64 SAMPLES=1 (the issue's run: 2048 / 256 / 4).
 #   bash scripts/kvpress_side_by_side.sh            CONTEXT=2048 CONTINUATION=256 SAMPLES=4 bash scripts/...
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CONTEXT=${CONTEXT:-1024}; CONTINUATION=${CONTINUATION:-32}; SAMPLES=${SAMPLES:-1}
+CONTEXT=${CONTEXT:-2048}; CONTINUATION=${CONTINUATION:-64}; SAMPLES=${SAMPLES:-1}
 VENV=${KVPRESS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/kvcompress/kvpress-0.5.5}
 OUT=results/kvpress
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error
