@@ -79,8 +79,8 @@ def sweep_points(experiment: str) -> list[str]:
 
 
 RANKING_HELPERS = (rankings.cache_label, rankings.text_scores, rankings.ruler_scores, rankings.ruler_accuracy,
-            rankings.one_axis_families, rankings.keys_in_all, rankings.mean_log_ppl_ratio, rankings.ranked,
-            rankings.family_orders, rankings.tau_row, rankings.pair_verdicts)
+                   rankings.one_axis_families, rankings.keys_in_all, rankings.mean_log_ppl_ratio, rankings.ranked,
+                   rankings.family_orders, rankings.tau_row, rankings.pair_verdicts)
 
 
 def helpers(folder: Path) -> dict:
