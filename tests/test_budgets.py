@@ -11,8 +11,11 @@ import torch
 from conftest import spec_of, tiny_model
 from omegaconf import OmegaConf
 
-from kvcompress.cache import PAD_POSITION, ComposedCache
+from kvcompress.cache import PAD_POSITION, ComposedCache, ModelSpec
 from kvcompress.cache.policy.criticalkv import critical_scores
+from kvcompress.cache.policy.global_budget import rank_max
+from kvcompress.cache.policy.kvzip import KVzip
+from kvcompress.cache.policy.score import Candidates
 from kvcompress.cache.storage.dense import DenseStore
 from kvcompress.engine.generate import forward_chunks, prefill
 from kvcompress.testing.contract import make
@@ -84,6 +87,29 @@ def test_kvcompose_heads_of_a_layer_hold_equal_counts(model):
     assert cache.memory_report()["padding_fraction"] == 0
     pos = [v.positions()[0] for v in cache.stores()]
     assert any(not torch.equal(p[0], p[1]) for p in pos)  # heads keep their own tokens
+
+
+def test_kvcompose_first_layer_keeps_the_most(model):
+    """first_layer_max: layer 0's composite scores are every layer's max at each rank, so it holds the most."""
+    knorm = OmegaConf.load(CONF / "scorer" / "knorm.yaml")
+    held = counts(compressed(model, load("kvcompose", budget=12, scorer=knorm)))[:, 0, 0]
+    assert held[0] == held.max()
+    plain = counts(compressed(model, load("kvcompose", budget=12, scorer=knorm, first_layer_max=False,
+                                          head_mean=False)))[:, 0, 0]
+    assert not torch.equal(plain, held) and int(plain.sum()) == int(held.sum())
+
+
+def test_rank_max_and_kvzip_group_mean_by_hand():
+    a, b = torch.tensor([[3.0, 1.0, 0.5]]), torch.tensor([[2.0, 2.0]])  # b: a store without this step's token
+    assert rank_max([a, b]).tolist() == [[3.0, 2.0, 0.5]]
+    w = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]).view(1, 2, 1, 3)  # 2 query heads of 1 KV head, 1 query
+    for group, want in (("max", [0.5, 0.3, 0.8]), ("mean", [0.3, 0.2, 0.5])):
+        pol = KVzip(budget=2, sinks=0, group=group)
+        pol.check(ModelSpec("by-hand", 1, 2, 1, 4, 64), DenseStore())
+        pol.reset(1, [0])
+        pol.observe(0, w, torch.arange(3)[None])
+        c = Candidates(0, torch.arange(3).view(1, 1, 3), pol.state[0], 1, lambda: None)
+        torch.testing.assert_close(pol.score(c)[0, 0], torch.tensor(want))
 
 
 def test_kvzip_default_is_global_layerwise_per_layer(model):

@@ -56,6 +56,7 @@ class GlobalRanking:
     """Mixin (before an ``EvictionPolicy`` base): the ranking above, active unless ``scope=layer``."""
 
     uneven_heads = True  # the class may keep uneven heads (what is declared); an instance says whether its settings do
+    first_layer_max = False  # composite: the first store's composite scores are the max over every store's (KVCompose)
 
     def init_ranking(self, scope: str, granularity: str, floor: float, normalize: str) -> bool:
         """Validate the settings; returns whether heads keep their own tokens (the base's ``per_head``)."""
@@ -149,6 +150,8 @@ class GlobalRanking:
         for group in ([owners] if self.scope == "global" else [[o] for o in owners]):
             entries = [composite(prios[o][0]) if self.granularity == "composite" else prios[o][0].flatten(1)
                        for o in group]
+            if self.first_layer_max and self.granularity == "composite" and len(group) > 1:
+                entries[0] = rank_max(entries)
             flat = torch.cat(entries, dim=1)
             chosen = top_entries(flat, self.total_budget(group))
             start = 0
@@ -205,6 +208,14 @@ def composite(prio: Tensor) -> Tensor:
     """(B, H, T) priorities -> (B, T): the r-th composite token scores the mean of every head's r-th best."""
     ranked = prio.sort(-1, descending=True).values
     return ranked.mean(1).nan_to_num(float("-inf"), float("inf"), float("-inf"))
+
+
+def rank_max(entries: list[Tensor]) -> Tensor:
+    """The first store's (B, T_0) composite scores raised to the max over every store's at the same rank (over the
+    ranks all hold; a store holding this step's token has one more)."""
+    m = min(e.shape[1] for e in entries)
+    top = torch.stack([e[:, :m] for e in entries]).amax(0)
+    return torch.cat([top, entries[0][:, m:]], dim=1)
 
 
 def top_entries(flat: Tensor, k: int) -> Tensor:

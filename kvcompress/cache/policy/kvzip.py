@@ -9,7 +9,8 @@ tokenizer without a template), then the prompt again (``replay_prefix``: the ids
 kvpress's KVzipPress does). With w[h, q, i] the softmax weight of replay query q of query head h on held context
 token i (the replay attends to the context and to its own earlier tokens),
 
-    score[g, i] = max over the query heads h of KV head g and over every replay query q of w[h, q, i],
+    score[g, i] = max over the query heads h of KV head g and over every replay query q of w[h, q, i]
+                  (``group=mean``: the mean over those h of max_q w[h, q, i], KVCompose's aggregation),
 
 then the replayed tokens are dropped and the context is compressed once (``when=prefill`` or ``both``).
 
@@ -30,12 +31,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from kvcompress.cache.checks import one_of
 from kvcompress.cache.policy.base import EvictionPolicy
 from kvcompress.cache.policy.global_budget import GlobalRanking
 from kvcompress.cache.policy.score import Candidates
 
 FALLBACK = 32
 REPEAT = "\n\nRepeat the previous context exactly."  # the paper's (and kvpress's) instruction for one chunk
+GROUPS = ("max", "mean")  # how the query heads of a KV head combine
 MARK = "\x00kvzip\x00"  # a user turn's content, to cut the chat template's assistant header out of its rendering
 
 
@@ -56,7 +59,9 @@ class KVzip(GlobalRanking, EvictionPolicy):
     replays = True
 
     def __init__(self, budget: int | float = 512, sinks: int = 4, scope: str = "global", granularity: str = "head",
-                 floor: float = 0.0, normalize: str = "none", repeat: str | None = REPEAT, **kwargs):
+                 floor: float = 0.0, normalize: str = "none", repeat: str | None = REPEAT, group: str = "max",
+                 **kwargs):
+        self.group = one_of("policy.group", group, GROUPS)
         if repeat is not None and not isinstance(repeat, str):
             raise ValueError(f"policy.repeat must be a string (the replay's instruction) or null (the bare prompt), "
                              f"got {repeat!r}")
@@ -93,8 +98,11 @@ class KVzip(GlobalRanking, EvictionPolicy):
     def update(self, weights: Tensor, old: Tensor | None, heads: int) -> Tensor:
         b, hq, n, t = weights.shape
         hkv = self.spec.num_kv_heads  # per KV head whatever ``heads``: evict averages them for a shared selection
-        w = weights.float().view(b, hkv, hq // hkv, n, t).amax((2, 3))  # (B, Hkv, T)
+        w = weights.float().view(b, hkv, hq // hkv, n, t).amax(3)  # (B, Hkv, G, T): each query head's max
+        w = w.amax(2) if self.group == "max" else w  # ``mean`` keeps the heads apart until scored
         return w if old is None else old.maximum(w)
 
     def score(self, c: Candidates) -> Tensor:
-        return c.state if c.state is not None else c.zeros()
+        if c.state is None:
+            return c.zeros()
+        return c.state.mean(2) if self.group == "mean" else c.state
