@@ -21,17 +21,11 @@ import json
 import math
 from pathlib import Path
 
-# kvpress's presses run here, each with the kvcompress policy (and settings) of the same algorithm; the table is
-# kvc-report --table results/kvpress (its spec pairs the rows)
-PRESSES = {
-    "StreamingLLMPress": "streaming", "SnapKVPress": "snapkv", "TOVAPress": "tova", "KnormPress": "knorm",
-    "ExpectedAttentionPress": "expected_attention", "KeyDiffPress": "keydiff", "RandomPress": "random",
-    "PyramidKVPress": "pyramid", "KVzipPress": "kvzip", "KVComposePress": "kvcompose",
-    "AdaKVPress(ExpectedAttentionPress)": "adakv policy/scorer=expected_attention",
-    "ChunkKVPress(SnapKVPress)": "chunkkv policy.whole_chunks=true policy.chunk=20 (+ kvpress's SnapKV)",
-    "CriticalKVPress(SnapKVPress)": "criticalkv policy/scorer=snapkv",
-    "KVzipPress(header unscored=0)": "kvzip",
-}
+# kvpress's presses run here; results/kvpress/table.yaml pairs each with the kvcompress run of the same algorithm
+# (scripts/kvpress_side_by_side.sh: its settings)
+PRESSES = ("StreamingLLMPress", "SnapKVPress", "TOVAPress", "KnormPress", "ExpectedAttentionPress", "KeyDiffPress",
+           "RandomPress", "PyramidKVPress", "KVzipPress", "KVComposePress", "AdaKVPress(ExpectedAttentionPress)",
+           "ChunkKVPress(SnapKVPress)", "CriticalKVPress(SnapKVPress)", "KVzipPress(header unscored=0)")
 
 
 def dump_ids(out: Path, context: int, continuation: int, samples: int, tokenizer_dir: Path) -> None:

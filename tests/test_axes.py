@@ -58,9 +58,9 @@ REAL = {
 IDENTITY_SETTING = {"layout": {"minicache": dict(start_layer=0, threshold=0.0), "cla": dict(groups=[])}}
 
 
-def node(group: str, name: str, **settings):
+def node(axis: str, name: str, **settings):
     """The YAML of an axis with the test's real settings, as a config node (``None`` for policy=none's identity)."""
-    return OmegaConf.merge(load(CONF / group / f"{name}.yaml"), REAL[group].get(name, {}), settings)
+    return OmegaConf.merge(load(CONF / axis / f"{name}.yaml"), REAL[axis].get(name, {}), settings)
 
 
 def declares(policy: str, capability: str) -> bool:
@@ -102,6 +102,18 @@ def test_contract(model, calib_dir, storage, policy, layout):
             assert outcome == "ran" or "xkv" not in outcome, outcome
     elif storage == "dense" and layout == "per_layer":
         assert outcome == "ran", outcome  # every policy runs over the identities
+
+
+@pytest.mark.parametrize("storage", NAMES["storage"])
+@pytest.mark.parametrize("policy,layout", [("kvzip", "per_layer"), ("kvzip", "cla"), ("kvcompose", "per_layer")])
+def test_kvzip_group_mean_state_composes(model, calib_dir, storage, policy, layout):
+    """KVzip's ``group=mean`` keeps a (B, Hkv, G, T) per-token state: the contract holds with it, evicting every
+    step (kvzip, when=decode) and ranked once with heads keeping their own tokens (KVCompose over it)."""
+    scorer = {"scorer": OmegaConf.merge(load(CONF / "policy" / "scorer" / "kvzip.yaml"), {"group": "mean"})}
+    settings = {"policy": {"group": "mean"} if policy == "kvzip" else scorer}
+    outcome = check_combination(combination(storage, policy, layout, settings), model, calib_dir)
+    if storage == "dense":
+        assert outcome == "ran", outcome
 
 
 @pytest.mark.parametrize("storage,policy,layout", [c for c in COMBOS if c[1] != "none"])

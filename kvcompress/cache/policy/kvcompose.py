@@ -35,4 +35,4 @@ class KVCompose(GlobalBudget):
 
     def score(self, c: Candidates) -> Tensor:
         s = super().score(c)
-        return s + s.mean(1, keepdim=True) if self.head_mean and s.dim() == 3 and s.shape[1] > 1 else s
+        return s + s.mean(1, keepdim=True) if self.head_mean and s.shape[1] > 1 else s
