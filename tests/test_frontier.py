@@ -135,7 +135,7 @@ def test_nvfp4_tensor_scale_is_calibrated(tmp_path):
     k = x_of(5, (1, 2, 40, 32))
     store = Fp4Store("nvfp4", keys="pre_rope")
     ready(store, _spec(), Samples(k, k * 100))
-    st = store.tensor_scales[0]["v"]
+    st = store.scales[0]["v"]
     torch.testing.assert_close(st, (k * 100).abs().amax() / (448 * 6))
     x = x_of(6) * 100
     torch.testing.assert_close(store.decode(store.encode(x, x), torch.float32)[1], nv_reference(x, st), rtol=1e-6,

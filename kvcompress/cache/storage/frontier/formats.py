@@ -1,5 +1,6 @@
-"""Number formats of the frontier storages: FP8 (e4m3 / e5m2), FP4 e2m1 with its block scales, and the calibrated
-absmax that per-tensor and per-head scales use.
+"""Number formats and shared parts of the frontier storages: FP8 (e4m3 / e5m2), FP4 e2m1 with its block scales,
+the calibrated absmax that per-tensor and per-head scales use, the fp8 / fp4 stores' common base, and the saved
+per-layer fit of ``pq`` and ``kvtc``.
 
 FP4 e2m1 (OCP Microscaling Formats v1.0, the element type of MXFP4 and NVFP4): 1 sign, 2 exponent, 1 mantissa bit,
 magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6}, no inf or NaN. A code is ``sign << 3 | magnitude index``; two codes a byte
@@ -7,11 +8,18 @@ magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6}, no inf or NaN. A code is ``sign << 3 | 
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from kvcompress.kernels import Packed, quant_attention
-from kvcompress.kernels.reference import pack, unpack
+from kvcompress.cache import artifacts
+from kvcompress.cache.storage.codec import CodecStore
+from kvcompress.kernels import quant_attention, resolve
 
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MAX = {name: float(torch.finfo(dt).max) for name, dt in FP8.items()}  # 448, 57344
@@ -41,14 +49,6 @@ def e2m1_values(codes: Tensor) -> Tensor:
     return torch.where(codes >= 8, -mag, mag)
 
 
-def pack_fp4(codes: Tensor) -> Tensor:
-    return pack(codes, 4)
-
-
-def unpack_fp4(packed: Tensor) -> Tensor:
-    return unpack(packed, 4)
-
-
 def e8m0_exponent(amax: Tensor) -> Tensor:
     """MX shared scale exponent of a block: floor(log2(amax)) - emax(e2m1), in [-127, 127] (amax 0: -127)."""
     e = torch.floor(torch.log2(amax.float().clamp_min(2.0**-127))) - E2M1_EMAX
@@ -70,10 +70,67 @@ def calibrated_absmax(x: Tensor, key_bound: str) -> Tensor:
     return x.abs().flatten(1).amax(1)
 
 
-def attend_codes(q: Tensor, q_pos: Tensor, k_pos: Tensor, k: Packed, v: Packed, lengths: Tensor | None) -> Tensor:
-    """The fp8 / fp4 stores' ``attend_packed`` where ``kernels.resolve`` picks Triton: decode attention read straight
-    from the float codes (``kernels.triton_fp``); ``lengths`` (captured form: 0-d, the slots written) is read on the
-    device, so only held slots are read and the launch can be captured. Elsewhere the stores return None: their
-    ``decode``, then attention, which is the kernel's reference."""
-    n = None if lengths is None else lengths.view(1).to(torch.int32)
-    return quant_attention(q, q_pos, k_pos, k, v, backend="triton", lengths=None if n is None else n.repeat(3))
+def on_device(held: dict[str, Tensor], name: str, like: Tensor) -> Tensor:
+    """The calibration tensor ``held[name]`` on ``like``'s device; the moved copy replaces the held one."""
+    x = held[name]
+    if x.device != like.device:
+        x = held[name] = x.to(like.device)
+    return x
+
+
+class FloatCodeStore(CodecStore):
+    """What the fp8 and fp4 stores share: fp32 scales calibrated per layer and side (``scales``; None: s = 1), and
+    decode attention read straight from their float codes (``packed(parts, side) -> Packed``, theirs)."""
+
+    def __init__(self, keys: str = "post_rope"):
+        self.scales: list[dict[str, Tensor]] | None = None  # per layer {"k": fp32, "v": ...}
+        super().__init__(keys)
+
+    def calibrate_scales(self, ctx, scale: Callable[[Tensor], Tensor]) -> None:
+        """Per layer and side, ``scale`` of the calibrated absmax per KV head (``calibrated_absmax``: post-RoPE keys
+        bounded by their pair norms, unless a wrapping transform sets ``ctx.key_bound``)."""
+        bound = getattr(ctx, "key_bound", None) or ("pair" if self.keys == "post_rope" else "value")
+        self.scales = [{name: scale(calibrated_absmax(x, b)) for name, x, b in (("k", k, bound), ("v", v, "value"))}
+                       for k, v, _ in ctx.kv_samples()]
+
+    def calibrated_scale(self, name: str, like: Tensor) -> Tensor:
+        if self.scales is None:
+            return torch.ones((), device=like.device)
+        return on_device(self.scales[self.layer], name, like)
+
+    def attend_packed(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
+                      lengths: Tensor | None = None) -> Tensor | None:
+        """Where ``kernels.resolve`` picks Triton: decode attention read straight from the float codes
+        (``kernels.triton_fp``); ``lengths`` (captured form: 0-d, the slots written) is read on the device, so only
+        held slots are read and the launch can be captured. Elsewhere None: ``decode``, then attention, which is
+        the kernel's reference."""
+        if resolve(q.device) != "triton":
+            return None
+        n = None if lengths is None else lengths.view(1).to(torch.int32).repeat(3)
+        return quant_attention(q, q_pos, k_pos, self.packed(parts, "k"), self.packed(parts, "v"), backend="triton",
+                               lengths=n)
+
+    def calibration_tensors(self) -> list[Tensor]:
+        return [t for layer in self.scales or [] for t in layer.values()]
+
+
+def saved_fit(store, ctx, name: str, fitted: str, field: str,
+              fit_layer: Callable[[Tensor, Tensor], Any]) -> tuple[list, dict[str, float | str]]:
+    """``fit_layer(k, v)`` of every layer's calibration samples (keys rotated at the calibration positions under
+    ``keys=post_rope``), saved like KVQuant's calibration: at ``store.calibration_file``, else under the context's
+    cache dir, named by its key and a digest of ``store.settings()``, fitted again where the saved settings differ.
+    Returns the fits and the record's stats."""
+    if store.keys == "post_rope" and getattr(ctx, "rope", None) is None:
+        raise ValueError(f"storage.keys=post_rope: fitting {fitted} to post-RoPE keys needs the calibration's "
+                         "rotary embedding; this calibration has none (use storage.keys=pre_rope)")
+    digest = hashlib.sha256(json.dumps(store.settings(), sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(store.calibration_file or Path(ctx.cache_dir) / f"{name}-{ctx.key}-{digest}.pt").expanduser()
+    meta = {"ctx_key": ctx.key, **store.settings()}
+
+    def fit() -> dict:
+        return {"meta": meta, field: [fit_layer(ctx.rope.rotate(k, pos) if store.keys == "post_rope" else k, v)
+                                      for k, v, pos in ctx.kv_samples()]}
+
+    blob, reused = artifacts.cached(path, fit, f"{name.upper()} calibration file",
+                                    lambda saved: saved.get("meta") == meta)
+    return blob[field], {"calibration_reused": float(reused), "calibration_file": str(path)}

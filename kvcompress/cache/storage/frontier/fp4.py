@@ -17,32 +17,27 @@ from torch import Tensor
 
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.checks import one_of
-from kvcompress.cache.storage.codec import CodecStore
 from kvcompress.cache.storage.frontier.formats import (
     E2M1_MAX,
     FP8_MAX,
     TINY,
-    attend_codes,
-    calibrated_absmax,
+    FloatCodeStore,
     e2m1_codes,
     e2m1_values,
     e8m0_exponent,
-    pack_fp4,
     to_fp8,
-    unpack_fp4,
 )
-from kvcompress.cache.storage.frontier.fp8 import key_bound
-from kvcompress.kernels import Packed, resolve
+from kvcompress.kernels import Packed
+from kvcompress.kernels.reference import pack, unpack
 
 BLOCK = {"nvfp4": 16, "mxfp4": 32}
 
 
-class Fp4Store(CodecStore):
+class Fp4Store(FloatCodeStore):
     def __init__(self, format: str = "nvfp4", keys: str = "post_rope"):
         self.format = one_of("storage.format", format, tuple(BLOCK))
         self.block = BLOCK[self.format]
-        self.tensor_scales: list[dict[str, Tensor]] | None = None  # nvfp4: per layer {"k": 0-d fp32, "v": ...}
-        super().__init__(keys)
+        super().__init__(keys)  # scales (nvfp4): per layer {"k": 0-d fp32, "v": ...}
 
     def check(self, spec: ModelSpec) -> None:
         super().check(spec)
@@ -51,20 +46,9 @@ class Fp4Store(CodecStore):
                              f"a multiple of {self.block}, got {spec.head_dim}")
 
     def calibrate(self, ctx, groups: list[list[int]] | None = None) -> None:
-        if self.format != "nvfp4":
-            return
-        self.tensor_scales = [
-            {name: (calibrated_absmax(x, bound).amax() / (FP8_MAX["e4m3"] * E2M1_MAX)).clamp_min(TINY).float()
-             for name, x, bound in (("k", k, key_bound(self, ctx)), ("v", v, "value"))}
-            for k, v, _ in ctx.kv_samples()]
-
-    def _tensor_scale(self, name: str, like: Tensor) -> Tensor:
-        if self.tensor_scales is None:
-            return torch.ones((), device=like.device)
-        s = self.tensor_scales[self.layer][name]
-        if s.device != like.device:
-            s = self.tensor_scales[self.layer][name] = s.to(like.device)
-        return s
+        if self.format == "nvfp4":
+            self.calibrate_scales(ctx,
+                                  lambda amax: (amax.amax() / (FP8_MAX["e4m3"] * E2M1_MAX)).clamp_min(TINY).float())
 
     def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         parts = {}
@@ -72,14 +56,14 @@ class Fp4Store(CodecStore):
             g = x.float().unflatten(-1, (-1, self.block))  # (B, H, T, D / block, block)
             amax = g.abs().amax(-1)
             if self.format == "nvfp4":
-                st = self._tensor_scale(name, x)
+                st = self.calibrated_scale(name, x)
                 sb = to_fp8(amax / E2M1_MAX / st, "e4m3")
                 scale, parts[name + "_scale"] = sb.float() * st, sb
             else:
                 e = e8m0_exponent(amax)
                 scale, parts[name + "_scale"] = torch.exp2(e), (e + 127).to(torch.uint8)
             scale = torch.where(scale > 0, scale, 1.0)  # an all-zero block: any scale gives code 0
-            parts[name] = pack_fp4(e2m1_codes(g / scale[..., None]).flatten(-2))
+            parts[name] = pack(e2m1_codes(g / scale[..., None]).flatten(-2), 4)
         return parts
 
     def decode(self, parts: dict[str, Tensor], dtype) -> tuple[Tensor, Tensor]:
@@ -87,10 +71,10 @@ class Fp4Store(CodecStore):
         for name in ("k", "v"):
             s = parts[name + "_scale"]
             if self.format == "nvfp4":
-                scale = s.float() * self._tensor_scale(name, s)
+                scale = s.float() * self.calibrated_scale(name, s)
             else:
                 scale = torch.exp2(s.float() - 127)
-            x = e2m1_values(unpack_fp4(parts[name])).unflatten(-1, (-1, self.block)) * scale[..., None]
+            x = e2m1_values(unpack(parts[name], 4)).unflatten(-1, (-1, self.block)) * scale[..., None]
             out.append(x.flatten(-2).to(dtype))
         return out[0], out[1]
 
@@ -98,15 +82,5 @@ class Fp4Store(CodecStore):
         """Side ``name`` as the kernel reads it: the e2m1 nibbles and the block scales' bytes (nvfp4: e4m3, with the
         fp32 tensor scale; mxfp4: e8m0)."""
         codes, s = parts[name], parts[name + "_scale"].view(torch.uint8)
-        outer = self._tensor_scale(name, codes).reshape(()).float() if self.format == "nvfp4" else None
+        outer = self.calibrated_scale(name, codes).reshape(()).float() if self.format == "nvfp4" else None
         return Packed(codes, s, bits=4, group_size=self.block, fmt=self.format, outer=outer)
-
-    def attend_packed(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
-                      lengths: Tensor | None = None) -> Tensor | None:
-        """Triton over the codes where ``kernels.resolve`` picks it (``formats.attend_codes``), else None."""
-        if resolve(q.device) != "triton":
-            return None
-        return attend_codes(q, q_pos, k_pos, self.packed(parts, "k"), self.packed(parts, "v"), lengths)
-
-    def calibration_tensors(self) -> list[Tensor]:
-        return [t for layer in self.tensor_scales or [] for t in layer.values()]

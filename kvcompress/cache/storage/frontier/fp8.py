@@ -19,44 +19,25 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache.checks import one_of
-from kvcompress.cache.storage.codec import CodecStore
-from kvcompress.cache.storage.frontier.formats import FP8, FP8_MAX, TINY, attend_codes, calibrated_absmax, to_fp8
-from kvcompress.kernels import Packed, resolve
+from kvcompress.cache.storage.frontier.formats import FP8, FP8_MAX, TINY, FloatCodeStore, to_fp8
+from kvcompress.kernels import Packed
 
 SCALES = ("token", "head", "tensor")
 
 
-def key_bound(store, ctx) -> str:
-    """How calibration bounds a key entry (``formats.calibrated_absmax``); a wrapping transform may set it on ctx."""
-    return getattr(ctx, "key_bound", None) or ("pair" if store.keys == "post_rope" else "value")
-
-
-class Fp8Store(CodecStore):
+class Fp8Store(FloatCodeStore):
     def __init__(self, format: str = "e4m3", scale: str = "token", keys: str = "post_rope"):
         self.format = one_of("storage.format", format, tuple(FP8))
         self.scale = one_of("storage.scale", scale, SCALES)
-        self.scales: list[dict[str, Tensor]] | None = None  # per layer {"k": (1, H|1, 1, 1), "v": ...} fp32
-        super().__init__(keys)
+        super().__init__(keys)  # scales: per layer {"k": (1, H|1, 1, 1), "v": ...}
 
     def calibrate(self, ctx, groups: list[list[int]] | None = None) -> None:
-        if self.scale == "token":
-            return
-        self.scales = []
-        for k, v, _ in ctx.kv_samples():
-            layer = {}
-            for name, x, bound in (("k", k, key_bound(self, ctx)), ("v", v, "value")):
-                amax = calibrated_absmax(x, bound)
-                amax = amax if self.scale == "head" else amax.amax(0, keepdim=True)
-                layer[name] = (amax / FP8_MAX[self.format]).clamp_min(TINY).float()[None, :, None, None]
-            self.scales.append(layer)
+        def scale(amax: Tensor) -> Tensor:
+            amax = amax if self.scale == "head" else amax.amax(0, keepdim=True)
+            return (amax / FP8_MAX[self.format]).clamp_min(TINY).float()[None, :, None, None]
 
-    def _fixed_scale(self, name: str, like: Tensor) -> Tensor:
-        if self.scales is None:
-            return torch.ones((), device=like.device)
-        s = self.scales[self.layer][name]
-        if s.device != like.device:
-            s = self.scales[self.layer][name] = s.to(like.device)
-        return s
+        if self.scale != "token":
+            self.calibrate_scales(ctx, scale)
 
     def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         parts = {}
@@ -66,14 +47,14 @@ class Fp8Store(CodecStore):
                 s = (x.abs().amax(-1, keepdim=True) / FP8_MAX[self.format]).clamp_min(TINY).half()
                 parts[name + "_scale"] = s
             else:
-                s = self._fixed_scale(name, x)
+                s = self.calibrated_scale(name, x)
             parts[name] = to_fp8(x / s.float(), self.format)
         return parts
 
     def decode(self, parts: dict[str, Tensor], dtype) -> tuple[Tensor, Tensor]:
         out = []
         for name in ("k", "v"):
-            s = parts[name + "_scale"].float() if self.scale == "token" else self._fixed_scale(name, parts[name])
+            s = parts[name + "_scale"].float() if self.scale == "token" else self.calibrated_scale(name, parts[name])
             out.append((parts[name].float() * s).to(dtype))
         return out[0], out[1]
 
@@ -82,18 +63,8 @@ class Fp8Store(CodecStore):
         per-tensor scale expanded over tokens, not copied)."""
         codes = parts[name].view(torch.uint8)
         B, H, T, D = codes.shape
-        s = parts[name + "_scale"] if self.scale == "token" else self._fixed_scale(name, codes).reshape(1, -1, 1, 1)
+        s = parts[name + "_scale"] if self.scale == "token" else self.calibrated_scale(name, codes).reshape(1, -1, 1, 1)
         return Packed(codes, s.expand(B, H, T, 1), bits=8, group_size=D, fmt=self.format)
-
-    def attend_packed(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
-                      lengths: Tensor | None = None) -> Tensor | None:
-        """Triton over the codes where ``kernels.resolve`` picks it (``formats.attend_codes``), else None."""
-        if resolve(q.device) != "triton":
-            return None
-        return attend_codes(q, q_pos, k_pos, self.packed(parts, "k"), self.packed(parts, "v"), lengths)
-
-    def calibration_tensors(self) -> list[Tensor]:
-        return [t for layer in self.scales or [] for t in layer.values()]
 
     def report(self) -> dict[str, float | str]:
         source = "token absmax" if self.scale == "token" else ("calibrated absmax" if self.scales else "1.0")

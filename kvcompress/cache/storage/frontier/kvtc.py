@@ -28,20 +28,17 @@ tokens and codes them again, and there is no captured form (``static_form`` None
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import zlib
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from kvcompress.cache import artifacts
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.buffers import gather_tokens
 from kvcompress.cache.checks import int_at_least, number_in
 from kvcompress.cache.storage.base import TokenStore
+from kvcompress.cache.storage.frontier.formats import saved_fit
 
 MAX_BITS = 8  # one byte per code before entropy coding
 STEPS = torch.linspace(0.5, 8.0, 31)  # step grid: d = s * sigma / 2^(b-1), s over this range
@@ -136,26 +133,14 @@ class KVTCStore(TokenStore):
 
     # -- calibration ---------------------------------------------------------------------------------
     def calibrate(self, ctx, groups: list[list[int]] | None = None) -> None:
-        if self.keys == "post_rope" and getattr(ctx, "rope", None) is None:
-            raise ValueError("storage.keys=post_rope: a KVTC basis of post-RoPE keys needs the calibration's rotary "
-                             "embedding; this calibration has none (use storage.keys=pre_rope)")
-        digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:10]
-        path = Path(self.calibration_file or Path(ctx.cache_dir) / f"kvtc-{ctx.key}-{digest}.pt").expanduser()
-        meta = {"ctx_key": ctx.key, **self.settings()}
-        blob, reused = artifacts.cached(
-            path, lambda: {"meta": meta, "tables": [self._fit_layer(k, v, pos, ctx) for k, v, pos in ctx.kv_samples()]},
-            "KVTC calibration file", lambda saved: saved.get("meta") == meta)
-        self.tables, self.stats = blob["tables"], {"calibration_reused": float(reused)}
-        self.stats["calibration_file"] = str(path)
+        def fit_layer(k: Tensor, v: Tensor) -> dict[str, dict[str, Tensor]]:
+            return {name: fit_side(x[0].float().transpose(0, 1).flatten(1), self.bits)  # samples (N, Hkv * D)
+                    for name, x in (("k", k), ("v", v))}
+
+        self.tables, self.stats = saved_fit(self, ctx, "kvtc", "a KVTC basis", "tables", fit_layer)
         self.stats["kvtc_bits_allocated_per_entry"] = float(np.mean(
             [t[s]["bits"].float().mean().item() for t in self.tables for s in "kv"]))
         self.stats["kvtc_captured_form"] = CAPTURE_REFUSAL
-
-    def _fit_layer(self, k: Tensor, v: Tensor, pos: Tensor, ctx) -> dict[str, dict[str, Tensor]]:
-        if self.keys == "post_rope":
-            k = ctx.rope.rotate(k, pos)
-        return {name: fit_side(x[0].float().transpose(0, 1).flatten(1), self.bits) for name, x in (("k", k),
-                                                                                                      ("v", v))}
 
     def _table(self, name: str, like: Tensor) -> dict[str, Tensor]:
         if self.tables is None:
@@ -237,10 +222,6 @@ class KVTCStore(TokenStore):
 
     def calibration_tensors(self) -> list[Tensor]:
         return [x for layer in self.tables or [] for side in layer.values() for n, x in side.items() if n != "var"]
-
-    def static_form(self, capacity: int):
-        """None: ``CAPTURE_REFUSAL`` says why."""
-        return None
 
     def report(self) -> dict[str, float | str]:
         return dict(self.stats)

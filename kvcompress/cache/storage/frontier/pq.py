@@ -12,17 +12,13 @@ centroid. Calibrations are saved like KVQuant's (``calibration_file``, else unde
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
-from kvcompress.cache import artifacts
 from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.checks import int_at_least
 from kvcompress.cache.storage.codec import CodecStore
+from kvcompress.cache.storage.frontier.formats import on_device, saved_fit
 
 CENTROIDS = 256
 
@@ -64,38 +60,23 @@ class PQStore(CodecStore):
                 "keys": self.keys}
 
     def calibrate(self, ctx, groups: list[list[int]] | None = None) -> None:
-        if self.keys == "post_rope" and getattr(ctx, "rope", None) is None:
-            raise ValueError("storage.keys=post_rope: PQ codebooks of post-RoPE keys need the calibration's rotary "
-                             "embedding; this calibration has none (use storage.keys=pre_rope)")
-        digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:10]
-        path = Path(self.calibration_file or Path(ctx.cache_dir) / f"pq-{ctx.key}-{digest}.pt").expanduser()
-        meta = {"ctx_key": ctx.key, **self.settings()}
-        blob, reused = artifacts.cached(path, lambda: {"meta": meta, "books": self._fit(ctx)}, "PQ calibration file",
-                                        lambda saved: saved.get("meta") == meta)
-        self.books, self.stats = blob["books"], {"calibration_reused": float(reused)}
-        self.stats["calibration_file"] = str(path)
+        gen = torch.Generator().manual_seed(self.seed)  # one stream over the layers, in order
+        self.books, self.stats = saved_fit(self, ctx, "pq", "PQ codebooks", "books",
+                                           lambda k, v: self._fit_layer(k, v, gen))
 
-    def _fit(self, ctx) -> list[dict[str, Tensor]]:
-        gen, books = torch.Generator().manual_seed(self.seed), []
-        for k, v, pos in ctx.kv_samples():
-            if self.keys == "post_rope":
-                k = ctx.rope.rotate(k, pos)
-            layer = {}
-            for name, x in (("k", k), ("v", v)):
-                H, N, D = x.shape[1:]
-                sub = x[0].float().unflatten(-1, (-1, self.sub[name])).transpose(1, 2)  # (H, M, N, sub)
-                c = kmeans(sub.flatten(0, 1), self.iters, gen)
-                layer[name] = c.unflatten(0, (H, -1)).half()  # (H, M, 256, sub)
-            books.append(layer)
-        return books
+    def _fit_layer(self, k: Tensor, v: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
+        layer = {}
+        for name, x in (("k", k), ("v", v)):
+            H = x.shape[1]
+            sub = x[0].float().unflatten(-1, (-1, self.sub[name])).transpose(1, 2)  # (H, M, N, sub)
+            c = kmeans(sub.flatten(0, 1), self.iters, gen)
+            layer[name] = c.unflatten(0, (H, -1)).half()  # (H, M, 256, sub)
+        return layer
 
     def _book(self, name: str, like: Tensor) -> Tensor:
         if self.books is None:
             raise ValueError("storage=pq has no codebooks: it must be calibrated (kvc calibrates every run)")
-        b = self.books[self.layer][name]
-        if b.device != like.device:
-            b = self.books[self.layer][name] = b.to(like.device)
-        return b
+        return on_device(self.books[self.layer], name, like)
 
     def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         parts = {}
