@@ -69,11 +69,8 @@ class Fp4Store(FloatCodeStore):
     def decode(self, parts: dict[str, Tensor], dtype) -> tuple[Tensor, Tensor]:
         out = []
         for name in ("k", "v"):
-            s = parts[name + "_scale"]
-            if self.format == "nvfp4":
-                scale = s.float() * self.calibrated_scale(name, s)
-            else:
-                scale = torch.exp2(s.float() - 127)
+            s = parts[name + "_scale"].float()
+            scale = s * self.calibrated_scale(name, s) if self.format == "nvfp4" else torch.exp2(s - 127)
             x = e2m1_values(unpack(parts[name], 4)).unflatten(-1, (-1, self.block)) * scale[..., None]
             out.append(x.flatten(-2).to(dtype))
         return out[0], out[1]

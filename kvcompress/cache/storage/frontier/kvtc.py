@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kvcompress.cache.base import ModelSpec
 from kvcompress.cache.buffers import gather_tokens
 from kvcompress.cache.checks import int_at_least, number_in
 from kvcompress.cache.storage.base import TokenStore
@@ -126,10 +125,6 @@ class KVTCStore(TokenStore):
 
     def settings(self) -> dict:
         return {"bits": float(self.bits), "keys": self.keys}  # what changes the calibration
-
-    def check(self, spec: ModelSpec) -> None:
-        super().check(spec)
-        self.p = spec.num_kv_heads * spec.head_dim
 
     # -- calibration ---------------------------------------------------------------------------------
     def calibrate(self, ctx, groups: list[list[int]] | None = None) -> None:

@@ -85,17 +85,13 @@ class Rotation:
             raise ValueError(f"storage.transform=hadamard needs head_dim a power of two, got {head_dim}; use random")
         self.matrix = orthogonal(self.transform, head_dim, self.seed)
 
-    def _r(self, like: Tensor) -> Tensor:
-        if self.matrix.device != like.device:
-            self.matrix = self.matrix.to(like.device)
-        return self.matrix
-
     def turn(self, x: Tensor, side: str, back: bool = False) -> Tensor:
         """x R (or x R^T with ``back``) where ``side`` is rotated, in fp32."""
         if side not in self.rotate:
             return x.float()
-        r = self._r(x)
-        return x.float() @ (r.T if back else r)
+        if self.matrix.device != x.device:
+            self.matrix = self.matrix.to(x.device)
+        return x.float() @ (self.matrix.T if back else self.matrix)
 
 
 class RotatedContext:
@@ -110,7 +106,7 @@ class RotatedContext:
         return getattr(self.ctx, name)
 
     def kv_samples(self):
-        return [(self.store.turn(k.float(), "k"), self.store.turn(v.float(), "v"), pos)
+        return [(self.store.turn(k, "k"), self.store.turn(v, "v"), pos)
                 for k, v, pos in self.ctx.kv_samples()]
 
 
