@@ -118,14 +118,15 @@ def saved_fit(store, ctx, name: str, fitted: str, field: str,
               fit_layer: Callable[[Tensor, Tensor], Any]) -> tuple[list, dict[str, float | str]]:
     """``fit_layer(k, v)`` of every layer's calibration samples (keys rotated at the calibration positions under
     ``keys=post_rope``), saved like KVQuant's calibration: at ``store.calibration_file``, else under the context's
-    cache dir, named by its key and a digest of ``store.settings()``, fitted again where the saved settings differ.
-    Returns the fits and the record's stats."""
+    cache dir (``paths.calibration``) named by its key and a digest of ``store.settings()``, fitted again where the
+    saved settings differ. Returns the fits and the record's stats."""
     if store.keys == "post_rope" and getattr(ctx, "rope", None) is None:
         raise ValueError(f"storage.keys=post_rope: fitting {fitted} to post-RoPE keys needs the calibration's "
                          "rotary embedding; this calibration has none (use storage.keys=pre_rope)")
-    digest = hashlib.sha256(json.dumps(store.settings(), sort_keys=True).encode()).hexdigest()[:10]
+    settings = store.settings()
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     path = Path(store.calibration_file or Path(ctx.cache_dir) / f"{name}-{ctx.key}-{digest}.pt").expanduser()
-    meta = {"ctx_key": ctx.key, **store.settings()}
+    meta = {"ctx_key": ctx.key, **settings}
 
     def fit() -> dict:
         return {"meta": meta, field: [fit_layer(ctx.rope.rotate(k, pos) if store.keys == "post_rope" else k, v)

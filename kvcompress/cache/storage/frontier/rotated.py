@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvcompress.cache.base import ModelSpec, expand_heads, visibility_mask
+from kvcompress.cache.base import ModelSpec, visibility_mask
 from kvcompress.cache.checks import int_at_least, one_of
 from kvcompress.cache.storage.codec import CodecStore
 from kvcompress.cache.storage.frontier.fp4 import Fp4Store
@@ -151,10 +151,8 @@ class RotatedStore(Rotation, CodecStore):
             return None
         k, v = self.inner.decode(parts, q.dtype)
         qr = self.turn(q, "k").to(q.dtype)
-        mask = visibility_mask(q_pos, k_pos)
         groups = q.shape[1] // k.shape[1]
-        if mask.shape[1] > 1:
-            mask = expand_heads(mask, groups)
+        mask = visibility_mask(q_pos, k_pos, groups)
         out = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, enable_gqa=groups > 1)
         return self.turn(out, "v", back=True).to(q.dtype)
 
