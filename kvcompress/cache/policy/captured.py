@@ -45,12 +45,9 @@ def keep_mask(policy, score: Tensor, pos: Tensor, row_seen: Tensor, held: Tensor
     the candidates at ``pos`` (B, N), ``row_seen`` (B,) tokens seen per row, ``held`` (0-d) the slots the eager store
     holds after this step's append. Every real candidate stays unless ``held`` > budget + slack; then the
     top-``budget`` by ``priority`` (protect = 0) stay: the set ``evict`` keeps (exact ties of scores may break
-    otherwise). The budget is ``row_budget``'s: an int, or ``ceil(fraction * max(row_seen))``. Returns the keep mask
+    otherwise). The budget is ``row_budget``'s (``device_budget``). Returns the keep mask
     (B, N) and the held count after the step."""
-    if isinstance(policy.budget, float):
-        budget = (row_seen.max().double() * policy.budget).ceil().long().clamp(min=1)
-    else:
-        budget = row_seen.new_full((), policy.budget)
+    budget = policy.device_budget(row_seen)
     evicts = held > budget + policy.slack
     if score.shape[1] > 1:
         score = score.mean(1, keepdim=True)
