@@ -222,8 +222,16 @@ class EvictionPolicy(Policy):
     def start_step(self, steps: int, pos: Tensor) -> None:
         self.row_seen = self.row_seen.to(pos.device) + (pos < PAD_POSITION).sum(1)
 
+    def compresses_prompt(self, owner: int) -> bool:
+        """The prompt ended and the store awaits its one prompt-end compression (``when=prefill|both``)."""
+        return self.prompt_ended and self.when != "decode" and not self.compressed[owner]
+
+    def evicts_each_step(self) -> bool:
+        """Decode-time eviction is on: ``when=decode``, or ``both`` once the prompt ended."""
+        return self.when == "decode" or (self.when == "both" and self.prompt_ended)
+
     def before_attend(self, owner: int, store: TokenStore, steps: int) -> None:
-        if self.prompt_ended and self.when != "decode" and not self.compressed[owner]:
+        if self.compresses_prompt(owner):
             self.compressed[owner] = True
             self.evict(owner, store, protect=steps)
             if self.when == "prefill":
@@ -257,8 +265,7 @@ class EvictionPolicy(Policy):
             self.state[owner] = take(fit(self.state[owner], int(idx.max()) + 1), idx)
 
     def after_attend(self, owner: int, store: TokenStore, steps: int) -> None:
-        evicts_now = self.when == "decode" or (self.when == "both" and self.prompt_ended)
-        if evicts_now and store.length > self.target(owner) + self.slack:
+        if self.evicts_each_step() and store.length > self.target(owner) + self.slack:
             self.evict(owner, store)
         self.held[owner] = store.length
 

@@ -78,9 +78,8 @@ class GlobalRanking(PaddingReport):
         if not self.ranked:
             return super().before_attend(owner, store, steps)
         self.stores[owner] = store
-        if self.prompt_ended and self.when != "decode" and not self.compressed[owner]:
-            for o in self.compressed:
-                self.compressed[o] = True
+        if self.compresses_prompt(owner):
+            self.compressed = dict.fromkeys(self.compressed, True)
             if len(self.stores) == len(self.compressed) and self.over_budget(0):
                 self.evict_all({owner: steps})
             if self.when == "prefill":
@@ -91,10 +90,9 @@ class GlobalRanking(PaddingReport):
             return super().after_attend(owner, store, steps)
         self.stores[owner] = store
         self.held[owner] = store.length
-        evicts_now = self.when == "decode" or (self.when == "both" and self.prompt_ended)
-        if evicts_now and owner == max(self.compressed) and len(self.stores) == len(self.compressed):
-            if self.over_budget(self.slack):
-                self.evict_all({})
+        last = owner == max(self.compressed) and len(self.stores) == len(self.compressed)
+        if self.evicts_each_step() and last and self.over_budget(self.slack):
+            self.evict_all({})
 
     # -- budgets -----------------------------------------------------------------------------------
     def groups(self) -> int:
@@ -146,12 +144,8 @@ class GlobalRanking(PaddingReport):
                        for o in group]
             if self.first_layer_max and self.granularity == "composite" and len(group) > 1:
                 entries[0] = rank_max(entries)
-            flat = torch.cat(entries, dim=1)
-            chosen = top_entries(flat, self.total_budget(group))
-            start = 0
-            for o, e in zip(group, entries, strict=True):
-                picked = chosen[:, start:start + e.shape[1]]
-                start += e.shape[1]
+            chosen = top_entries(torch.cat(entries, dim=1), self.total_budget(group))
+            for o, picked in zip(group, chosen.split([e.shape[1] for e in entries], dim=1), strict=True):
                 prio, pos = prios[o]
                 if self.granularity == "composite":  # each head keeps its own top n_l (n_l composite tokens)
                     n = picked.sum(1)[:, None, None]
