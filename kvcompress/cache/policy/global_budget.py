@@ -67,7 +67,7 @@ class GlobalRanking(PaddingReport):
         self.ranked = self.scope != "layer"
         # heads (head) or rows of a batch (composite) keep different counts: a storage that pads heads
         self.uneven_heads = self.ranked and self.granularity != "layer"
-        return self.ranked and self.granularity != "layer"
+        return self.uneven_heads
 
     def reset(self, batch_size: int, owners: list[int]) -> None:
         super().reset(batch_size, owners)
@@ -111,8 +111,7 @@ class GlobalRanking(PaddingReport):
         """(B,) entries each row holds over every store (real tokens; a composite token counts once)."""
         total = 0
         for store in self.stores.values():
-            real = store.positions() < PAD_POSITION
-            n = real.sum(-1)
+            n = (store.positions() < PAD_POSITION).sum(-1)
             if n.dim() == 1:  # heads share the store's positions
                 total = total + n * self.groups()
             else:

@@ -78,8 +78,7 @@ class PaddingReport:
 
 class UnevenHeads(EvictionPolicy):
     """Base of the policies whose KV heads keep different token counts (AdaKV, DuoAttention): always ``per_head``;
-    ``keep_heads`` applies a per-head keep mask (``keep_per_head``) and ``paged_fraction`` reports the share of
-    stores that held their heads in pages (no padding held) at their last eviction."""
+    ``paged_fraction`` is the share of stores that held their heads in pages (no padding) at their last eviction."""
 
     uneven_heads = True
 
