@@ -25,20 +25,16 @@ from torch import Tensor
 from kvcompress.cache.base import PAD_POSITION
 from kvcompress.cache.checks import number_in
 from kvcompress.cache.policy.base import EvictionPolicy
-from kvcompress.cache.policy.wrapper import ScorerWrapper, UnevenHeads
+from kvcompress.cache.policy.wrapper import PaddingReport, ScorerWrapper, UnevenHeads, lift_top
 from kvcompress.cache.storage.base import TokenStore
 
 
-class AdaKV(ScorerWrapper, UnevenHeads):
+class AdaKV(PaddingReport, ScorerWrapper, UnevenHeads):
     """Head-adaptive budgets over any scorer's per-head scores (``scorer``; the YAML default is SnapKV)."""
 
     def __init__(self, scorer: EvictionPolicy | None = None, alpha: float = 0.2, **kwargs):
         self.alpha = number_in("policy.alpha", alpha, 0.0, 1.0)
         super().__init__(scorer, **kwargs)
-
-    def reset(self, batch_size: int, owners: list[int]) -> None:
-        super().reset(batch_size, owners)
-        self.padding: dict[int, tuple[int, int]] = {}
 
     def evict(self, owner: int, store: TokenStore, protect: int = 0) -> None:
         held, budget = store.length, self.target(owner)
@@ -46,28 +42,14 @@ class AdaKV(ScorerWrapper, UnevenHeads):
             return
         heads, pos = self.spec.num_kv_heads, self.head_positions(store)
         score = self.score(self.candidates(owner, store, pos)).expand(-1, heads, -1)
-        prio = self.head_priority(score, pos, budget, protect)
+        # the safeguard: each head's top floor(alpha * budget) are lifted above the shared ranking too
+        prio = lift_top(self.priority(score, pos, budget, protect), pos, int(self.alpha * budget))
         keep = torch.zeros_like(prio, dtype=torch.bool)
         best = top_slots(prio, pos, min(heads * budget, prio[0].numel()))
         keep.view(keep.shape[0], -1).scatter_(1, best, True)
         keep &= pos < PAD_POSITION
         self.keep_heads(owner, store, keep)
-        slots = store.length * keep.shape[0] * keep.shape[1]
-        self.padding[owner] = (slots - int(keep.sum()), slots)  # invisible slots, all slots
-
-    def head_priority(self, score: Tensor, pos: Tensor, budget: int, protect: int) -> Tensor:
-        """The base priority (protected +inf, padding -inf) with each head's top floor(alpha * budget) lifted too."""
-        prio = self.priority(score, pos, budget, protect)
-        n_safe = min(int(self.alpha * budget), prio.shape[-1])
-        if n_safe:
-            top = prio.topk(n_safe, dim=-1).indices
-            lifted = torch.zeros_like(prio, dtype=torch.bool).scatter_(-1, top, True)
-            prio = prio.masked_fill(lifted & (pos < PAD_POSITION), float("inf"))
-        return prio
-
-    def report(self) -> dict[str, float]:
-        pad, slots = (sum(x) for x in zip(*self.padding.values(), strict=True)) if self.padding else (0, 0)
-        return {**super().report(), **({"padding_fraction": pad / slots} if slots else {})}
+        self.note_padding(owner, store, keep)
 
 
 def top_slots(prio: Tensor, pos: Tensor, k: int) -> Tensor:

@@ -131,12 +131,9 @@ def check_budget(budget, sinks, recent) -> None:
     int_at_least("policy.sinks", sinks, 0)
     if is_int(budget) and sinks >= budget:
         fail("policy.sinks", f"< budget ({budget})", sinks)
-    if isinstance(recent, float):
-        if not 0.0 <= recent <= 1.0:
-            fail("policy.recent", "a token count (int >= 0) or a fraction of the budget in [0, 1]", recent)
-    elif not is_int(recent) or recent < 0:
+    if not (0.0 <= recent <= 1.0 if isinstance(recent, float) else is_int(recent) and recent >= 0):
         fail("policy.recent", "a token count (int >= 0) or a fraction of the budget in [0, 1]", recent)
-    elif is_int(budget) and sinks + recent > budget:
+    if is_int(budget) and is_int(recent) and sinks + recent > budget:
         fail("policy.sinks + policy.recent", f"<= budget ({budget})", f"{sinks} + {recent}")
 
 
@@ -188,9 +185,14 @@ class EvictionPolicy(Policy):
     # -- budgets -----------------------------------------------------------------------------
     def row_budget(self) -> int:
         """The budget of the fullest row: a token count, or the fraction of its tokens seen."""
+        return int(self.device_budget(self.row_seen)) if isinstance(self.budget, float) else self.budget
+
+    def device_budget(self, row_seen: Tensor) -> Tensor:
+        """``row_budget`` as a 0-d tensor on ``row_seen``'s device (B,) (the static form: no host sync):
+        ``budget``, or ``max(1, ceil(fraction * max(row_seen)))``."""
         if isinstance(self.budget, float):
-            return max(1, math.ceil(self.budget * int(self.row_seen.max())))
-        return self.budget
+            return (row_seen.max().double() * self.budget).ceil().long().clamp(min=1)
+        return row_seen.new_full((), self.budget)
 
     def layer_budget(self, owner: int, budget: int) -> int:
         """Per-store schedule (PyramidKV); by default every store gets the same budget."""
@@ -220,8 +222,16 @@ class EvictionPolicy(Policy):
     def start_step(self, steps: int, pos: Tensor) -> None:
         self.row_seen = self.row_seen.to(pos.device) + (pos < PAD_POSITION).sum(1)
 
+    def compresses_prompt(self, owner: int) -> bool:
+        """The prompt ended and the store awaits its one prompt-end compression (``when=prefill|both``)."""
+        return self.prompt_ended and self.when != "decode" and not self.compressed[owner]
+
+    def evicts_each_step(self) -> bool:
+        """Decode-time eviction is on: ``when=decode``, or ``both`` once the prompt ended."""
+        return self.when == "decode" or (self.when == "both" and self.prompt_ended)
+
     def before_attend(self, owner: int, store: TokenStore, steps: int) -> None:
-        if self.prompt_ended and self.when != "decode" and not self.compressed[owner]:
+        if self.compresses_prompt(owner):
             self.compressed[owner] = True
             self.evict(owner, store, protect=steps)
             if self.when == "prefill":
@@ -255,8 +265,7 @@ class EvictionPolicy(Policy):
             self.state[owner] = take(fit(self.state[owner], int(idx.max()) + 1), idx)
 
     def after_attend(self, owner: int, store: TokenStore, steps: int) -> None:
-        evicts_now = self.when == "decode" or (self.when == "both" and self.prompt_ended)
-        if evicts_now and store.length > self.target(owner) + self.slack:
+        if self.evicts_each_step() and store.length > self.target(owner) + self.slack:
             self.evict(owner, store)
         self.held[owner] = store.length
 
@@ -323,7 +332,7 @@ class EvictionPolicy(Policy):
         evicts nothing: the storage's own static form."""
         if not self.captured or self.when != "decode" or self.per_head or self.rerotate or self.wants_queries:
             return None
-        if getattr(self, "never_evicts", False) or (is_int(self.budget) and self.budget + self.slack >= capacity):
+        if self.never_evicts or (is_int(self.budget) and self.budget + self.slack >= capacity):
             return storage.static_form(capacity)
         budget = self.budget if is_int(self.budget) else math.ceil(self.budget * capacity)
         return StaticEvictionCache.over(storage, self, capacity, min(budget + self.slack, capacity))

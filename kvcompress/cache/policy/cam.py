@@ -65,9 +65,8 @@ def merge_values(v: Tensor, acc: Tensor, pos: Tensor, idx: Tensor, window: int, 
     """Values (B, Hkv, T, D) with every evicted real slot merged into its next ``window`` kept slots (slot order).
 
     ``acc`` (B, 1|Hkv, T) is the accumulated attention, ``pos`` (B, 1|Hkv, T), ``idx`` the kept slots (B, [H,] K)."""
-    b, h, t, _ = v.shape
+    b, heads, t, _ = v.shape  # a shared selection (1 head) merges every head's values along the same slots
     idx = idx if idx.dim() == 3 else idx[:, None]
-    heads = h  # a shared selection (1 head) merges every head's values along the same slots
     kept = torch.zeros(b, heads, t, dtype=torch.bool, device=v.device).scatter_(-1, idx.expand(b, heads, -1), True)
     evicted = ~kept & (pos < PAD_POSITION).expand(b, heads, t)
     # for slot i, the kept slots after it: its window is kept slots with rank (number of kept slots before i) .. + w

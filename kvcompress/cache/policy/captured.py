@@ -41,16 +41,10 @@ def slot_addressable(form: KVCache | None) -> bool:
 
 
 def keep_mask(policy, score: Tensor, pos: Tensor, row_seen: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
-    """The policy's ``after_attend`` eviction on the device (no host sync, fixed shapes): ``score`` (B, 1|Hkv, N) of
-    the candidates at ``pos`` (B, N), ``row_seen`` (B,) tokens seen per row, ``held`` (0-d) the slots the eager store
-    holds after this step's append. Every real candidate stays unless ``held`` > budget + slack; then the
-    top-``budget`` by ``priority`` (protect = 0) stay: the set ``evict`` keeps (exact ties of scores may break
-    otherwise). The budget is ``row_budget``'s: an int, or ``ceil(fraction * max(row_seen))``. Returns the keep mask
-    (B, N) and the held count after the step."""
-    if isinstance(policy.budget, float):
-        budget = (row_seen.max().double() * policy.budget).ceil().long().clamp(min=1)
-    else:
-        budget = row_seen.new_full((), policy.budget)
+    """The policy's ``after_attend`` eviction on the device (step 3 above): ``score`` (B, 1|Hkv, N) of the candidates
+    at ``pos`` (B, N), ``row_seen`` (B,) tokens seen per row, ``held`` (0-d) the slots the eager store holds after
+    this step's append. Returns the keep mask (B, N) and the held count after the step."""
+    budget = policy.device_budget(row_seen)
     evicts = held > budget + policy.slack
     if score.shape[1] > 1:
         score = score.mean(1, keepdim=True)
@@ -59,13 +53,9 @@ def keep_mask(policy, score: Tensor, pos: Tensor, row_seen: Tensor, held: Tensor
 
 
 class StaticEvictionCache(KVCache):
-    """An ``EvictionPolicy`` over a storage's slot-addressable static form, in ``slots`` (+ trash + stage) slots per
-    layer.
-
-    Built by ``policy.static_form(storage, capacity)``; equal to ``ComposedCache(storage, policy)`` within fp
+    """Built by ``policy.static_form(storage, capacity)``; equal to ``ComposedCache(storage, policy)`` within fp
     tolerance (same tokens held, in other slots; exact ties of scores aside). Buffers are allocated at the first
-    append (the keys' dtype and device) and cleared in place by later resets of the same batch size.
-    """
+    append (the keys' dtype and device) and cleared in place by later resets of the same batch size."""
 
     def __init__(self, storage, policy, capacity: int, slots: int):
         self.storage, self.policy, self.capacity, self.slots = storage, policy, capacity, slots
@@ -151,8 +141,7 @@ class StaticEvictionCache(KVCache):
         return out
 
     def _settle(self, layer: int, keep: Tensor, pos: Tensor, state: Tensor | None, parts: dict[str, Tensor]) -> None:
-        """Evicted slots become empty; surviving new candidates (from the stage slot on) move into free slots (the
-        rest: trash); the stage slot is empty again."""
+        """Step 4 above; the stage slot is empty again."""
         S = self.slots
         B, T = pos.shape[0], pos.shape[1] - S - 1
         kept, new = keep[:, : S + 1], keep[:, S + 1 :]

@@ -41,10 +41,10 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache.base import PAD_POSITION
-from kvcompress.cache.buffers import fit, pick_rows, take
+from kvcompress.cache.buffers import pick_rows
 from kvcompress.cache.checks import number_in, one_of
 from kvcompress.cache.policy.base import EvictionPolicy
-from kvcompress.cache.policy.wrapper import ScorerWrapper, keep_per_head
+from kvcompress.cache.policy.wrapper import PaddingReport, ScorerWrapper, keep_per_head, kept_state, lift_top
 from kvcompress.cache.storage.base import TokenStore
 
 SCOPES = ("global", "layerwise", "layer")
@@ -52,7 +52,7 @@ GRANULARITIES = ("head", "layer", "composite")
 NORMALISATIONS = ("none", "share")
 
 
-class GlobalRanking:
+class GlobalRanking(PaddingReport):
     """Mixin (before an ``EvictionPolicy`` base): the ranking above, active unless ``scope=layer``."""
 
     uneven_heads = True  # the class may keep uneven heads (what is declared); an instance says whether its settings do
@@ -67,21 +67,19 @@ class GlobalRanking:
         self.ranked = self.scope != "layer"
         # heads (head) or rows of a batch (composite) keep different counts: a storage that pads heads
         self.uneven_heads = self.ranked and self.granularity != "layer"
-        return self.ranked and self.granularity != "layer"
+        return self.uneven_heads
 
     def reset(self, batch_size: int, owners: list[int]) -> None:
         super().reset(batch_size, owners)
         self.stores: dict[int, TokenStore] = {}
-        self.padding: dict[int, tuple[int, int]] = {}
 
     # -- timing ------------------------------------------------------------------------------------
     def before_attend(self, owner: int, store: TokenStore, steps: int) -> None:
         if not self.ranked:
             return super().before_attend(owner, store, steps)
         self.stores[owner] = store
-        if self.prompt_ended and self.when != "decode" and not self.compressed[owner]:
-            for o in self.compressed:
-                self.compressed[o] = True
+        if self.compresses_prompt(owner):
+            self.compressed = dict.fromkeys(self.compressed, True)
             if len(self.stores) == len(self.compressed) and self.over_budget(0):
                 self.evict_all({owner: steps})
             if self.when == "prefill":
@@ -92,10 +90,9 @@ class GlobalRanking:
             return super().after_attend(owner, store, steps)
         self.stores[owner] = store
         self.held[owner] = store.length
-        evicts_now = self.when == "decode" or (self.when == "both" and self.prompt_ended)
-        if evicts_now and owner == max(self.compressed) and len(self.stores) == len(self.compressed):
-            if self.over_budget(self.slack):
-                self.evict_all({})
+        last = owner == max(self.compressed) and len(self.stores) == len(self.compressed)
+        if self.evicts_each_step() and last and self.over_budget(self.slack):
+            self.evict_all({})
 
     # -- budgets -----------------------------------------------------------------------------------
     def groups(self) -> int:
@@ -114,8 +111,7 @@ class GlobalRanking:
         """(B,) entries each row holds over every store (real tokens; a composite token counts once)."""
         total = 0
         for store in self.stores.values():
-            real = store.positions() < PAD_POSITION
-            n = real.sum(-1)
+            n = (store.positions() < PAD_POSITION).sum(-1)
             if n.dim() == 1:  # heads share the store's positions
                 total = total + n * self.groups()
             else:
@@ -135,13 +131,8 @@ class GlobalRanking:
             score = score.mean(1, keepdim=True)
         score = normalised(score.expand(-1, pos.shape[1], -1), pos < PAD_POSITION, self.normalize)
         budget = self.target(owner)
-        prio = self.priority(score, pos, budget, protect)
-        n_floor = min(int(self.floor * budget), prio.shape[-1])
-        if n_floor:  # each group's own best floor(floor * B) are kept whatever the other stores score
-            top = prio.topk(n_floor, dim=-1).indices
-            lifted = torch.zeros_like(prio, dtype=torch.bool).scatter_(-1, top, True) & (pos < PAD_POSITION)
-            prio = prio.masked_fill(lifted, float("inf"))
-        return prio, pos
+        # each group's own best floor(floor * B) are kept whatever the other stores score
+        return lift_top(self.priority(score, pos, budget, protect), pos, int(self.floor * budget)), pos
 
     def evict_all(self, protect: dict[int, int]) -> None:
         """Rank and evict every store (``protect``: the last slots of a store that this step appended to)."""
@@ -152,12 +143,8 @@ class GlobalRanking:
                        for o in group]
             if self.first_layer_max and self.granularity == "composite" and len(group) > 1:
                 entries[0] = rank_max(entries)
-            flat = torch.cat(entries, dim=1)
-            chosen = top_entries(flat, self.total_budget(group))
-            start = 0
-            for o, e in zip(group, entries, strict=True):
-                picked = chosen[:, start:start + e.shape[1]]
-                start += e.shape[1]
+            chosen = top_entries(torch.cat(entries, dim=1), self.total_budget(group))
+            for o, picked in zip(group, chosen.split([e.shape[1] for e in entries], dim=1), strict=True):
                 prio, pos = prios[o]
                 if self.granularity == "composite":  # each head keeps its own top n_l (n_l composite tokens)
                     n = picked.sum(1)[:, None, None]
@@ -172,26 +159,17 @@ class GlobalRanking:
         store = self.stores[owner]
         keep = torch.nn.functional.pad(keep, (0, store.length - keep.shape[-1]), value=True)
         keep &= (store.positions() < PAD_POSITION).view(keep.shape[0], -1, keep.shape[-1])
-        state = self.state[owner]
         if self.uneven_heads and keep.shape[1] > 1:  # heads keep different counts: padded per head
-            self.state[owner] = keep_per_head(store, keep, state)
+            self.state[owner] = keep_per_head(store, keep, self.state[owner])
         else:  # one count per row (and head): rows that earn different counts are padded (pick_rows + hide)
             idx, valid = pick_rows(keep if keep.shape[1] > 1 else keep[:, 0])
             store.keep(idx)
             if not bool(valid.all()):
                 store.hide(valid)
-            if state is not None:
-                state = take(fit(state, keep.shape[-1]), idx)
-                v = valid if valid.dim() == 3 else valid[:, None]
-                self.state[owner] = state * v.view(*v.shape[:2], *[1] * (state.dim() - 3), -1).to(state.dtype)
-        slots = store.length * keep.shape[0] * keep.shape[1]
-        self.padding[owner] = (slots - int(keep.sum()), slots)
+            self.state[owner] = kept_state(self.state[owner], keep.shape[-1], idx, valid)
+        self.note_padding(owner, store, keep)
         self.held[owner] = store.length
         self.evictions += 1
-
-    def report(self) -> dict[str, float]:
-        pad, slots = (sum(x) for x in zip(*self.padding.values(), strict=True)) if self.padding else (0, 0)
-        return {**super().report(), **({"padding_fraction": pad / slots} if slots else {})}
 
 
 def normalised(score: Tensor, real: Tensor, how: str) -> Tensor:

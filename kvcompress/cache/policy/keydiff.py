@@ -21,13 +21,8 @@ class KeyDiff(EvictionPolicy):
     captured = True
 
     def score(self, c: Candidates) -> Tensor:
-        return self.distinctness(c.keys(), c.pos)
-
-    @staticmethod
-    def distinctness(k: Tensor, pos: Tensor) -> Tensor:
-        """Keys (B, H, T, D) at positions (B, 1|H, T) -> (B, H, T)."""
-        k = k.float()
-        real = (pos < PAD_POSITION).float()[..., None]  # (B, 1|H, T, 1)
+        k = c.keys().float()  # (B, H, T, D)
+        real = (c.pos < PAD_POSITION).float()[..., None]  # (B, 1|H, T, 1)
         unit = F.normalize(k, dim=-1) * real
         anchor = unit.sum(2, keepdim=True) / real.sum(2, keepdim=True).clamp_min(1.0)
         return -F.cosine_similarity(k, anchor, dim=-1)

@@ -68,8 +68,7 @@ class KVzip(GlobalRanking, EvictionPolicy):
         self.repeat, self.prefix = repeat or None, []
         if kwargs.get("when", "decode") == "decode":
             scope = "layer"  # no replay, no prompt boundary: the scores of ordinary queries, per layer
-        if self.init_ranking(scope, granularity, floor, normalize):
-            kwargs["per_head"] = True
+        kwargs["per_head"] = self.init_ranking(scope, granularity, floor, normalize) or kwargs.get("per_head", False)
         super().__init__(budget=budget, sinks=sinks, **kwargs)
 
     def calibrate(self, ctx, cache_for=None) -> None:

@@ -43,13 +43,7 @@ class PyramidKV(SnapKV):
         if hi >= seen - self.window:
             hi = seen - self.window
             lo = 2 * budget - hi
-        if not seen >= hi >= lo >= self.window:
-            return budget
-
-        def cumulative(n: int) -> float:  # the schedule summed over the first n layers
-            return n * hi - (hi - lo) * n * (n - 1) / (2 * (layers - 1))
-
-        return round(cumulative(owner + 1)) - round(cumulative(owner))
+        return linear_share(owner, lo, hi, layers) if seen >= hi >= lo >= self.window else budget
 
     def free_budget(self, owner: int, budget: int, layers: int) -> int:
         protected = min(self.sinks + self.recent_tokens(budget), budget)
@@ -57,9 +51,14 @@ class PyramidKV(SnapKV):
         if free == 0:
             return budget
         lo = free / self.beta
-        hi = 2 * free - lo
+        return protected + linear_share(owner, lo, 2 * free - lo, layers)
 
-        def cumulative(n: int) -> int:  # schedule summed over the first n layers, rounded
-            return round(n * hi - (hi - lo) * n * (n - 1) / (2 * (layers - 1)))
 
-        return protected + cumulative(owner + 1) - cumulative(owner)
+def linear_share(layer: int, lo: float, hi: float, layers: int) -> int:
+    """The layer's share of a schedule falling linearly from ``hi`` (layer 0) to ``lo`` (the last layer), rounded as
+    round(S(layer + 1)) - round(S(layer)) with S(n) the schedule summed over the first n layers."""
+
+    def cumulative(n: int) -> float:
+        return n * hi - (hi - lo) * n * (n - 1) / (2 * (layers - 1))
+
+    return round(cumulative(layer + 1)) - round(cumulative(layer))

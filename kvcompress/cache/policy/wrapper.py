@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvcompress.cache.base import ModelSpec
+from kvcompress.cache.base import PAD_POSITION, ModelSpec
 from kvcompress.cache.buffers import fit, take
 from kvcompress.cache.checks import fail
 from kvcompress.cache.policy.base import EvictionPolicy
@@ -34,16 +34,51 @@ def keep_per_head(store: TokenStore, keep: Tensor, state: Tensor | None = None) 
     valid = torch.gather(keep, -1, idx)
     store.keep(idx)
     store.hide(valid)
+    return kept_state(state, keep.shape[-1], idx, valid)
+
+
+def kept_state(state: Tensor | None, length: int, idx: Tensor, valid: Tensor) -> Tensor | None:
+    """Per-token ``state`` of a store that held ``length`` slots, gathered at the kept slots ``idx`` (B, [G,] K) and
+    zeroed where ``valid`` (alike) is False (padding slots)."""
     if state is None:
         return None
-    state = take(fit(state, keep.shape[-1]), idx)
-    return state * valid.view(*valid.shape[:2], *[1] * (state.dim() - 3), valid.shape[-1]).to(state.dtype)
+    state = take(fit(state, length), idx)
+    v = valid if valid.dim() == 3 else valid[:, None]
+    return state * v.view(*v.shape[:2], *[1] * (state.dim() - 3), -1).to(state.dtype)
+
+
+def lift_top(prio: Tensor, pos: Tensor, n: int) -> Tensor:
+    """``prio`` (B, G, T) with each group's top ``n`` real slots (at ``pos``) lifted to +inf, kept whatever else
+    scores (AdaKV's safeguard, a global budget's floor)."""
+    n = min(n, prio.shape[-1])
+    if not n:
+        return prio
+    top = prio.topk(n, dim=-1).indices
+    lifted = torch.zeros_like(prio, dtype=torch.bool).scatter_(-1, top, True) & (pos < PAD_POSITION)
+    return prio.masked_fill(lifted, float("inf"))
+
+
+class PaddingReport:
+    """Mixin (before an ``EvictionPolicy`` base): ``padding_fraction``, the share of invisible padding slots in the
+    stores' slot views at their last eviction."""
+
+    def reset(self, batch_size: int, owners: list[int]) -> None:
+        super().reset(batch_size, owners)
+        self.padding: dict[int, tuple[int, int]] = {}
+
+    def note_padding(self, owner: int, store: TokenStore, keep: Tensor) -> None:
+        """After ``store`` kept the slots where ``keep`` (B, G, T) held: its padding slots, all its slots."""
+        slots = store.length * keep.shape[0] * keep.shape[1]
+        self.padding[owner] = (slots - int(keep.sum()), slots)
+
+    def report(self) -> dict[str, float]:
+        pad, slots = (sum(x) for x in zip(*self.padding.values(), strict=True)) if self.padding else (0, 0)
+        return {**super().report(), **({"padding_fraction": pad / slots} if slots else {})}
 
 
 class UnevenHeads(EvictionPolicy):
     """Base of the policies whose KV heads keep different token counts (AdaKV, DuoAttention): always ``per_head``;
-    ``keep_heads`` applies a per-head keep mask (``keep_per_head``) and ``paged_fraction`` reports the share of
-    stores that held their heads in pages (no padding held) at their last eviction."""
+    ``paged_fraction`` is the share of stores that held their heads in pages (no padding) at their last eviction."""
 
     uneven_heads = True
 
