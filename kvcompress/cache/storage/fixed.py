@@ -48,8 +48,7 @@ class FixedSlotCache(KVCache):
         if self.capacity > spec.max_position:
             raise ValueError(f"capacity={self.capacity} must be <= max_position={spec.max_position}")
         super().setup(spec)
-        if self.store is not None:
-            self.store.check(spec)
+        self.store.check(spec)
 
     def reset(self, batch_size: int) -> None:
         """Clear the buffers in place (same addresses); another batch size drops them for a new allocation."""
@@ -105,7 +104,7 @@ class FixedSlotCache(KVCache):
         return [] if self.pos is None else [*self.payload(), self.pos, self.index]
 
     def calibration_tensors(self) -> list[Tensor]:
-        return [] if self.store is None else self.store.calibration_tensors()
+        return self.store.calibration_tensors()
 
     @property
     def tokens_seen(self) -> int:
@@ -134,5 +133,4 @@ def attend_parts(codec, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str
     k, v = (x.to(q.dtype) for x in codec.decode_at(parts, q.dtype, k_pos))
     if out is None:
         out = base.attention(q, k, v, q_pos, k_pos)
-    n = min(n_weights, q.shape[2])
-    return out, base.attention_weights(q[:, :, -n:], k, q_pos[:, -n:], k_pos) if n > 0 else None
+    return out, base.tail_weights(q, k, q_pos, k_pos, n_weights)
