@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,10 +114,6 @@ def default_path(cache_dir: str | Path, ctx_key: str, s: PCASettings) -> Path:
     return Path(cache_dir).expanduser() / f"latent-{ctx_key}-{s.digest()}.pt"
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def group_samples(samples: list, groups: list[list[int]]) -> list[tuple[Tensor, Tensor, Tensor]]:
     """One sample set per group of layers: the group's keys, values and positions joined along tokens."""
     return [(torch.cat([samples[i][0] for i in g], 2), torch.cat([samples[i][1] for i in g], 2),
@@ -162,11 +157,11 @@ def load_or_fit(ctx, s: PCASettings, path: Path | None = None, groups: list[list
     if grouped:  # every layer of a group gets its group's fit
         layers = [layers[next(j for j, g in enumerate(groups) if i in g)] for i in range(sum(map(len, groups)))]
     if reused:
-        log(f"latent: reusing calibration {path}")
+        artifacts.log(f"latent: reusing calibration {path}")
     else:
-        log(f"latent: calibrated {len(layers)} layers on {made['tokens']} tokens in {stats['calibration_s']:.1f}s "
-            f"(samples {made['calibration_sample_bytes'] / 2**20:.1f} MiB, peak RSS "
-            f"{made['calibration_peak_rss_bytes'] / 2**20:.0f} MiB) -> {path}")
+        artifacts.log(f"latent: calibrated {len(layers)} layers on {made['tokens']} tokens in "
+                      f"{stats['calibration_s']:.1f}s (samples {made['calibration_sample_bytes'] / 2**20:.1f} MiB, "
+                      f"peak RSS {made['calibration_peak_rss_bytes'] / 2**20:.0f} MiB) -> {path}")
     return layers, stats
 
 
