@@ -47,7 +47,7 @@ def per_row(x: Tensor, like: Tensor) -> Tensor:
 def windowed_fp16_bytes(spec: ModelSpec, seen_per_row: Tensor) -> int:
     """fp16 bytes of the model's own full cache: per layer and row, min(tokens seen, W - 1) tokens (all on a
     global layer)."""
-    per_token = 2 * 2 * spec.num_kv_heads * spec.head_dim
+    per_token = spec.fp16_bytes_per_token() // spec.num_layers  # one layer's
     seen = seen_per_row.long()
     held = sum(int(seen.sum() if w is None else seen.clamp(max=w - 1).sum()) for w in spec.windows)
     return per_token * held
