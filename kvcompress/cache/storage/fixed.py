@@ -13,9 +13,8 @@ eager within fp rounding. Where the count may be read on the host (not ``capturi
 steps, uncaptured runs) ``attend_parts`` attends the written slots alone with the eager ``CodecStore.attend``'s
 arithmetic: the logits equal eager ones bit for bit.
 
-For an eviction policy's static form (``cache.policy.captured``) the cache is slot-addressable: ``encode(layer,
-k, v, pos, rope)`` packs new tokens with the layer's own codec and ``slots.write(layer, slots, parts)`` stores them
-at any slots; ``allocate_payload(dtype, device)`` allocates every layer's slots ahead of the first token.
+An eviction policy's static form (``cache.policy.captured``) addresses the slots itself: ``encode``, then
+``slots.write`` at any slots, every layer's slots allocated ahead by ``allocate_payload``.
 """
 from __future__ import annotations
 
@@ -119,11 +118,9 @@ def capturing() -> bool:
 def attend_parts(codec, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
                  lengths: Tensor | None = None, n_weights: int = 0) -> tuple[Tensor, Tensor | None]:
     """Attention of rotated queries q (B, Hq, Tq, D) over a codec's packed parts at ``k_pos``, the one arithmetic of
-    every buffer: the codec's kernel (``attend_packed``; ``lengths``: how many leading slots are written, None: all)
-    unless it decodes for this step (``decodes_for_attention``: prefill chunks), else decode + ``base.attention``;
-    given ``lengths`` outside ``capturing()``, over the first ``lengths`` slots alone (the eager arithmetic).
-    The last ``n_weights`` queries' softmax weights (``base.attention_weights``) are computed beside the output,
-    never instead of it: a policy that observes attention never changes its arithmetic."""
+    every buffer (module docstring): the codec's kernel (``attend_packed``; ``lengths``: how many leading slots are
+    written, None: all) unless it decodes for this step (``decodes_for_attention``: prefill chunks), else decode +
+    ``base.attention``; the last ``n_weights`` queries' softmax weights beside it (``base.tail_weights``)."""
     if lengths is not None and not capturing():  # the written slots alone, as the eager store holds them
         n = int(lengths)
         parts, k_pos, lengths = {name: x[:, :, :n] for name, x in parts.items()}, k_pos[..., :n], None
