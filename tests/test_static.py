@@ -3,6 +3,8 @@ traces as one graph (no breaks, no host syncs) whose result equals the eager ste
 capture itself runs only where CUDA is."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -246,27 +248,23 @@ def test_static_kivi_decode_step_traces_as_one_graph(masked):
     assert torch.equal(steps(model, traced, nxt, 6, 9, compiled), steps(model, eager, nxt, 6, 9))
 
 
-def docstring_fp8_store():
-    """The fp8 storage exactly as ``storage.codec``'s docstring tells a user to write it."""
-    import textwrap
-
-    from kvcompress.cache.storage import codec
-    doc = codec.__doc__
-    start = doc.index("    import torch\n")
-    code = textwrap.dedent(doc[start : doc.index("with ``conf/storage/fp8.yaml``")])
+def user_fp8_store():
+    """The fp8 storage exactly as a user writes it (``tests/user_methods/my_methods/fp8.py``, the example that
+    ``storage.codec``'s docstring points to)."""
+    path = Path(__file__).resolve().parent / "user_methods/my_methods/fp8.py"
     scope: dict = {}
-    exec(compile(code, "codec-docstring", "exec"), scope)  # noqa: S102 - the documented example itself
+    exec(compile(path.read_text(), str(path), "exec"), scope)  # noqa: S102 - the documented example itself
     return scope["Fp8Store"]
 
 
 @torch.inference_mode()
-def test_a_codec_from_the_docstring_gets_both_decode_paths():
-    """A user's codec (the docstring's fp8 store: real 1-byte float8 parts) decodes eagerly, in fixed slots (equal to
+def test_a_user_codec_gets_both_decode_paths():
+    """A user's codec (the documented fp8 store: real 1-byte float8 parts) decodes eagerly, in fixed slots (equal to
     eager), and under an eviction policy's static form, with no edit to kvcompress."""
     from kvcompress.cache.policy.h2o import H2O
     from kvcompress.cache.storage.fixed import FixedSlotCache
 
-    Fp8Store = docstring_fp8_store()
+    Fp8Store = user_fp8_store()
     model = tiny_model()
     tokens = torch.randint(0, 97, (2, 12))
     eager = ComposedCache(Fp8Store())

@@ -3,9 +3,11 @@
     save(obj, path)                     # atomically (``kvcompress.atomic``): never a half-written file
     load(path, "low-rank calibration")  # any read/unpickle/zip error -> ValueError naming the file and the fix
     cached(path, make, "head split")    # (saved, True) if it exists (and passes check), else (make(), False) saved
+    log("calibrated ...")               # a calibration's progress line, on stderr
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,10 @@ from typing import Any
 import torch
 
 from kvcompress.atomic import write_atomic
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def save(obj: Any, path: str | Path) -> Path:

@@ -241,12 +241,16 @@ def attention_weights(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> Ten
     return scores.masked_fill(~visibility_mask(q_pos, k_pos, groups), float("-inf")).float().softmax(-1).to(q.dtype)
 
 
+def tail_weights(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, n: int) -> Tensor | None:
+    """The softmax weights (B, Hq, n, Tk) of the last ``n`` queries (None for n <= 0), beside an output."""
+    if n <= 0:
+        return None
+    n = min(n, q.shape[2])
+    return attention_weights(q[:, :, -n:], k, q_pos[:, -n:], k_pos)
+
+
 def attention_tail_weights(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, n: int
                            ) -> tuple[Tensor, Tensor | None]:
-    """``attention``'s output, and the softmax weights (B, Hq, n, Tk) of the last ``n`` queries beside it (None for
-    n <= 0): the output is the same computation whether or not weights are asked for."""
-    out = attention(q, k, v, q_pos, k_pos)
-    if n <= 0:
-        return out, None
-    n = min(n, q.shape[2])
-    return out, attention_weights(q[:, :, -n:], k, q_pos[:, -n:], k_pos)
+    """``attention``'s output and ``tail_weights`` beside it: the output is the same computation whether or not
+    weights are asked for."""
+    return attention(q, k, v, q_pos, k_pos), tail_weights(q, k, q_pos, k_pos, n)

@@ -63,18 +63,18 @@ def as_bytes(x: Tensor) -> Tensor:
     return x.view(torch.uint8) if x.dtype.is_floating_point and x.element_size() == 1 else x
 
 
-def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """Select tokens along dim 2 of x (B, H, T, ...) with idx (B, T') or (B, H', T')."""
+def gather_tokens(x: Tensor, idx: Tensor, dim: int = 2) -> Tensor:
+    """Select tokens along ``dim`` of x (B, H, T, ...) with idx (B, T') or (B, H', T'); ``dim=-1``: per-token state
+    (B, H, ..., T). Heads broadcast (to the larger of H, H')."""
     if as_bytes(x) is not x:
-        return gather_tokens(as_bytes(x), idx).view(x.dtype)
+        return gather_tokens(as_bytes(x), idx, dim).view(x.dtype)
     if idx.dim() == 2:
         idx = idx[:, None]
     heads = max(x.shape[1], idx.shape[1])
     x = x.expand(x.shape[0], heads, *x.shape[2:])
-    idx = idx.expand(idx.shape[0], heads, idx.shape[2])
-    extra = x.shape[3:]
-    idx = idx.reshape(*idx.shape, *([1] * len(extra))).expand(*idx.shape, *extra)
-    return torch.gather(x, 2, idx)
+    dim %= x.dim()
+    idx = idx.reshape(*idx.shape[:2], *([1] * (dim - 2)), idx.shape[2], *([1] * (x.dim() - dim - 1)))
+    return torch.gather(x, dim, idx.expand(*x.shape[:dim], idx.shape[dim], *x.shape[dim + 1:]))
 
 
 class GrowingParts:
@@ -132,13 +132,7 @@ class SlotParts:
 
 def take(state: Tensor, idx: Tensor) -> Tensor:
     """Gather per-token state (B, H', ..., T) with keep indices (B, K) or (B, Hkv, K) along the last dim."""
-    if idx.dim() == 2:
-        idx = idx[:, None]
-    heads = max(state.shape[1], idx.shape[1])
-    state = state.expand(state.shape[0], heads, *state.shape[2:])
-    mid = state.shape[2:-1]
-    idx = idx.reshape(idx.shape[0], idx.shape[1], *([1] * len(mid)), idx.shape[-1])
-    return state.gather(-1, idx.expand(state.shape[0], heads, *mid, idx.shape[-1]))
+    return gather_tokens(state, idx, -1)
 
 
 def follow(state: Tensor, old_pos: Tensor, new_pos: Tensor) -> Tensor:

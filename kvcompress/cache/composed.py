@@ -19,7 +19,7 @@ from kvcompress.cache.layout.base import Layout
 from kvcompress.cache.policy.base import Policy
 from kvcompress.cache.storage.base import TokenStore
 from kvcompress.cache.storage.dense import DenseStore
-from kvcompress.cache.window import check_layout, window_keep, windowed_fp16_bytes
+from kvcompress.cache.window import check_layout, per_row, window_keep, windowed_fp16_bytes
 from kvcompress.cache.window_mask import attention_window
 
 
@@ -138,7 +138,7 @@ class ComposedCache(KVCache):
         pos = view.positions()
         keep = window_keep(pos, q_pos, window)
         if self.replay_from is not None:
-            keep |= pos < self.replay_from.to(pos.device).view(-1, *[1] * (pos.dim() - 1))
+            keep |= pos < per_row(self.replay_from, pos)
         self._keep_where(owner, view, keep)
 
     def _keep_where(self, owner: int, view: TokenStore, keep: Tensor) -> None:
@@ -168,7 +168,7 @@ class ComposedCache(KVCache):
         start, self.replay_from = self.replay_from, None
         for owner in sorted(set(self.owner)):
             pos = self.views[owner].positions()
-            self._keep_where(owner, self.views[owner], pos < start.to(pos.device).view(-1, *[1] * (pos.dim() - 1)))
+            self._keep_where(owner, self.views[owner], pos < per_row(start, pos))
 
     def end_prompt(self) -> None:
         self.policy.end_prompt()

@@ -40,6 +40,11 @@ def unpack_bits(bits: Tensor, length: int) -> Tensor:
     return (bits[..., None] & BIT.to(bits.device)).ne(0).flatten(-2)[..., :length]
 
 
+def upto(counts: Tensor) -> Tensor:
+    """0, 1, ... up to the largest of ``counts`` (none for no counts), on their device."""
+    return torch.arange(int(counts.max()) if counts.numel() else 0, device=counts.device)
+
+
 class PagedParts:
     """Named per-token parts and int32 positions of B rows x H KV heads in ``page``-token pages (module docstring).
     Built from a padded form: ``parts`` (B, H|1, T, ...) and ``pos`` (B, H|1, T), real where pos < PAD_POSITION."""
@@ -65,9 +70,9 @@ class PagedParts:
         counts = valid.sum(-1)
         pages = (counts + self.page - 1) // self.page
         start = pages.flatten().cumsum(0).view_as(pages) - pages
-        width = torch.arange(int(pages.max()) if pages.numel() else 0, device=valid.device)
+        width = upto(pages)
         self.table = torch.where(width < pages[..., None], start[..., None] + width, -1).to(torch.int32)
-        j = torch.arange(int(counts.max()) if counts.numel() else 0, device=valid.device)
+        j = upto(counts)
         dest = (start[..., None] * self.page + j)[j < counts[..., None]]
         rows = int(pages.sum()) * self.page
         self.pools = {name: self._pool(x, rows, dest) for name, x in real.items()}
@@ -96,8 +101,7 @@ class PagedParts:
     def _token_rows(self) -> Tensor:
         """Pool rows of every real token, row-major over (b, h, slot): the order of ``view()[valid]``."""
         counts = self.counts()
-        j = torch.arange(int(counts.max()) if counts.numel() else 0, device=counts.device)
-        j = j.expand(*counts.shape, -1)
+        j = upto(counts).expand(*counts.shape, -1)
         return self._rows(j)[j < counts[..., None]]
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -177,11 +181,10 @@ class PagedParts:
 
     # -- accounting: the real tensors ---------------------------------------------------------------------
     def tensors(self) -> list[Tensor]:
-        """The parts' pools (every page in them is in use)."""
+        """The parts' pools (every page in them is in use: ``reserved`` is the same)."""
         return list(self.pools.values())
 
-    def reserved(self) -> list[Tensor]:
-        return self.tensors()
+    reserved = tensors
 
 
 class PagedPositions:
@@ -201,5 +204,4 @@ class PagedPositions:
     def tensors(self) -> list[Tensor]:
         return [self.pages.pos_pool, self.pages.table, self.pages.bits]
 
-    def reserved(self) -> list[Tensor]:
-        return self.tensors()
+    reserved = tensors

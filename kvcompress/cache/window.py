@@ -35,14 +35,19 @@ def window_keep(pos: Tensor, q_pos: Tensor, window: int) -> Tensor:
     (B, Tq): the last W - 1 positions up to each row's last real query (hidden padding slots stay)."""
     real = q_pos < PAD_POSITION
     last = torch.where(real, q_pos, -PAD_POSITION).amax(1)  # a row with no real query keeps everything
-    floor = torch.where(real.any(1), last - window + 2, -PAD_POSITION).to(pos.device)
-    return (pos >= floor.view(-1, *[1] * (pos.dim() - 1))) | (pos >= PAD_POSITION)
+    floor = torch.where(real.any(1), last - window + 2, -PAD_POSITION)
+    return (pos >= per_row(floor, pos)) | (pos >= PAD_POSITION)
+
+
+def per_row(x: Tensor, like: Tensor) -> Tensor:
+    """A per-row value ``x`` (B,) on ``like``'s device, shaped to broadcast against ``like`` (B, T) or (B, Hkv, T)."""
+    return x.to(like.device).view(-1, *[1] * (like.dim() - 1))
 
 
 def windowed_fp16_bytes(spec: ModelSpec, seen_per_row: Tensor) -> int:
     """fp16 bytes of the model's own full cache: per layer and row, min(tokens seen, W - 1) tokens (all on a
     global layer)."""
-    per_token = 2 * 2 * spec.num_kv_heads * spec.head_dim
+    per_token = spec.fp16_bytes_per_token() // spec.num_layers  # one layer's
     seen = seen_per_row.long()
     held = sum(int(seen.sum() if w is None else seen.clamp(max=w - 1).sum()) for w in spec.windows)
     return per_token * held

@@ -11,11 +11,11 @@ producers' tokens and any policy evicts them, scored by every layer of the group
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from torch import Tensor
 
+from kvcompress.cache import artifacts
 from kvcompress.cache.base import ModelSpec, Rotary
 from kvcompress.cache.checks import int_at_least, number_in, one_of
 from kvcompress.cache.layout.base import CacheFor, Layout, NewStore
@@ -63,12 +63,11 @@ class CLA(Layout):
     def calibrate(self, ctx, cache_for: CacheFor) -> None:
         if self.groups_setting != "auto":
             return
-        log = lambda msg: print(msg, file=sys.stderr, flush=True)
         share_pair = lambda first: cache_for(CLA(groups=[[first, first + 1]]))
-        self.similarity = load_or_measure(ctx, share_pair, cache_for(Layout()), log)
+        self.similarity = load_or_measure(ctx, share_pair, cache_for(Layout()))
         self.set_groups(auto_groups(self.pair_cost(), self.spec.num_layers, self.share_fraction))
-        log(f"[sharing] auto groups ({self.auto_metric}, share_fraction={self.share_fraction}): "
-            f"{describe(self.groups)}")
+        artifacts.log(f"[sharing] auto groups ({self.auto_metric}, share_fraction={self.share_fraction}): "
+                      f"{describe(self.groups)}")
 
     def pair_cost(self) -> list[float]:
         """Cost of layer i+1 reading layer i, by ``auto_metric``: NLL increase, or 1 - mean K/V cosine."""

@@ -11,7 +11,6 @@ the same model and calibration data; ``scripts/sharing_heatmap.py`` plots it.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,9 +76,8 @@ def measure(ctx: CalibrationContext, share_pair: Callable[[int], KVCache], base:
 
 
 def load_or_measure(ctx: CalibrationContext, share_pair: Callable[[int], KVCache], base: KVCache,
-                    log: Callable[[str], None] | None = None) -> LayerSimilarity:
+                    log: Callable[[str], None] = artifacts.log) -> LayerSimilarity:
     """The saved similarity for ``ctx.key`` if there is one, else measure and save it."""
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     path = Path(ctx.cache_dir).expanduser() / f"similarity-{ctx.key}.pt"
     data, reused = artifacts.cached(path, lambda: measure(ctx, share_pair, base, log).saved(), WHAT,
                                     lambda saved: LayerSimilarity.from_saved(saved, path).key == ctx.key)

@@ -14,43 +14,15 @@ Subclass ``CodecStore`` and implement two methods (optionally a third):
   means decode then attend. ``lengths`` is None eagerly; in the captured form it is a 0-d device tensor, the
   number of slots written (the rest of the capacity is empty, its positions ``PAD_POSITION``).
 
-The storage never implements a buffer. Eagerly its parts live in ``GrowingParts`` (``cache.buffers``: appended,
-gathered on eviction, memory freed after it) until a keep leaves its KV heads with different token counts (AdaKV,
-DuoAttention, per-head global budgets) and pages would hold fewer slots than the padded view: the store then moves
-into ``PagedParts`` (``cache.pages``: the positions and parts of each row and head in pages of ``page_size`` tokens,
-only kept tokens held; the padded view is rebuilt for attention, so the numbers do not change; ``page_size = None``
-keeps the padded form). The captured (static-capacity) form is the same codec in ``SlotParts``
-(``storage.fixed.FixedSlotCache``: every buffer allocated once, tokens written at a device-side index with
-``index_copy_``, no host synchronisation, so the decode step can be recorded as a CUDA graph), and an eviction
-policy's static form (``cache.policy.captured``) writes tokens at the slots it chooses, each layer with its own
-codec. Both decode paths and the byte accounting (the parts' real tensors) come for free. Attention weights asked
-for by a policy are computed beside the output, never instead of it: observing never changes the arithmetic.
+The storage never implements a buffer (``cache.buffers``): eagerly its parts grow in ``GrowingParts`` (gathered on
+eviction, memory freed after it) and move into ``PagedParts`` (``cache.pages``; ``page_size = None`` stays padded)
+once a keep leaves KV heads with different token counts; the captured (static-capacity) form holds them in
+``SlotParts`` (``storage.fixed.FixedSlotCache``), as does an eviction policy's static form
+(``cache.policy.captured``), each layer with its own codec. Both decode paths and the byte accounting (the parts'
+real tensors) come for free.
 
-An fp8 (e4m3) per-token storage, complete::
-
-    import torch
-    from kvcompress.cache.storage.codec import CodecStore
-
-    E4M3_MAX = 448.0
-
-    class Fp8Store(CodecStore):
-        \"\"\"K and V as float8 e4m3 with one fp16 scale per token and head (absmax / 448).\"\"\"
-
-        def encode(self, k, v):
-            parts = {}
-            for name, x in (("k", k), ("v", v)):
-                scale = (x.float().abs().amax(-1, keepdim=True) / E4M3_MAX).clamp_min(2**-24).half()
-                parts[name] = (x.float() / scale.float()).to(torch.float8_e4m3fn)
-                parts[name + "_scale"] = scale
-            return parts
-
-        def decode(self, parts, dtype):
-            return tuple((parts[n].float() * parts[n + "_scale"].float()).to(dtype) for n in ("k", "v"))
-
-with ``conf/storage/fp8.yaml`` (in a package on ``hydra.searchpath``)::
-
-    _target_: mypackage.fp8.Fp8Store
-    keys: post_rope
+A complete fp8 (e4m3) per-token storage and its YAML: ``tests/user_methods/my_methods/fp8.py`` and
+``tests/user_methods/my_conf/storage/fp8.yaml`` (which ``tests/user_methods`` run through the contract).
 
 Settings are constructor arguments (call ``super().__init__(keys)`` last); validate them against the model in
 ``check(spec)``. A storage whose tokens are not independent (KIVI's per-channel groups, GEAR's blocks) is a codec
@@ -174,7 +146,7 @@ class CodecStore(TokenStore):
         if not n_weights:
             return out, None
         k, _, pos = self.read()
-        return out, base.attention_weights(q[:, :, -n_weights:], k.to(q.dtype), q_pos[:, -n_weights:], pos)
+        return out, base.tail_weights(q, k.to(q.dtype), q_pos, pos, n_weights)
 
     def decodes_for_attention(self, q: Tensor) -> bool:
         """True where decode + attend serves this step even though a kernel exists. Default: multi-token steps

@@ -13,9 +13,8 @@ eager within fp rounding. Where the count may be read on the host (not ``capturi
 steps, uncaptured runs) ``attend_parts`` attends the written slots alone with the eager ``CodecStore.attend``'s
 arithmetic: the logits equal eager ones bit for bit.
 
-For an eviction policy's static form (``cache.policy.captured``) the cache is slot-addressable: ``encode(layer,
-k, v, pos, rope)`` packs new tokens with the layer's own codec and ``slots.write(layer, slots, parts)`` stores them
-at any slots; ``allocate_payload(dtype, device)`` allocates every layer's slots ahead of the first token.
+An eviction policy's static form (``cache.policy.captured``) addresses the slots itself: ``encode``, then
+``slots.write`` at any slots, every layer's slots allocated ahead by ``allocate_payload``.
 """
 from __future__ import annotations
 
@@ -48,8 +47,7 @@ class FixedSlotCache(KVCache):
         if self.capacity > spec.max_position:
             raise ValueError(f"capacity={self.capacity} must be <= max_position={spec.max_position}")
         super().setup(spec)
-        if self.store is not None:
-            self.store.check(spec)
+        self.store.check(spec)
 
     def reset(self, batch_size: int) -> None:
         """Clear the buffers in place (same addresses); another batch size drops them for a new allocation."""
@@ -105,7 +103,7 @@ class FixedSlotCache(KVCache):
         return [] if self.pos is None else [*self.payload(), self.pos, self.index]
 
     def calibration_tensors(self) -> list[Tensor]:
-        return [] if self.store is None else self.store.calibration_tensors()
+        return self.store.calibration_tensors()
 
     @property
     def tokens_seen(self) -> int:
@@ -120,11 +118,9 @@ def capturing() -> bool:
 def attend_parts(codec, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
                  lengths: Tensor | None = None, n_weights: int = 0) -> tuple[Tensor, Tensor | None]:
     """Attention of rotated queries q (B, Hq, Tq, D) over a codec's packed parts at ``k_pos``, the one arithmetic of
-    every buffer: the codec's kernel (``attend_packed``; ``lengths``: how many leading slots are written, None: all)
-    unless it decodes for this step (``decodes_for_attention``: prefill chunks), else decode + ``base.attention``;
-    given ``lengths`` outside ``capturing()``, over the first ``lengths`` slots alone (the eager arithmetic).
-    The last ``n_weights`` queries' softmax weights (``base.attention_weights``) are computed beside the output,
-    never instead of it: a policy that observes attention never changes its arithmetic."""
+    every buffer (module docstring): the codec's kernel (``attend_packed``; ``lengths``: how many leading slots are
+    written, None: all) unless it decodes for this step (``decodes_for_attention``: prefill chunks), else decode +
+    ``base.attention``; the last ``n_weights`` queries' softmax weights beside it (``base.tail_weights``)."""
     if lengths is not None and not capturing():  # the written slots alone, as the eager store holds them
         n = int(lengths)
         parts, k_pos, lengths = {name: x[:, :, :n] for name, x in parts.items()}, k_pos[..., :n], None
@@ -134,5 +130,4 @@ def attend_parts(codec, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str
     k, v = (x.to(q.dtype) for x in codec.decode_at(parts, q.dtype, k_pos))
     if out is None:
         out = base.attention(q, k, v, q_pos, k_pos)
-    n = min(n_weights, q.shape[2])
-    return out, base.attention_weights(q[:, :, -n:], k, q_pos[:, -n:], k_pos) if n > 0 else None
+    return out, base.tail_weights(q, k, q_pos, k_pos, n_weights)

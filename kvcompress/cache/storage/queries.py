@@ -8,7 +8,6 @@ The result is saved as ``channels-<ctx.key>.pt`` in ``ctx.cache_dir`` and reused
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -81,5 +80,5 @@ def measure(ctx, spec) -> dict[str, Tensor]:
     ctx.nll(rec)
     n = rec.count.clamp_min(1)[:, None, None]
     moments = {name: (s / n).float() for name, s in rec.sums.items()}
-    print(f"channel moments of queries and keys measured on {ctx.key}", file=sys.stderr, flush=True)
+    artifacts.log(f"channel moments of queries and keys measured on {ctx.key}")
     return moments

@@ -34,10 +34,6 @@ class Projection:
         """(B, G, T, n) -> latents (B, G, T, r)."""
         return (x - self.mean[:, None]) @ self.basis
 
-    def up(self, c: Tensor) -> Tensor:
-        """latents (B, G, T, r) -> (B, G, T, n)."""
-        return c @ self.basis.transpose(-1, -2) + self.mean[:, None]
-
     def head_basis(self) -> Tensor:
         """(Hkv, d, r): the rows of the basis that produce each KV head's dims."""
         G, n, r = self.basis.shape
@@ -50,7 +46,8 @@ class Projection:
         return self.down(to_groups(x, self.basis.shape[0]))
 
     def decode_heads(self, c: Tensor) -> Tensor:
-        return from_groups(self.up(c), self.heads)
+        """latents (B, G, T, r) -> (B, Hkv, T, d)."""
+        return from_groups(c @ self.basis.transpose(-1, -2) + self.mean[:, None], self.heads)
 
 
 def gqa_view(q: Tensor, heads: int) -> Tensor:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,10 +114,6 @@ def default_path(cache_dir: str | Path, ctx_key: str, s: PCASettings) -> Path:
     return Path(cache_dir).expanduser() / f"latent-{ctx_key}-{s.digest()}.pt"
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def group_samples(samples: list, groups: list[list[int]]) -> list[tuple[Tensor, Tensor, Tensor]]:
     """One sample set per group of layers: the group's keys, values and positions joined along tokens."""
     return [(torch.cat([samples[i][0] for i in g], 2), torch.cat([samples[i][1] for i in g], 2),
@@ -134,14 +129,13 @@ def load_or_fit(ctx, s: PCASettings, path: Path | None = None, groups: list[list
     Returns the per-layer PCAs and a stats dict (calibration_s, calibration_reused, sample bytes, peak RSS).
     """
     grouped = groups is not None and any(len(g) > 1 for g in groups)
-    path = Path(path).expanduser() if path else default_path(ctx.cache_dir, ctx.key, s)
+    default = default_path(ctx.cache_dir, ctx.key, s)
+    path = Path(path).expanduser() if path else default
     meta = {"version": FORMAT_VERSION, "ctx_key": ctx.key, "settings": asdict(s)}
     if grouped:
-        gkey = hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:8]
-        path = path if path != default_path(ctx.cache_dir, ctx.key, s) else path.with_stem(f"{path.stem}-xkv{gkey}")
+        if path == default:
+            path = path.with_stem(f"{path.stem}-xkv{hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:8]}")
         meta["settings"] = {**meta["settings"], "layer_groups": [list(g) for g in groups]}
-    per_layer = (lambda fits: [fits[next(j for j, g in enumerate(groups) if i in g)]
-                               for i in range(sum(map(len, groups)))]) if grouped else (lambda fits: fits)
     t0, made = time.perf_counter(), {}
 
     def make() -> dict:
@@ -159,13 +153,15 @@ def load_or_fit(ctx, s: PCASettings, path: Path | None = None, groups: list[list
                                     lambda saved: check_meta(saved.get("meta", {}), meta, path))
     stats = {"calibration_s": time.perf_counter() - t0, "calibration_reused": float(reused),
              "calibration_file": str(path), **{k: v for k, v in made.items() if k != "tokens"}}
-    layers = per_layer(blob["layers"])
+    layers = blob["layers"]
+    if grouped:  # every layer of a group gets its group's fit
+        layers = [layers[next(j for j, g in enumerate(groups) if i in g)] for i in range(sum(map(len, groups)))]
     if reused:
-        log(f"latent: reusing calibration {path}")
+        artifacts.log(f"latent: reusing calibration {path}")
     else:
-        log(f"latent: calibrated {len(layers)} layers on {made['tokens']} tokens in {stats['calibration_s']:.1f}s "
-            f"(samples {made['calibration_sample_bytes'] / 2**20:.1f} MiB, peak RSS "
-            f"{made['calibration_peak_rss_bytes'] / 2**20:.0f} MiB) -> {path}")
+        artifacts.log(f"latent: calibrated {len(layers)} layers on {made['tokens']} tokens in "
+                      f"{stats['calibration_s']:.1f}s (samples {made['calibration_sample_bytes'] / 2**20:.1f} MiB, "
+                      f"peak RSS {made['calibration_peak_rss_bytes'] / 2**20:.0f} MiB) -> {path}")
     return layers, stats
 
 
@@ -185,19 +181,17 @@ def check_meta(got: dict, want: dict, path: Path) -> bool:
     return True
 
 
+def explained(eig: Tensor) -> Tensor:
+    """Cumulative explained-variance fraction per rank, (G, n)."""
+    return eig.cumsum(-1) / eig.sum(-1, keepdim=True).clamp_min(1e-300)
+
+
 def choose_rank(spec: int | float | str, eig: Tensor, energy: float) -> int:
     """Rank from a spec: an int, a fraction of the dimension, or "auto" (smallest rank reaching
     ``energy`` of the variance in every group, i.e. the max over groups)."""
     n = eig.shape[-1]
     if spec == "auto":
-        total = eig.sum(-1, keepdim=True).clamp_min(1e-300)
-        ratio = eig.cumsum(-1) / total
-        return int(min(n, int((ratio < energy - 1e-9).sum(-1).max()) + 1))
+        return int(min(n, int((explained(eig) < energy - 1e-9).sum(-1).max()) + 1))
     if isinstance(spec, float):
         return max(1, min(n, round(spec * n)))
     return int(spec)
-
-
-def explained(eig: Tensor) -> Tensor:
-    """Cumulative explained-variance fraction per rank, (G, n)."""
-    return eig.cumsum(-1) / eig.sum(-1, keepdim=True).clamp_min(1e-300)

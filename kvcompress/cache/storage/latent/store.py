@@ -32,8 +32,9 @@ import math
 import torch
 from torch import Tensor
 
-from kvcompress.cache.base import ModelSpec, attention, attention_tail_weights
-from kvcompress.cache.checks import DTYPES, number_in, one_of
+from kvcompress.cache.base import ModelSpec, attention
+from kvcompress.cache.checks import DTYPES, is_int, number_in, one_of
+from kvcompress.cache.storage.base import TokenStore
 from kvcompress.cache.storage.codec import CodecStore
 from kvcompress.cache.storage.fixed import FixedSlotCache
 from kvcompress.cache.storage.latent.absorbed import Projection, absorbed_key_scores, gqa_view, latent_attention
@@ -54,9 +55,7 @@ Rank = int | float | str | None
 
 
 def _check_rank_spec(name: str, r: Rank) -> None:
-    ok = r is None or r == "auto" or (isinstance(r, int) and not isinstance(r, bool) and r >= 1) or (
-        isinstance(r, float) and 0.0 < r <= 1.0)
-    if not ok:
+    if not (r is None or r == "auto" or (is_int(r) and r >= 1) or (isinstance(r, float) and 0.0 < r <= 1.0)):
         raise ValueError(f"storage.{name} must be an int >= 1, a fraction in (0, 1], 'auto' or null, got {r!r}")
 
 
@@ -127,7 +126,7 @@ class LatentStore(CodecStore):
             raise ValueError(f"storage.rope_dims={self.pca.rope_dims} must be < head_dim={spec.head_dim}")
         for name, (n, what) in self.dims(spec).items():
             r = self.specs[name]
-            if isinstance(r, int) and not isinstance(r, bool) and not 1 <= r <= n:
+            if is_int(r) and not 1 <= r <= n:
                 raise ValueError(f"storage.{self.setting[name]}={r} is outside [1, {n}] for the {name} latent ({what})")
             if n % self.unit():
                 raise ValueError(f"storage.latent_bits={self.latent_bits} with latent_group_size="
@@ -253,15 +252,15 @@ class LatentStore(CodecStore):
 
     # -- attention ---------------------------------------------------------------------------------
     def attend(self, q: Tensor, q_pos: Tensor, n_weights: int = 0) -> tuple[Tensor, Tensor | None]:
-        """Reconstructed keys and values, or with ``absorb`` in latent space, whose softmax weights are the policy's."""
+        """Reconstructed keys and values (``TokenStore.attend``), or with ``absorb`` in latent space (one fused kernel
+        where ``fused`` and no weights are wanted), whose softmax weights are the policy's."""
         if not self.absorb:
-            k, v, pos = self.read()
-            return attention_tail_weights(q, k.to(q.dtype), v.to(q.dtype), q_pos, pos, n_weights)
+            return TokenStore.attend(self, q, q_pos, n_weights)
         pos, parts = self.positions(), self.parts.view()
-        if self.fused(n_weights):
-            return self.fused_attention(q, q_pos, pos, parts), None
-        out, p = self.absorbed_attention(q, q_pos, pos, parts)
-        return out, (p[:, :, -n_weights:] if n_weights > 0 else None)
+        if n_weights <= 0:
+            return self.attend_packed(q, q_pos, pos, parts), None
+        out, p = self.absorbed_attention(q, q_pos, pos, parts)  # the weights: never fused
+        return out, p[:, :, -n_weights:]
 
     def attend_packed(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
                       lengths: Tensor | None = None) -> Tensor:
@@ -276,9 +275,9 @@ class LatentStore(CodecStore):
     def decodes_for_attention(self, q: Tensor) -> bool:
         return False  # ``attend_packed`` computes what ``attend`` does, prefill chunks included
 
-    def fused(self, n_weights: int = 0) -> bool:
-        """Absorbed attention in one kernel: keys not rotated after reconstruction, no rope dims, no weights."""
-        return self.absorb and self.keys == "post_rope" and not self.pca.rope_dims and n_weights == 0
+    def fused(self) -> bool:
+        """Absorbed attention in one kernel (no weights): keys not rotated after reconstruction, no rope dims."""
+        return self.absorb and self.keys == "post_rope" and not self.pca.rope_dims
 
     def fused_attention(self, q: Tensor, q_pos: Tensor, pos: Tensor, parts: dict[str, Tensor],
                         lengths: Tensor | None = None) -> Tensor:
