@@ -194,13 +194,12 @@ class Stage(Side):
 
 class ResidualStore(TokenStore):
     """K and V each a ``GroupCodec`` behind a residual of ``residual`` recent tokens in ``residual_dtype`` (None: the
-    model's). A subclass sets those and ``dequant_cache`` and gives ``side_codecs()``; a decode step reads the codes
-    through the kernels where both codecs are ``packed`` (``packed_decode``) and keys are stored rotated."""
+    model's). A subclass sets those and ``dequant_cache`` and gives ``side_codecs()``."""
 
     residual_dtype: torch.dtype | None = torch.float16
     dequant_cache = False
     backend: str | None = None  # kernels: None (``KVC_KERNELS`` / auto) | torch | triton
-    packed_decode = True
+    packed_decode = True  # False: a decode step decodes, then attends (as a codec without a kernel)
 
     @abstractmethod
     def side_codecs(self) -> tuple[GroupCodec, GroupCodec] | None:
@@ -318,8 +317,7 @@ class SlotStage(Side):
         return self.codec.packed({n: p[layer] for n, p in self.parts.items()}, self.res[layer])
 
     def held(self, layer: int, n: int) -> tuple[dict[str, Tensor], Tensor | None]:
-        """The layer's parts of the coded prefix of ``n`` tokens and its residual (None: empty), as ``Stage`` holds
-        them."""
+        """The layer's coded prefix of ``n`` tokens (parts) and its residual (None: empty), as ``Stage`` holds them."""
         n_q = self.split(n)
         groups = n_q // self.codec.gran
         parts = {name: p[layer][:, :, : groups * self.rows[name]] for name, p in self.parts.items()} if n_q else {}
