@@ -85,7 +85,7 @@ def own(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-class Side:
+class BaseStage:
     """One of K or V (its ``codec``) behind a residual of ``residual`` tokens: the eager and fixed-slot forms' rule."""
 
     codec: GroupCodec
@@ -108,7 +108,7 @@ class Side:
         return prefix if res is None else torch.cat([prefix, res.to(dtype)], 2)
 
 
-class Stage(Side):
+class Stage(BaseStage):
     """One of K or V, eager: the coded prefix in ``parts`` (``n_q`` tokens), then ``res`` (B, H, r, D).
 
     Tokens are cast to ``dtype`` (None: their own) on arrival, so chunking never changes a code. ``mirror=True``
@@ -257,7 +257,7 @@ class ResidualStore(TokenStore):
         return ResidualSlots(self, capacity)
 
 
-class SlotStage(Side):
+class SlotStage(BaseStage):
     """One of K or V for every layer in fixed slots: per layer, each part (B, H, groups * rows, ...) for
     ``ceil(capacity / gran)`` groups and the residual (B, H, residual + gran, D). A tensor per layer, not one stacked
     (L, ...) tensor: Inductor turned each layer's in-place write into a slice of a stacked buffer into copies of the
