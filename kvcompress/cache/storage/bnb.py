@@ -9,6 +9,7 @@ tokens and ``keep`` gathers bytes exactly. Per block one absmax is kept, stored 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -86,15 +87,10 @@ class BnbCodec:
         return _call(f"dequantize_4bit({self.kind})", q, lambda: F.dequantize_4bit(flat, state)).reshape(shape)
 
 
-_CODES: dict[str, Tensor] = {}
-
-
+@functools.cache
 def _code(device: torch.device) -> Tensor:
     """bitsandbytes' dynamic 8-bit code book (the default of quantize_blockwise), one per device."""
-    key = str(device)
-    if key not in _CODES:
-        _CODES[key] = _functional().create_dynamic_map().to(device)
-    return _CODES[key]
+    return _functional().create_dynamic_map().to(device)
 
 
 class BnbStore(CodecStore):

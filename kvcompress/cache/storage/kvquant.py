@@ -40,22 +40,20 @@ SENSITIVITY = ("query", "none")
 KMEANS_SAMPLES, KMEANS_ITERS = 1 << 20, 30
 
 
+def regroup_bits(x: Tensor, width: int, out_width: int) -> Tensor:
+    """uint8 items of ``width`` bits (..., N) -> items of ``out_width`` bits, via 24-bit words, low bits first."""
+    shifts = lambda step: torch.arange(0, 24, step, device=x.device, dtype=torch.int32)
+    word = (x.unflatten(-1, (-1, 24 // width)).to(torch.int32) << shifts(width)).sum(-1, dtype=torch.int32)
+    return ((word[..., None] >> shifts(out_width)) & ((1 << out_width) - 1)).to(torch.uint8).flatten(-2)
+
+
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """uint8 codes (..., D) -> bytes: 2 and 4 bits by ``quantizer.pack``; 3 bits as 8 codes in 3 bytes."""
-    if bits != 3:
-        return pack(codes, bits)
-    c = codes.unflatten(-1, (-1, 8)).to(torch.int32) << torch.arange(0, 24, 3, device=codes.device, dtype=torch.int32)
-    word = c.sum(-1, dtype=torch.int32)[..., None] >> torch.tensor([0, 8, 16], device=codes.device, dtype=torch.int32)
-    return (word & 255).to(torch.uint8).flatten(-2)
+    """uint8 codes (..., D) -> bytes: 2 and 4 bits by ``kernels.reference.pack``; 3 bits as 8 codes in 3 bytes."""
+    return regroup_bits(codes, 3, 8) if bits == 3 else pack(codes, bits)
 
 
 def unpack_codes(packed: Tensor, bits: int) -> Tensor:
-    if bits != 3:
-        return unpack(packed, bits)
-    b = packed.unflatten(-1, (-1, 3)).to(torch.int32) << torch.tensor([0, 8, 16], device=packed.device,
-                                                                     dtype=torch.int32)
-    word = b.sum(-1, dtype=torch.int32)[..., None] >> torch.arange(0, 24, 3, device=packed.device, dtype=torch.int32)
-    return (word & 7).to(torch.uint8).flatten(-2)
+    return regroup_bits(packed, 8, 3) if bits == 3 else unpack(packed, bits)
 
 
 def kmeans_1d(x: Tensor, w: Tensor, levels: int, iters: int = KMEANS_ITERS) -> Tensor:

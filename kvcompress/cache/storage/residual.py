@@ -18,10 +18,8 @@ batch row has the same layout, and both forms below hold the same codes:
   ``gran`` under the same flag; the counts are computed once per step at layer 0. Longer steps (prefill chunks,
   never captured) read the count on the host.
 
-A codec with ``packed`` (the integer codes) is read by the kernels (``kernels.quant_attention``) in decode steps.
-In fixed slots, outside ``fixed.capturing()`` (prefill chunks, CPU steps), the held tokens are attended with the
-eager store's arithmetic (equal bit for bit); a traced or recorded step reads the codes with Triton (the counts on
-the device) or decodes every slot, empty ones masked (equal within fp rounding).
+A codec with ``packed`` (the integer codes) is read by the kernels (``kernels.quant_attention``) in decode steps,
+eager and in fixed slots (``ResidualSlots.attend``).
 """
 from __future__ import annotations
 
@@ -87,7 +85,30 @@ def own(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-class Stage:
+class BaseStage:
+    """One of K or V (its ``codec``) behind a residual of ``residual`` tokens: the eager and fixed-slot forms' rule."""
+
+    codec: GroupCodec
+    residual: int
+
+    def split(self, n: int | Tensor) -> int | Tensor:
+        return prefix_length(n, self.residual, self.codec.gran)
+
+    def cut(self, res: Tensor | None, x: Tensor, n_q: int) -> tuple[Tensor, Tensor]:
+        """x after the residual ``res`` (None: empty) of ``n_q`` coded tokens: the groups to code, the new residual."""
+        full = x if res is None else torch.cat([res, x], 2)
+        m = self.split(n_q + full.shape[2]) - n_q
+        return full[:, :, :m], full[:, :, m:]
+
+    def join(self, parts: dict[str, Tensor], res: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """The decoded prefix (``parts``; empty: none), then the residual (None: none), in ``dtype``."""
+        if not parts:
+            return res.to(dtype)
+        prefix = self.codec.decode(parts, dtype)
+        return prefix if res is None else torch.cat([prefix, res.to(dtype)], 2)
+
+
+class Stage(BaseStage):
     """One of K or V, eager: the coded prefix in ``parts`` (``n_q`` tokens), then ``res`` (B, H, r, D).
 
     Tokens are cast to ``dtype`` (None: their own) on arrival, so chunking never changes a code. ``mirror=True``
@@ -103,31 +124,24 @@ class Stage:
         """Per-token parts (``gran`` 1) in doubling buffers, parts of larger groups concatenated."""
         return GrowingParts() if self.codec.gran == 1 else ConcatParts()
 
-    def split(self, n: int) -> int:
-        return prefix_length(n, self.residual, self.codec.gran)
-
     @property
     def n_res(self) -> int:
         return 0 if self.res is None else self.res.shape[2]
-
-    @property
-    def length(self) -> int:
-        return self.n_q + self.n_res
 
     def append(self, x: Tensor) -> None:
         self.dtype = self.dtype or self.want or x.dtype
         out_dtype, x = x.dtype, x.to(self.dtype)
         if self.mirror is not None:
             self.mirror.append(x.to(out_dtype))
-        full = x if not self.n_res else torch.cat([self.res, x], 2)
-        n = self.split(self.n_q + full.shape[2]) - self.n_q
-        if n > 0:
-            parts = self.codec.encode(full[:, :, :n])
+        done, rest = self.cut(self.res if self.n_res else None, x, self.n_q)
+        n = done.shape[2]
+        if n:
+            parts = self.codec.encode(done)
             if self.mirror is not None:
                 self.mirror.view()[:, :, self.n_q : self.n_q + n] = self.codec.decode(parts, out_dtype)
             self.parts.append(parts)
             self.n_q += n
-        self.res = own(full[:, :, n:], self.dtype)
+        self.res = own(rest, self.dtype)
 
     def read(self, dtype: torch.dtype) -> Tensor:
         """Everything held, (B, H, T, D) in ``dtype``: decoded prefix, then residual."""
@@ -136,9 +150,7 @@ class Stage:
         return self.decoded(dtype)
 
     def decoded(self, dtype: torch.dtype) -> Tensor:
-        if not self.n_q:
-            return self.res.to(dtype)
-        return torch.cat([self.codec.decode(self.parts.view(), dtype), self.res.to(dtype)], 2)
+        return self.join(self.parts.view(), self.res, dtype)
 
     def packed(self) -> Packed | None:
         return self.codec.packed(self.parts.view(), self.res if self.n_res else None)
@@ -155,11 +167,9 @@ class Stage:
         group keeps its parts (never coded twice); any other group is coded from the held values (decoded)."""
         n_new = self.split(idx.shape[-1])
         vals = gather_tokens(self.decoded(torch.float32), idx)
-        parts = self.regroup(idx[:, :, :n_new], vals[:, :, :n_new]) if n_new else None
-        self.parts, self.n_q = self.holder(), 0
-        if parts is not None:
-            self.parts.append(parts)
-            self.n_q = n_new
+        parts = self.regroup(idx[:, :, :n_new], vals[:, :, :n_new]) if n_new else {}
+        self.parts, self.n_q = self.holder(), n_new
+        self.parts.append(parts)
         self.res = own(vals[:, :, n_new:], self.dtype)
         if self.mirror is not None and self.mirror.data is not None:
             self.mirror.replace(self.decoded(self.mirror.data.dtype))
@@ -184,13 +194,12 @@ class Stage:
 
 class ResidualStore(TokenStore):
     """K and V each a ``GroupCodec`` behind a residual of ``residual`` recent tokens in ``residual_dtype`` (None: the
-    model's). A subclass sets those and ``dequant_cache`` and gives ``side_codecs()``; a decode step reads the codes
-    through the kernels where both codecs are ``packed`` (``packed_decode``) and keys are stored rotated."""
+    model's). A subclass sets those and ``dequant_cache`` and gives ``side_codecs()``."""
 
     residual_dtype: torch.dtype | None = torch.float16
     dequant_cache = False
     backend: str | None = None  # kernels: None (``KVC_KERNELS`` / auto) | torch | triton
-    packed_decode = True
+    packed_decode = True  # False: a decode step decodes, then attends (as a codec without a kernel)
 
     @abstractmethod
     def side_codecs(self) -> tuple[GroupCodec, GroupCodec] | None:
@@ -248,7 +257,7 @@ class ResidualStore(TokenStore):
         return ResidualSlots(self, capacity)
 
 
-class SlotStage:
+class SlotStage(BaseStage):
     """One of K or V for every layer in fixed slots: per layer, each part (B, H, groups * rows, ...) for
     ``ceil(capacity / gran)`` groups and the residual (B, H, residual + gran, D). A tensor per layer, not one stacked
     (L, ...) tensor: Inductor turned each layer's in-place write into a slice of a stacked buffer into copies of the
@@ -263,9 +272,6 @@ class SlotStage:
         self.parts = {name: [x.new_zeros((*x.shape[:2], groups * x.shape[2], *x.shape[3:])) for _ in range(lead[0])]
                       for name, x in example.items()}
         self.res = [torch.zeros((*lead[1:], residual + G, D), dtype=dtype, device=device) for _ in range(lead[0])]
-
-    def split(self, n):
-        return prefix_length(n, self.residual, self.codec.gran)
 
     def tensors(self) -> list[Tensor]:
         return [t for layers in (*self.parts.values(), self.res) for t in layers]
@@ -299,20 +305,19 @@ class SlotStage:
             self.put(layer, self.group, self.codec.encode(res[:, :, :G]), self.flush)
             res.copy_(torch.where(self.flush, torch.cat([res[:, :, G:], res[:, :, :G]], 2), res))
             return
-        q_old, q_new = self.split(self.n_host - T), self.split(self.n_host)
-        full = torch.cat([res[:, :, : self.n_host - T - q_old], x], 2)
-        m = q_new - q_old
-        if m:
-            self.put(layer, torch.arange(q_old // G, q_new // G, device=x.device), self.codec.encode(full[:, :, :m]))
-        res[:, :, : full.shape[2] - m] = full[:, :, m:]
+        q_old = self.split(self.n_host - T)
+        done, rest = self.cut(res[:, :, : self.n_host - T - q_old], x, q_old)
+        if done.shape[2]:
+            groups = torch.arange(q_old // G, (q_old + done.shape[2]) // G, device=x.device)
+            self.put(layer, groups, self.codec.encode(done))
+        res[:, :, : rest.shape[2]] = rest
 
     def packed(self, layer: int) -> Packed | None:
         """The layer's buffers as a kernel side (prefix capacity + residual; the counts come as ``lengths``)."""
         return self.codec.packed({n: p[layer] for n, p in self.parts.items()}, self.res[layer])
 
     def held(self, layer: int, n: int) -> tuple[dict[str, Tensor], Tensor | None]:
-        """The layer's parts of the coded prefix of ``n`` tokens and its residual (None: empty), as ``Stage`` holds
-        them."""
+        """The layer's coded prefix of ``n`` tokens (parts) and its residual (None: empty), as ``Stage`` holds them."""
         n_q = self.split(n)
         groups = n_q // self.codec.gran
         parts = {name: p[layer][:, :, : groups * self.rows[name]] for name, p in self.parts.items()} if n_q else {}
@@ -320,12 +325,7 @@ class SlotStage:
 
     def decoded(self, layer: int, n: int, dtype: torch.dtype) -> Tensor:
         """The ``n`` held tokens (B, H, n, D) in ``dtype``, as ``Stage.decoded`` gives them."""
-        parts, res = self.held(layer, n)
-        res = res.to(dtype) if res is not None else None
-        if not parts:
-            return res
-        prefix = self.codec.decode(parts, dtype)
-        return prefix if res is None else torch.cat([prefix, res], 2)
+        return self.join(*self.held(layer, n), dtype)
 
     def tokens(self, layer: int, capacity: int, dtype: torch.dtype) -> Tensor:
         """All ``capacity`` slots in ``dtype``, branch-free: token t is prefix token t below this step's ``n_q``,
@@ -337,9 +337,7 @@ class SlotStage:
 
 
 class ResidualSlots(FixedSlotCache):
-    """A ``ResidualStore`` of every layer in ``capacity`` fixed slots (see the module docstring). Attention reads
-    the codes with Triton (only the held tokens' bytes, their counts read on the device); otherwise every slot is
-    decoded and empty slots are masked."""
+    """A ``ResidualStore`` of every layer in ``capacity`` fixed slots (see the module docstring)."""
 
     slot_addressable = False  # tokens are placed by the count (the residual rule), not at chosen slots
 
@@ -369,7 +367,8 @@ class ResidualSlots(FixedSlotCache):
     def attend(self, layer: int, q: Tensor, q_pos: Tensor) -> Tensor:
         """Outside ``capturing()`` (prefill chunks, CPU steps) the count is read and the held tokens are attended with
         the eager store's arithmetic: equal logits, bit for bit. A traced or recorded step reads the codes with
-        Triton (the counts on the device); otherwise every slot is decoded and empty slots are masked (branch-free)."""
+        Triton (only the held tokens' bytes, the counts on the device); otherwise every slot is decoded and empty
+        slots are masked (branch-free; equal within fp rounding)."""
         if not capturing():
             return self.attend_held(layer, q, q_pos, int(self.index))
         k, v = self.sides
@@ -385,8 +384,7 @@ class ResidualSlots(FixedSlotCache):
         """``ResidualStore.attend`` over the ``n`` held tokens: the packed kernel for a decode step, else decode."""
         pos, store = self.pos[:, :n], self.store
         if q.shape[2] == 1 and store.packed_decode:
-            sides = [side.held(layer, n) for side in self.sides]
-            sides = [side.codec.packed(parts, res) for side, (parts, res) in zip(self.sides, sides, strict=True)]
+            sides = [side.codec.packed(*side.held(layer, n)) for side in self.sides]
             if None not in sides:
                 return quant_attention(q, q_pos, pos, *sides, backend=store.backend)
         kk, vv = (side.decoded(layer, n, q.dtype) for side in self.sides)

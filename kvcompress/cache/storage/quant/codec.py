@@ -15,10 +15,9 @@ import torch
 from torch import Tensor
 
 from kvcompress.cache.storage.codec import CodecStore
-from kvcompress.cache.storage.quant.quantizer import QuantConfig, quantize
+from kvcompress.cache.storage.quant.quantizer import QTensor, QuantConfig, dequantize, quantize
 from kvcompress.cache.storage.residual import GroupCodec
 from kvcompress.kernels import Packed, dense, quant_attention, quantize_tokens, resolve
-from kvcompress.kernels.reference import dequant_prefix
 
 SIDES = ("key", "value")
 
@@ -44,7 +43,7 @@ class QuantSide(GroupCodec):
         return Packed(parts["codes"], parts["scale"], parts.get("zero"), res, c.bits, c.group_size, c.axis)
 
     def decode(self, parts: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
-        return dequant_prefix(self.packed(parts), 0, parts["codes"].shape[2]).to(dtype)
+        return dequantize(QTensor(parts["codes"], parts["scale"], parts.get("zero")), self.cfg, dtype)
 
 
 class TokenQuantStore(CodecStore):
@@ -70,8 +69,7 @@ class TokenQuantStore(CodecStore):
         return {name[len(side) + 1 :]: t for name, t in parts.items() if name.startswith(side + "_")}
 
     def decode(self, parts: dict[str, Tensor], dtype) -> tuple[Tensor, Tensor]:
-        k, v = (self.sides[s].decode(self.side(parts, s), dtype) for s in SIDES)
-        return k, v
+        return tuple(self.sides[s].decode(self.side(parts, s), dtype) for s in SIDES)
 
     def attend_packed(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, parts: dict[str, Tensor],
                       lengths: Tensor | None = None) -> Tensor:
