@@ -25,8 +25,10 @@ from kvcompress.cache import FullCache
 from kvcompress.cache.base import PAD_POSITION, ModelSpec
 from kvcompress.cache.layout.minicache import MiniCache, slerp
 from kvcompress.cache.policy.h2o import H2O
+from kvcompress.cache.policy.kvzip import KVzip
 from kvcompress.cache.storage.quant.store import QuantizedStore
 from kvcompress.engine.generate import forward_chunks
+from kvcompress.engine.session import Session
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: a tiny model is fastest on one thread
 
@@ -112,6 +114,25 @@ def test_h2o_over_minicache_keeps_one_selection_per_pair(model):
         real = (cache.views[a].positions() < PAD_POSITION).sum(-1)
         assert (real == 12).all()  # rows keep different retained / merged splits: padded slots are invisible
     assert [cache.views[layer].length for layer in (0, 1)] == [12, 12]
+
+
+def test_replay_over_ragged_prompts_leaves_each_row_as_alone(model):
+    """KVzip's replay over prompts of different lengths ends by dropping each row's replayed tokens: rows keep
+    different counts, so the pair hides padding slots (mapped back through its retained / merged split). A batched
+    row then decodes as it does alone."""
+    prompts = [random_tokens(1, n, seed=n)[0].tolist() for n in (20, 13)]
+
+    def decode(rows, next_tokens):
+        policy = KVzip(budget=8, when="prefill", scope="layer", granularity="layer", sinks=0)
+        cache = ready(minicache(policy=policy, start_layer=2, threshold=1.0), model, len(rows))
+        session = Session(model, cache, chunk=4).start(len(rows))
+        last, lengths = session.prefill(rows)
+        steps = [session.step(torch.tensor(next_tokens), lengths + t) for t in range(4)]
+        assert cache.memory_report()["replay_tokens"] == sum(map(len, rows)) + len(rows) * len(policy.replay_prefix())
+        return torch.stack([last, *steps], 1)
+
+    both, alone = decode(prompts, [1, 2]), decode(prompts[1:], [2])
+    torch.testing.assert_close(both[1], alone[0], rtol=0, atol=1e-5)
 
 
 def test_minicache_view_order_is_retained_merged_new():

@@ -131,16 +131,26 @@ class MergedPair:
         n_own = self.own[0].length
         n_pending = idx.shape[-1] - int((idx < self.held).sum(-1).max())
         core = idx[..., : idx.shape[-1] - n_pending]
+        self.kept_from = []  # per part: which entries of idx its new slots hold (for ``hide``)
         for part, in_part, offset in ((self.own, core < n_own, 0), ((self.merged,), core >= n_own, n_own)):
             if not part[0].length:
                 continue
             order, valid = pick_rows(in_part)
+            self.kept_from.append((part, order, valid))
             sel = (torch.gather(core, -1, order) - offset).clamp_min(0).masked_fill(~valid, 0)
             for store in part:
                 store.keep(sel)
                 store.hide(valid)
             if part[0] is self.merged:
                 self.magnitudes.replace(gather_tokens(self.magnitudes.view(), sel))
+
+    def hide(self, valid: Tensor) -> None:
+        """After ``keep(idx)``: hide the new slots that hold entries of ``idx`` where ``valid`` (the shape of idx) is
+        False (rows kept to different counts). The pair's new view is its own part then its merged part, not idx's
+        order, so each part's slots are mapped back to the entries they came from."""
+        for part, order, held in self.kept_from:
+            for store in part:
+                store.hide(torch.gather(valid, -1, order) & held)
 
     def tensors(self, reserved: bool = False) -> list[Tensor]:
         of = (lambda s: s.reserved_tensors()) if reserved else (lambda s: s.tensors())
@@ -166,6 +176,9 @@ class PairSide(TokenStore):
 
     def keep(self, idx: Tensor) -> None:
         self.pair.keep(idx)
+
+    def hide(self, valid: Tensor) -> None:
+        self.pair.hide(valid)
 
     # a merged direction is shared by both layers, and keep re-packs the pair's parts: no per-side value rewrite
     # (CaM) and no padded per-head counts (AdaKV, DuoAttention)
