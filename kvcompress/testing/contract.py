@@ -124,16 +124,21 @@ def build(model: Transformer, axes: Axes, calibration_dir: str | Path | None = N
 
 
 @torch.inference_mode()
-def drive(model: Transformer, cache, toks: torch.Tensor, prompt: int = PROMPT, chunk: int = CHUNK) -> torch.Tensor:
+def drive(model: Transformer, cache, toks: torch.Tensor, prompt: int = PROMPT, chunk: int = CHUNK,
+          short: torch.Tensor | None = None) -> torch.Tensor:
     """Every logit of ``toks`` through the engine session every evaluation uses: the first ``prompt`` tokens in chunks
-    (scored, then replayed if the cache asks: KVzip), the prompt boundary, then the rest decoded one token a step."""
+    (scored, then replayed if the cache asks: KVzip), the prompt boundary, then the rest decoded one token a step.
+    ``short`` (B,): each row's prompt is that many tokens shorter, right-padded (``PAD_POSITION``), and its decode
+    continues from its own end, as the engine batches prompts of different lengths."""
+    short = torch.zeros(toks.shape[0], dtype=torch.long) if short is None else short
     session = Session(model, cache, chunk=chunk).start(toks.shape[0])
     head = toks[:, :prompt]
-    out = [session.score(head)]
-    session.replay(head, positions_like(head), chunk)
+    pos = positions_like(head)
+    pos = torch.where(pos < prompt - short[:, None], pos, PAD_POSITION)
+    out = [session.score(head, pos=pos)]
+    session.replay(head, pos, chunk)
     cache.end_prompt()
-    at = torch.zeros(toks.shape[0], dtype=torch.long)
-    out += [session.step(toks[:, t], at + t)[:, None] for t in range(prompt, toks.shape[1])]
+    out += [session.step(toks[:, t], t - short)[:, None] for t in range(prompt, toks.shape[1])]
     return torch.cat(out, 1)
 
 
@@ -223,14 +228,15 @@ def check_positions(cache: ComposedCache, length: int, axes: Axes) -> None:
 
 
 def check_rows_independent(model, axes: Axes, out, calibration_dir, storage, policy) -> None:
-    """Row 0's logits do not depend on row 1. A policy keeping uneven heads pads every head to the batch's fullest
+    """Row 0's logits do not depend on row 1, even when row 1 is other tokens and a shorter prompt (padded: the
+    rows then hold different counts). A policy keeping uneven heads pads every head to the batch's fullest
     head: the slot count is shared by the rows, so a storage that quantizes groups of tokens, or rounds differently
     at another matmul shape, sees the other row; exact independence is asserted for dense storage there."""
     if isinstance(policy, EvictionPolicy) and policy.uneven_heads and type(storage) is not DenseStore:
         return
     other = tokens(0)
     other[1] = tokens(1)[1]
-    again = drive(model, build(model, axes, calibration_dir), other)
+    again = drive(model, build(model, axes, calibration_dir), other, short=torch.tensor([0, 5]))
     torch.testing.assert_close(again[0], out[0], rtol=0, atol=1e-5, msg=lambda m: f"{axes}: rows interact: {m}")
 
 
