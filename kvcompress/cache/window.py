@@ -32,11 +32,13 @@ def check_layout(spec: ModelSpec, layout: Layout) -> None:
 
 def window_keep(pos: Tensor, q_pos: Tensor, window: int) -> Tensor:
     """Which held positions ``pos`` (B, T) or (B, Hkv, T) are still inside the window after queries ``q_pos``
-    (B, Tq): the last W - 1 positions up to each row's last real query (hidden padding slots stay)."""
+    (B, Tq): the last W - 1 positions up to each row's last real query. Hidden padding slots go too: kept, they
+    would make a padded row hold more slots than the others, and every row would then be padded to that count (a
+    storage that codes groups of slots, KIVI, would group another row's tokens differently)."""
     real = q_pos < PAD_POSITION
     last = torch.where(real, q_pos, -PAD_POSITION).amax(1)  # a row with no real query keeps everything
     floor = torch.where(real.any(1), last - window + 2, -PAD_POSITION)
-    return (pos >= per_row(floor, pos)) | (pos >= PAD_POSITION)
+    return (pos >= per_row(floor, pos)) & (pos < PAD_POSITION)
 
 
 def per_row(x: Tensor, like: Tensor) -> Tensor:
