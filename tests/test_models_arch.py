@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from kvcompress import presets
 from kvcompress.cache import ComposedCache, FullCache
 from kvcompress.engine.generate import forward_chunks, positions_like
+from kvcompress.engine.session import Session
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TOL = 1e-4  # fp32 logits, max abs difference (observed ~4e-7: summation order only)
@@ -75,6 +76,19 @@ def test_chunked_prefill_equals_one_shot(pair, chunk):
     windows = model.config.layer_windows or [None] * model.config.num_layers
     assert [v.length for v in cache.views] == [40 if w is None else w - 1 for w in windows]
 
+
+def test_a_padded_row_inside_its_window_is_not_repacked_each_step(pair):
+    """Rows of 5 and 3 tokens, under the window: the shorter row's padding slots are hidden, not dropped and padded
+    back every step (a store re-packs only when a real token leaves a window or the rows shrink)."""
+    model, _ = pair
+    cache = ready(FullCache(), model, 2)
+    session = Session(model, cache, chunk=4).start(2)
+    keeps = []
+    for view in cache.views:
+        view.keep = lambda idx, keep=view.keep: keeps.append(idx.shape) or keep(idx)
+    _, lengths = session.prefill([[1, 2, 3, 4, 5], [6, 7, 8]])
+    session.step(torch.tensor([9, 10]), lengths)
+    assert keeps == [] and [v.length for v in cache.views] == [6] * len(cache.views)
 
 def test_memory_report_shows_the_windowed_full_cache_and_the_plain_one():
     model, _ = tiny_pair(**GEMMA3)

@@ -142,8 +142,10 @@ class ComposedCache(KVCache):
         self._keep_where(owner, view, keep)
 
     def _keep_where(self, owner: int, view: TokenStore, keep: Tensor) -> None:
-        """Keep the slots where ``keep`` (B, T) or (B, Hkv, T) holds, in order; the policy's state follows."""
-        if bool(keep.all()):
+        """Keep the slots where ``keep`` (B, T) or (B, Hkv, T) holds, in order; the policy's state follows. Nothing
+        moves when only hidden padding slots would go and some row keeps every slot: the rows would be padded back
+        to the same count (no re-pack every step while a padded row holds fewer tokens than its window)."""
+        if int(keep.sum(-1).max()) == keep.shape[-1] and bool((keep | (view.positions() >= PAD_POSITION)).all()):
             return
         idx, valid = pick_rows(keep)
         view.keep(idx)
