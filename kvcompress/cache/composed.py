@@ -139,13 +139,14 @@ class ComposedCache(KVCache):
         keep = window_keep(pos, q_pos, window)
         if self.replay_from is not None:
             keep |= pos < per_row(self.replay_from, pos)
-        self._keep_where(owner, view, keep)
+        self._keep_where(owner, view, keep, pos)
 
-    def _keep_where(self, owner: int, view: TokenStore, keep: Tensor) -> None:
-        """Keep the slots where ``keep`` (B, T) or (B, Hkv, T) holds, in order; the policy's state follows. Nothing
-        moves when only hidden padding slots would go and some row keeps every slot: the rows would be padded back
-        to the same count (no re-pack every step while a padded row holds fewer tokens than its window)."""
-        if int(keep.sum(-1).max()) == keep.shape[-1] and bool((keep | (view.positions() >= PAD_POSITION)).all()):
+    def _keep_where(self, owner: int, view: TokenStore, keep: Tensor, pos: Tensor) -> None:
+        """Keep the slots where ``keep`` holds, in order, of the view's positions ``pos`` (B, T) or (B, Hkv, T); the
+        policy's state follows. Nothing moves when only hidden padding slots would go and some row keeps every
+        slot: the rows would be padded back to the same count (no re-pack every step while a padded row holds
+        fewer tokens than its window). One host read decides it."""
+        if bool((keep | (pos >= PAD_POSITION)).all() & (keep.sum(-1).max() == keep.shape[-1])):
             return
         idx, valid = pick_rows(keep)
         view.keep(idx)
@@ -170,7 +171,7 @@ class ComposedCache(KVCache):
         start, self.replay_from = self.replay_from, None
         for owner in sorted(set(self.owner)):
             pos = self.views[owner].positions()
-            self._keep_where(owner, self.views[owner], pos < per_row(start, pos))
+            self._keep_where(owner, self.views[owner], pos < per_row(start, pos), pos)
 
     def end_prompt(self) -> None:
         self.policy.end_prompt()

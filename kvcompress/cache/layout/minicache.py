@@ -67,6 +67,7 @@ class MergedPair:
         self.pending: list[tuple[Tensor, Tensor, Tensor] | None] = [None, None]
         self.rope: Rotary | None = None
         self.merged_tokens = self.pair_tokens = 0
+        self.kept_from: list[tuple[tuple[TokenStore, ...], Tensor, Tensor]] = []  # the last keep's parts (``hide``)
 
     @property
     def held(self) -> int:
@@ -131,7 +132,7 @@ class MergedPair:
         n_own = self.own[0].length
         n_pending = idx.shape[-1] - int((idx < self.held).sum(-1).max())
         core = idx[..., : idx.shape[-1] - n_pending]
-        self.kept_from = []  # per part: which entries of idx its new slots hold (for ``hide``)
+        self.kept_from = []  # per part: which entries of idx its new slots hold
         for part, in_part, offset in ((self.own, core < n_own, 0), ((self.merged,), core >= n_own, n_own)):
             if not part[0].length:
                 continue
